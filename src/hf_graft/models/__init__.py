@@ -1,0 +1,1 @@
+"""CIFAR-size architectures registered in timm's registry (import hf_graft, then timm.create_model)."""

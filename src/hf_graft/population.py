@@ -1,0 +1,195 @@
+"""The K students as one `nn.Module`, so that Trainer, Accelerate and DDP see a single model.
+
+Also the population's on-disk description (`graft_population.json`, written beside every
+checkpoint's `model.safetensors`) and the loader that turns a checkpoint back into members.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .distill import kd_loss
+
+__all__ = [
+    "POPULATION_META_FILE",
+    "PopulationSpec",
+    "StudentPopulation",
+    "create_member",
+    "load_checkpoint_members",
+]
+
+POPULATION_META_FILE = "graft_population.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class PopulationSpec:
+    """Everything needed to rebuild the members of a checkpoint without the training config."""
+
+    student_model: str
+    num_students: int
+    num_classes: int
+    student_model_kwargs: dict[str, Any] = field(default_factory=dict)
+    label_names: list[str] | None = None
+    # timm data config used in training: input_size, interpolation, mean, std, crop_pct, crop_mode
+    data_config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        path = Path(folder) / POPULATION_META_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        return path
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "PopulationSpec":
+        path = Path(folder) / POPULATION_META_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found; is {folder} a hf_graft training checkpoint?")
+        data = json.loads(path.read_text())
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def create_member(
+    model_name: str,
+    *,
+    num_classes: int,
+    seed: int,
+    pretrained: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """One student from timm, initialised under its own seed (the head is new for pretrained bodies)."""
+    # fork_rng keeps the caller's global RNG stream untouched by the member's initialisation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return timm.create_model(
+            model_name, pretrained=pretrained, num_classes=num_classes, **(model_kwargs or {})
+        )
+
+
+class StudentPopulation(nn.Module):
+    """K classifiers of one architecture trained side by side.
+
+    `forward` takes either one batch for all members (`pixel_values` [B, C, H, W], `labels` [B])
+    or one batch per member (`pixel_values` [B, K, C, H, W], `labels` [B, K]; batch first so that
+    Accelerate shards and gathers along the batch). Logits come back as [B, K, num_classes].
+    The training loss is the *sum* of the members' losses, so each member receives exactly the
+    gradient it would get if trained alone.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], spec: PopulationSpec | None = None):
+        super().__init__()
+        if len(members) < 1:
+            raise ValueError("StudentPopulation needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.spec = spec
+        # loss weights (grafting+); set by the trainer from GraftingConfig
+        self.ce_weight = 1.0
+        self.kd_weight = 1.0
+        self.kd_temperature = 2.0
+
+    @property
+    def num_members(self) -> int:
+        return len(self.members)
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: PopulationSpec,
+        *,
+        seed: int = 42,
+        pretrained: bool = False,
+        shared_init: bool = False,
+    ) -> "StudentPopulation":
+        members = []
+        for k in range(spec.num_students):
+            member_seed = seed if shared_init else seed + 1000 * k
+            members.append(
+                create_member(
+                    spec.student_model,
+                    num_classes=spec.num_classes,
+                    seed=member_seed,
+                    pretrained=pretrained,
+                    model_kwargs=spec.student_model_kwargs,
+                )
+            )
+        return cls(members, spec)
+
+    def _member_view(self, tensor: torch.Tensor | None, k: int, per_member_ndim: int) -> torch.Tensor | None:
+        if tensor is None:
+            return None
+        return tensor[:, k] if tensor.ndim == per_member_ndim else tensor
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        per_member_input = pixel_values.ndim == 5
+        if per_member_input and pixel_values.shape[1] != self.num_members:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[1]} member views, the population has {self.num_members}"
+            )
+        logits, ce_terms, kd_terms = [], [], []
+        for k, member in enumerate(self.members):
+            x = pixel_values[:, k] if per_member_input else pixel_values
+            z = member(x)
+            logits.append(z)
+            if labels is not None:
+                y = self._member_view(labels, k, per_member_ndim=2)
+                ce_terms.append(F.cross_entropy(z.float(), y))
+                if teacher_logits is not None:
+                    # teacher_logits: [M, B, C] shared, or [M, B, K, C] per member
+                    t = teacher_logits[:, :, k] if teacher_logits.ndim == 4 else teacher_logits
+                    kd_terms.append(kd_loss(z, t, self.kd_temperature))
+        out: dict[str, torch.Tensor] = {"logits": torch.stack(logits, dim=1)}
+        if labels is not None:
+            ce = torch.stack(ce_terms)
+            member_loss = self.ce_weight * ce
+            if kd_terms:
+                kd = torch.stack(kd_terms)
+                member_loss = member_loss + self.kd_weight * kd
+                out["member_kd"] = kd.detach()
+            out["member_ce"] = ce.detach()
+            out["loss"] = member_loss.sum()
+        return out
+
+
+def load_checkpoint_members(
+    checkpoint_dir: str | os.PathLike, members: Sequence[int] | None = None
+) -> tuple[PopulationSpec, list[nn.Module]]:
+    """Rebuild members (all, or the given indices) of a training checkpoint, in eval mode."""
+    from safetensors.torch import load_file
+
+    checkpoint_dir = Path(checkpoint_dir)
+    spec = PopulationSpec.load(checkpoint_dir)
+    weights = checkpoint_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: not found (a hf_graft checkpoint holds {WEIGHTS_FILE})")
+    indices = list(range(spec.num_students)) if members is None else list(members)
+    for k in indices:
+        if not 0 <= k < spec.num_students:
+            raise ValueError(f"member {k}: out of range, {checkpoint_dir} holds members 0..{spec.num_students - 1}")
+    state = load_file(str(weights))
+    loaded = []
+    for k in indices:
+        prefix = f"members.{k}."
+        member_state = {name[len(prefix):]: t for name, t in state.items() if name.startswith(prefix)}
+        model = create_member(
+            spec.student_model, num_classes=spec.num_classes, seed=0, model_kwargs=spec.student_model_kwargs
+        )
+        model.load_state_dict(member_state, strict=True)
+        loaded.append(model.eval())
+    return spec, loaded

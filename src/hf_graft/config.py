@@ -1,0 +1,308 @@
+"""GraftingConfig (a `TrainingArguments` subclass, the TRL way) and the data arguments."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from transformers import TrainingArguments
+
+from .grafting import CRITERIA, LEVELS, cosine_lr_multipliers
+
+__all__ = ["DataArguments", "GraftingConfig", "GRAFT_SOURCES", "DATA_ORDERS", "TRAIN_AUGMENTATIONS"]
+
+GRAFT_SOURCES = ("external", "noise", "internal", "none")
+DATA_ORDERS = ("independent", "shared")
+TRAIN_AUGMENTATIONS = ("auto", "rrc", "pad_crop", "none")
+
+
+def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{owner}.{name}: got {value!r}; allowed: {allowed}")
+
+
+def _as_dict(owner: str, name: str, value: Any) -> dict:
+    """Dict fields arrive as dicts (Python, YAML) or JSON strings (command line)."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    try:
+        parsed = json.loads(value)
+    except (TypeError, json.JSONDecodeError):
+        parsed = None
+    if not isinstance(parsed, dict):
+        _fail(owner, name, value, "a mapping, or a JSON object string such as '{\"drop_rate\": 0.1}'")
+    return parsed
+
+
+@dataclass
+class DataArguments:
+    """Which images to train and evaluate on, and how they are transformed."""
+
+    dataset_name: str = field(
+        default="builtin:digits",
+        metadata={
+            "help": "A Hub id (uoft-cs/cifar10), a local folder of parquet/arrow files or a save_to_disk folder, "
+            "'imagefolder' (with data_dir), or 'builtin:digits' (scikit-learn's 8x8 digits, offline)."
+        },
+    )
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "The dataset's configuration name."})
+    data_dir: Optional[str] = field(default=None, metadata={"help": "Folder of images for dataset_name=imagefolder."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: Optional[str] = field(
+        default=None,
+        metadata={"help": "Split to evaluate on; default: 'validation' or 'test' if present, else a held-out part."},
+    )
+    validation_split_percentage: int = field(
+        default=10, metadata={"help": "Percent of train held out for evaluation when there is no eval split."}
+    )
+    image_column: Optional[str] = field(default=None, metadata={"help": "Image column; detected when unambiguous."})
+    label_column: Optional[str] = field(default=None, metadata={"help": "Label column; detected when unambiguous."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only this many training images."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use only this many eval images."})
+    input_size: Optional[int] = field(
+        default=None, metadata={"help": "Square input side in pixels; overrides the student's pretrained_cfg."}
+    )
+    train_augmentation: str = field(
+        default="auto",
+        metadata={
+            "help": "'rrc' (timm random-resized-crop + flip, ImageNet recipes), 'pad_crop' (random crop with "
+            "padding + flip, 32-px recipes), 'none', or 'auto' (pad_crop up to 64 px, else rrc)."
+        },
+    )
+    crop_padding: int = field(default=4, metadata={"help": "Padding for the pad_crop augmentation."})
+    hflip: float = field(default=0.5, metadata={"help": "Horizontal flip probability at train time."})
+    color_jitter: Optional[float] = field(default=None, metadata={"help": "timm color jitter for 'rrc' (None: off)."})
+    auto_augment: Optional[str] = field(default=None, metadata={"help": "timm auto-augment policy for 'rrc'."})
+
+    def __post_init__(self):
+        owner = "DataArguments"
+        if self.dataset_name == "imagefolder" and not self.data_dir:
+            raise ValueError(f"{owner}.data_dir: required when dataset_name is 'imagefolder'")
+        if self.train_augmentation not in TRAIN_AUGMENTATIONS:
+            _fail(owner, "train_augmentation", self.train_augmentation, ", ".join(TRAIN_AUGMENTATIONS))
+        if not 0 < self.validation_split_percentage < 100:
+            _fail(owner, "validation_split_percentage", self.validation_split_percentage, "an integer in 1..99")
+        for name in ("max_train_samples", "max_eval_samples", "input_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                _fail(owner, name, value, "a positive integer, or null")
+        if self.crop_padding < 0:
+            _fail(owner, "crop_padding", self.crop_padding, "an integer >= 0")
+        if not 0.0 <= self.hflip <= 1.0:
+            _fail(owner, "hflip", self.hflip, "a probability in [0, 1]")
+
+
+@dataclass
+class GraftingConfig(TrainingArguments):
+    """Training arguments for a population of grafted timm students (and grafting+ teachers).
+
+    Every field of `transformers.TrainingArguments` is available; the ones below configure the
+    population, the graft (SPEC sections 1-5), distillation (section 6) and the exported student.
+    """
+
+    # --- the students
+    student_model: str = field(
+        default="cifar_resnet20",
+        metadata={"help": "timm architecture name, or an 'hf-hub:' / 'local-dir:' id, for every student."},
+    )
+    student_model_kwargs: Optional[Union[dict, str]] = field(
+        default=None, metadata={"help": "Extra timm.create_model kwargs (mapping or JSON), e.g. drop_rate."}
+    )
+    student_pretrained: bool = field(
+        default=False,
+        metadata={"help": "Start every member from timm's pretrained weights (must be available locally); "
+                  "the classifier head is new and seeded per member."},
+    )
+    num_students: int = field(default=2, metadata={"help": "K, the number of students grafted in a ring."})
+    shared_init: bool = field(
+        default=False, metadata={"help": "Initialise every member from the same seed (ablation; default: distinct)."}
+    )
+
+    # --- the graft
+    graft_source: str = field(
+        default="external", metadata={"help": "Scion source: external (other members), noise, internal, none."}
+    )
+    graft_level: str = field(default="layer", metadata={"help": "External graft granularity: layer or filter."})
+    graft_criterion: str = field(default="entropy", metadata={"help": "Layer information: entropy or l1."})
+    graft_bins: int = field(default=10, metadata={"help": "Histogram bins for the entropy criterion."})
+    graft_A: float = field(default=0.4, metadata={"help": "A in alpha = A/pi * arctan(c * dH) + 0.5 (0: plain average)."})
+    graft_c: float = field(default=500.0, metadata={"help": "c in alpha = A/pi * arctan(c * dH) + 0.5."})
+    graft_every_epochs: int = field(default=1, metadata={"help": "Graft at every this many epoch boundaries."})
+    graft_every_steps: Optional[int] = field(
+        default=None, metadata={"help": "Graft every this many optimizer steps instead (step-based runs)."}
+    )
+    graft_start_epoch: int = field(
+        default=1, metadata={"help": "First epoch boundary that grafts (1: after the first epoch, the authors')."}
+    )
+    graft_noise_a: float = field(default=0.9, metadata={"help": "noise source: sigma_t = a**t, 0 < a < 1."})
+    graft_invalid_threshold: float = field(
+        default=0.1, metadata={"help": "noise / internal sources: filters with l1 below this are invalid."}
+    )
+    bn_recalibration_batches: int = field(
+        default=0,
+        metadata={"help": "After each graft, re-estimate BatchNorm running statistics on this many training "
+                  "batches (0: keep the mixed statistics, the authors' behaviour)."},
+    )
+    lr_spread: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata={"help": "Per-member initial-rate multipliers: none, cosine (the authors' dlr rule), "
+                  "or one number per member."},
+    )
+    data_order: str = field(
+        default="independent",
+        metadata={"help": "independent: each member its own order of every epoch; shared: the same batches."},
+    )
+    select_student: str = field(
+        default="best", metadata={"help": "Student to export: best (by eval top-1) or a member index."}
+    )
+    filter_thresholds: list[float] = field(
+        default_factory=lambda: [0.01, 0.1],
+        metadata={"help": "l1 thresholds of the invalid-filter ratios logged at every graft and evaluation."},
+    )
+
+    # --- grafting+ (distillation from frozen teachers)
+    teacher_models: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Teachers: timm names, 'hf-hub:' / 'local-dir:' ids, or folders exported by hf_graft."},
+    )
+    teacher_model_kwargs: Optional[Union[dict, str]] = field(
+        default=None, metadata={"help": "Extra timm.create_model kwargs for the teachers (mapping or JSON)."}
+    )
+    kd_temperature: float = field(default=2.0, metadata={"help": "Distillation temperature tau (> 0)."})
+    kd_weight: float = field(default=1.0, metadata={"help": "loss = ce_weight * CE + kd_weight * KD."})
+    ce_weight: float = field(default=1.0, metadata={"help": "loss = ce_weight * CE + kd_weight * KD."})
+
+    # --- export
+    export_student: bool = field(
+        default=True, metadata={"help": "Write the selected student to output_dir/student at the end of training."}
+    )
+
+    # --- TrainingArguments defaults that suit a population of image classifiers
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Images are decoded on the fly."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "Evaluate at the end of every epoch."})
+    save_strategy: str = field(default="epoch", metadata={"help": "Checkpoint at the end of every epoch."})
+    logging_strategy: str = field(default="steps", metadata={"help": "The logging strategy."})
+    learning_rate: float = field(default=0.1, metadata={"help": "Base learning rate (SGD, as the paper)."})
+    weight_decay: float = field(default=5e-4, metadata={"help": "Weight decay (paper, CIFAR)."})
+    optim: str = field(default="sgd", metadata={"help": "Optimizer; SGD with momentum as in the paper."})
+    optim_args: Optional[str] = field(default="momentum=0.9", metadata={"help": "Optimizer arguments."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    max_grad_norm: float = field(
+        default=0.0, metadata={"help": "Per-member gradient clipping (0: off). Each member is clipped alone."}
+    )
+    report_to: Union[None, str, list[str]] = field(default="none", metadata={"help": "Logging integrations."})
+    dataloader_num_workers: int = field(default=2, metadata={"help": "Workers that decode and augment images."})
+    save_total_limit: Optional[int] = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+
+    def __post_init__(self):
+        owner = "GraftingConfig"
+        self.student_model_kwargs = _as_dict(owner, "student_model_kwargs", self.student_model_kwargs)
+        self.teacher_model_kwargs = _as_dict(owner, "teacher_model_kwargs", self.teacher_model_kwargs)
+        if not self.student_model:
+            _fail(owner, "student_model", self.student_model, "a timm model name or an 'hf-hub:'/'local-dir:' id")
+        if self.num_students < 1:
+            _fail(owner, "num_students", self.num_students, "an integer >= 1 (>= 2 to graft among students)")
+        if self.graft_source not in GRAFT_SOURCES:
+            _fail(owner, "graft_source", self.graft_source, ", ".join(GRAFT_SOURCES))
+        if self.graft_source == "external" and self.num_students < 2:
+            raise ValueError(
+                f"{owner}.num_students: got {self.num_students}; graft_source 'external' needs >= 2 "
+                "(use graft_source: none for a single baseline network)"
+            )
+        if self.graft_level not in LEVELS:
+            _fail(owner, "graft_level", self.graft_level, ", ".join(LEVELS))
+        if self.graft_criterion not in CRITERIA:
+            _fail(owner, "graft_criterion", self.graft_criterion, ", ".join(CRITERIA))
+        if self.graft_bins < 1:
+            _fail(owner, "graft_bins", self.graft_bins, "an integer >= 1")
+        if not 0.0 <= self.graft_A <= 1.0:
+            _fail(owner, "graft_A", self.graft_A, "a number in [0, 1]")
+        if self.graft_c < 0:
+            _fail(owner, "graft_c", self.graft_c, "a number >= 0")
+        if self.graft_every_epochs < 1:
+            _fail(owner, "graft_every_epochs", self.graft_every_epochs, "an integer >= 1")
+        if self.graft_every_steps is not None and self.graft_every_steps < 1:
+            _fail(owner, "graft_every_steps", self.graft_every_steps, "an integer >= 1, or null for epoch-based")
+        if self.graft_start_epoch < 1:
+            _fail(owner, "graft_start_epoch", self.graft_start_epoch, "an integer >= 1")
+        if not 0.0 < self.graft_noise_a < 1.0:
+            _fail(owner, "graft_noise_a", self.graft_noise_a, "a number in (0, 1)")
+        if self.bn_recalibration_batches < 0:
+            _fail(owner, "bn_recalibration_batches", self.bn_recalibration_batches, "an integer >= 0")
+        if self.data_order not in DATA_ORDERS:
+            _fail(owner, "data_order", self.data_order, ", ".join(DATA_ORDERS))
+        self.lr_multipliers = self._parse_lr_spread()
+        self.select_student = str(self.select_student)
+        if self.select_student != "best":
+            if not self.select_student.isdigit() or int(self.select_student) >= self.num_students:
+                _fail(owner, "select_student", self.select_student, f"best, or a member index 0..{self.num_students - 1}")
+        if any(t <= 0 for t in self.filter_thresholds):
+            _fail(owner, "filter_thresholds", self.filter_thresholds, "positive numbers")
+        if self.kd_temperature <= 0:
+            _fail(owner, "kd_temperature", self.kd_temperature, "a number > 0")
+        if self.kd_weight < 0 or self.ce_weight < 0:
+            _fail(owner, "kd_weight/ce_weight", (self.kd_weight, self.ce_weight), "numbers >= 0")
+        if self.teacher_models is not None and len(self.teacher_models) == 0:
+            self.teacher_models = None
+        # Trainer's own push would upload the whole population checkpoint: hf_graft pushes only the
+        # selected student folder at the end of training instead (see export.push_student).
+        self.push_student_to_hub = bool(self.push_to_hub)
+        self.push_to_hub = False
+        super().__post_init__()
+        if self.push_student_to_hub and not self.hub_model_id:
+            raise ValueError(f"{owner}.hub_model_id: required when push_to_hub is true")
+
+    def _parse_lr_spread(self) -> list[float]:
+        spread = self.lr_spread
+        if isinstance(spread, str):
+            spread = [s for s in spread.replace(",", " ").split() if s]
+        spread = [str(s) for s in spread]
+        self.lr_spread = spread
+        allowed = "none, cosine, or one positive multiplier per member"
+        if spread in (["none"], []):
+            return [1.0] * self.num_students
+        if spread == ["cosine"]:
+            return cosine_lr_multipliers(self.num_students)
+        try:
+            values = [float(s) for s in spread]
+        except ValueError:
+            _fail("GraftingConfig", "lr_spread", spread, allowed)
+        if len(values) != self.num_students or any(v <= 0 for v in values):
+            _fail("GraftingConfig", "lr_spread", spread, f"{allowed} ({self.num_students} numbers)")
+        return values
+
+    @property
+    def grafting_enabled(self) -> bool:
+        return self.graft_source != "none" and (self.graft_source != "external" or self.num_students >= 2)
+
+    def grafting_settings(self) -> dict[str, Any]:
+        """The settings that define the method, for model cards and results files."""
+        return {
+            "num_students": self.num_students,
+            "graft_source": self.graft_source,
+            "graft_level": self.graft_level,
+            "graft_criterion": self.graft_criterion,
+            "graft_bins": self.graft_bins,
+            "graft_A": self.graft_A,
+            "graft_c": self.graft_c,
+            "graft_every_epochs": self.graft_every_epochs,
+            "graft_every_steps": self.graft_every_steps,
+            "graft_start_epoch": self.graft_start_epoch,
+            "bn_recalibration_batches": self.bn_recalibration_batches,
+            "lr_spread": self.lr_spread,
+            "lr_multipliers": self.lr_multipliers,
+            "data_order": self.data_order,
+            "shared_init": self.shared_init,
+        }
+
+    def kd_settings(self) -> dict[str, Any] | None:
+        if not self.teacher_models:
+            return None
+        return {
+            "teacher_models": list(self.teacher_models),
+            "kd_temperature": self.kd_temperature,
+            "kd_weight": self.kd_weight,
+            "ce_weight": self.ce_weight,
+        }

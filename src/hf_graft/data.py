@@ -1,0 +1,238 @@
+"""Image datasets through `datasets`, timm transforms, and per-member example order."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import Dataset as TorchDataset
+
+from .config import DataArguments
+
+__all__ = [
+    "ImageData",
+    "MemberOrderDataset",
+    "build_transform",
+    "load_builtin_digits",
+    "load_image_data",
+    "resolve_student_data_config",
+]
+
+BUILTIN_PREFIX = "builtin:"
+_IMAGE_COLUMN_GUESSES = ("image", "img", "pixel_values", "picture")
+_LABEL_COLUMN_GUESSES = ("label", "labels", "fine_label", "class", "target")
+
+
+@dataclass
+class ImageData:
+    train: Any  # datasets.Dataset
+    eval: Any  # datasets.Dataset
+    image_column: str
+    label_column: str
+    label_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+
+def load_builtin_digits(seed: int = 0, test_fraction: float = 0.2):
+    """scikit-learn's 1,797 8x8 handwritten digits as a `datasets.DatasetDict` (train/test).
+
+    Pixel intensities 0..16 are scaled to 8-bit grayscale images; the split is stratified and
+    fixed by `seed`, so every run sees the same held-out images.
+    """
+    import numpy as np
+    from datasets import ClassLabel, Dataset, Features, Image
+    from PIL import Image as PILImage
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.clip(digits.images * (255.0 / 16.0), 0, 255).round().astype("uint8")
+    images = [PILImage.fromarray(p, mode="L") for p in pixels]
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+    ds = Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+    return ds.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column="label")
+
+
+def _load_raw(args: DataArguments):
+    """The DatasetDict named by the arguments (Hub id, local folder, imagefolder or builtin)."""
+    import datasets
+
+    name = args.dataset_name
+    if name.startswith(BUILTIN_PREFIX):
+        which = name[len(BUILTIN_PREFIX):]
+        if which != "digits":
+            raise ValueError(f"DataArguments.dataset_name: unknown builtin {name!r}; allowed: builtin:digits")
+        return load_builtin_digits()
+    if name == "imagefolder":
+        if not os.path.isdir(args.data_dir):
+            raise FileNotFoundError(f"DataArguments.data_dir: {args.data_dir!r} is not a folder")
+        return datasets.load_dataset("imagefolder", data_dir=args.data_dir)
+    path = Path(name).expanduser()
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        loaded = datasets.load_from_disk(str(path))
+        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+    if path.is_dir():
+        return datasets.load_dataset(str(path), args.dataset_config_name, data_dir=args.data_dir)
+    if name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"DataArguments.dataset_name: {name!r} is not a folder")
+    try:
+        return datasets.load_dataset(name, args.dataset_config_name, data_dir=args.data_dir)
+    except Exception as err:  # offline, unknown id, ...: say which dataset and why, in one line
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RuntimeError(f"DataArguments.dataset_name: could not load {name!r}: {cause}") from err
+
+
+def _pick_column(features, wanted: str | None, kind_check: Callable[[Any], bool], guesses, what: str) -> str:
+    columns = list(features)
+    if wanted is not None:
+        if wanted not in features:
+            raise ValueError(f"DataArguments.{what}_column: {wanted!r} is not a column; columns: {columns}")
+        return wanted
+    typed = [c for c in columns if kind_check(features[c])]
+    if len(typed) == 1:
+        return typed[0]
+    candidates = typed or [c for c in guesses if c in features]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise ValueError(
+        f"DataArguments.{what}_column: cannot tell which column holds the {what} "
+        f"(candidates: {candidates or columns}); set {what}_column"
+    )
+
+
+def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
+    """Load, split, subsample and describe the data; no image is decoded here."""
+    from datasets import ClassLabel, Image
+
+    raw = _load_raw(args)
+    if args.train_split not in raw:
+        raise ValueError(f"DataArguments.train_split: {args.train_split!r} not in the dataset's splits {list(raw)}")
+    train = raw[args.train_split]
+    if args.eval_split is not None:
+        if args.eval_split not in raw:
+            raise ValueError(f"DataArguments.eval_split: {args.eval_split!r} not in the dataset's splits {list(raw)}")
+        evaluation = raw[args.eval_split]
+    else:
+        present = [s for s in ("validation", "test", "val", "valid") if s in raw and s != args.train_split]
+        if present:
+            evaluation = raw[present[0]]
+        else:
+            split = train.train_test_split(test_size=args.validation_split_percentage / 100.0, seed=seed)
+            train, evaluation = split["train"], split["test"]
+
+    image_column = _pick_column(train.features, args.image_column, lambda f: isinstance(f, Image),
+                                _IMAGE_COLUMN_GUESSES, "image")
+    label_column = _pick_column(train.features, args.label_column, lambda f: isinstance(f, ClassLabel),
+                                _LABEL_COLUMN_GUESSES, "label")
+    label_feature = train.features[label_column]
+    if isinstance(label_feature, ClassLabel):
+        label_names = list(label_feature.names)
+    else:  # integer labels without names: 0..max
+        label_names = [str(i) for i in range(int(max(train[label_column])) + 1)]
+
+    if args.max_train_samples is not None and args.max_train_samples < len(train):
+        train = train.shuffle(seed=seed).select(range(args.max_train_samples))
+    if args.max_eval_samples is not None and args.max_eval_samples < len(evaluation):
+        evaluation = evaluation.select(range(args.max_eval_samples))
+    keep = [image_column, label_column]
+    train = train.select_columns(keep)
+    evaluation = evaluation.select_columns(keep)
+    return ImageData(train, evaluation, image_column, label_column, label_names)
+
+
+def resolve_student_data_config(model, input_size: int | None = None) -> dict[str, Any]:
+    """timm's data config for the student, with an optional square input-size override."""
+    from timm.data import resolve_data_config
+
+    overrides = {"input_size": (3, input_size, input_size)} if input_size else {}
+    config = resolve_data_config(overrides, model=model)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
+
+
+def build_transform(data_config: dict[str, Any], args: DataArguments, is_training: bool) -> Callable:
+    """timm transforms for the student's input size and normalisation."""
+    from timm.data import create_transform
+    from torchvision import transforms as T
+
+    input_size = tuple(data_config["input_size"])
+    side = input_size[-1]
+    interpolation = data_config.get("interpolation", "bilinear")
+    mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
+    mode = args.train_augmentation
+    if mode == "auto":
+        mode = "pad_crop" if side <= 64 else "rrc"
+    if not is_training or mode == "none":
+        return create_transform(
+            input_size, is_training=False, interpolation=interpolation, mean=mean, std=std,
+            crop_pct=data_config.get("crop_pct", 1.0), crop_mode=data_config.get("crop_mode", "center"),
+        )
+    if mode == "rrc":
+        return create_transform(
+            input_size, is_training=True, interpolation=interpolation, mean=mean, std=std,
+            hflip=args.hflip, color_jitter=args.color_jitter, auto_augment=args.auto_augment,
+        )
+    # pad_crop: the CIFAR recipe (resize to the input side, random crop with padding, flip)
+    from timm.data.transforms import str_to_interp_mode
+
+    return T.Compose([
+        T.Resize((side, side), interpolation=str_to_interp_mode(interpolation)),
+        T.RandomCrop(side, padding=args.crop_padding),
+        T.RandomHorizontalFlip(args.hflip),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+class MemberOrderDataset(TorchDataset):
+    """Serves a `datasets.Dataset` to a population, decoding and transforming on the fly.
+
+    `shared`: item i is one example for every member (`pixel_values` [C, H, W], `labels` []).
+    `independent`: item i holds one example per member (`pixel_values` [K, C, H, W], `labels` [K]):
+    member k reads example `perm_k[i]`, where perm_0 is the identity and perm_k (k >= 1) a fixed
+    permutation drawn from `seed`. The sampler's shuffled order of i is a fresh permutation every
+    epoch, so each member sees every example once per epoch, in its own order, reproducibly; and
+    since the mapping is by index, it survives Accelerate's sharding of i across processes and
+    `skip_first_batches` on resume.
+    """
+
+    def __init__(self, dataset, transform: Callable, image_column: str, label_column: str,
+                 num_members: int = 1, order: str = "shared", seed: int = 0):
+        if order not in ("shared", "independent"):
+            raise ValueError(f"order must be 'shared' or 'independent', got {order!r}")
+        self.dataset = dataset
+        self.transform = transform
+        self.image_column = image_column
+        self.label_column = label_column
+        self.num_members = num_members
+        self.order = order
+        n = len(dataset)
+        perms = [torch.arange(n)]
+        for k in range(1, num_members if order == "independent" else 1):
+            generator = torch.Generator().manual_seed(seed * 7919 + k)
+            perms.append(torch.randperm(n, generator=generator))
+        self.member_indices = torch.stack(perms)  # [K or 1, n]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _example(self, index: int) -> tuple[torch.Tensor, int]:
+        row = self.dataset[index]
+        image = row[self.image_column]
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return self.transform(image), int(row[self.label_column])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self.order == "shared":
+            pixels, label = self._example(int(i))
+            return {"pixel_values": pixels, "labels": torch.tensor(label)}
+        examples = [self._example(int(self.member_indices[k, i])) for k in range(self.num_members)]
+        return {
+            "pixel_values": torch.stack([e[0] for e in examples]),
+            "labels": torch.tensor([e[1] for e in examples]),
+        }

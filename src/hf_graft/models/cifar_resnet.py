@@ -1,0 +1,224 @@
+"""CIFAR ResNets (He et al., 2016, section 4.2) registered as timm models.
+
+Layout: a 3x3 conv stem with 16 channels, then three stages of ``n = (depth - 2) / 6`` basic
+blocks with 16/32/64 channels, stride 2 at the start of stages 2 and 3, global average pooling
+and a linear head.  For a 32x32 input the last feature map is 8x8.
+
+Shortcuts use **option B** of the paper: identity when the shape is unchanged, and a 1x1 conv +
+BatchNorm projection when the stride or the width changes (two places per network).  Option A
+(zero-padding, parameter free) is not used because the grafting code works on conv/BN weights
+and a projection keeps every residual path made of such layers.  Option B costs 2,752
+parameters more than option A (ResNet-56: 855,770 instead of 853,018 for 10 classes).
+
+Modules are declared in forward order (conv, then its BN, ...) so that ``state_dict()`` lists
+each BatchNorm right after the conv it normalises; the grafting code relies on that order.
+"""
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from timm.layers import create_classifier, get_device_dtype
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+__all__ = ['CifarResNet', 'BasicBlock', 'CIFAR10_MEAN', 'CIFAR10_STD']
+
+# Per-channel statistics of the CIFAR-10 training set (the values used by most CIFAR recipes).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers plus a shortcut (identity, or 1x1 conv + BN projection: option B)."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, device=None, dtype=None):
+        dd = dict(device=device, dtype=dtype)
+        super().__init__()
+        # Declaration order == forward order == state_dict order (see module docstring).
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(out_chs, **dd)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, stride=1, padding=1, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(out_chs, **dd)
+        if stride != 1 or in_chs != out_chs:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd),
+                nn.BatchNorm2d(out_chs, **dd),
+            )
+        else:
+            self.shortcut = nn.Identity()
+        self.act2 = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act2(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs, with the timm classifier interface.
+
+    Args:
+        depth: 6n + 2 (20, 32, 44, 56, 110, ...).
+        num_classes: classifier outputs; 0 leaves the head as identity (pooled features out).
+        in_chans: input image channels.
+        global_pool: timm pooling type ('avg', 'max', 'avgmax', 'catavgmax', '' for none).
+        drop_rate: dropout before the classifier (0 as in the paper).
+        widths: channels of the stem and of the three stages.
+    """
+
+    def __init__(
+            self,
+            depth: int = 20,
+            num_classes: int = 10,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            widths=(16, 32, 64),
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6 != 0:
+            raise ValueError(f'CIFAR ResNet depth must be 6n + 2 with n >= 1, got {depth}')
+        dd = dict(device=device, dtype=dtype)
+        self.depth = depth
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        blocks_per_stage = (depth - 2) // 6
+
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, stride=1, padding=1, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(widths[0], **dd)
+        self.act1 = nn.ReLU(inplace=True)
+        self.feature_info = [dict(num_chs=widths[0], reduction=1, module='act1')]
+
+        in_chs, reduction = widths[0], 1
+        for stage_idx, out_chs in enumerate(widths):
+            stride = 1 if stage_idx == 0 else 2
+            reduction *= stride
+            blocks = []
+            for block_idx in range(blocks_per_stage):
+                blocks.append(BasicBlock(in_chs, out_chs, stride if block_idx == 0 else 1, **dd))
+                in_chs = out_chs
+            self.add_module(f'layer{stage_idx + 1}', nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'layer{stage_idx + 1}'))
+
+        self.num_features = self.head_hidden_size = in_chs
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.init_weights()
+
+    @torch.jit.ignore
+    def init_weights(self) -> None:
+        """Kaiming-normal (fan_out, relu) convs and unit/zero BN, the usual CIFAR ResNet init.
+
+        The linear head keeps PyTorch's default init, so a head made by ``reset_classifier``
+        starts the same way as the one built here.
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for timm's layer-wise LR decay helpers."""
+        return dict(stem=r'^conv1|bn1', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return 'fc' if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the head (e.g. to fine-tune on another label set); keeps pooling if None."""
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        dd = get_device_dtype(self)
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
+
+    def _stages(self) -> List[nn.Module]:
+        return [self.layer1, self.layer2, self.layer3]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        for stage in self._stages():
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    """CIFAR-10 data config; no url / hf_hub_id because no weights are published for these."""
+    return {
+        'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
+        'crop_pct': 1.0, 'interpolation': 'bilinear', 'fixed_input_size': False,
+        'mean': CIFAR10_MEAN, 'std': CIFAR10_STD,
+        'first_conv': 'conv1', 'classifier': 'fc',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'cifar_resnet20': _cfg(),
+    'cifar_resnet32': _cfg(),
+    'cifar_resnet56': _cfg(),
+    'cifar_resnet110': _cfg(),
+})
+
+
+def _create_cifar_resnet(variant: str, depth: int, pretrained: bool = False, **kwargs) -> CifarResNet:
+    """Build through timm so pretrained_cfg, num_classes/in_chans defaults and features_only work."""
+    return build_model_with_cfg(
+        CifarResNet,
+        variant,
+        pretrained,
+        depth=depth,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3)),
+        **kwargs,
+    )
+
+
+@register_model
+def cifar_resnet20(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-20 for CIFAR (3 blocks per stage, ~0.27 M parameters)."""
+    return _create_cifar_resnet('cifar_resnet20', 20, pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet32(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-32 for CIFAR (5 blocks per stage, ~0.47 M parameters)."""
+    return _create_cifar_resnet('cifar_resnet32', 32, pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet56(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-56 for CIFAR (9 blocks per stage, ~0.86 M parameters)."""
+    return _create_cifar_resnet('cifar_resnet56', 56, pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet110(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-110 for CIFAR (18 blocks per stage, ~1.73 M parameters)."""
+    return _create_cifar_resnet('cifar_resnet110', 110, pretrained, **kwargs)

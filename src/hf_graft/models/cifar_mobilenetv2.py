@@ -3,7 +3,7 @@
 The inverted-residual table is the paper's (expansion t, channels c, repeats n, stride s), width
 1.0, 1280-channel head.  Two strides are set to 1 so a 32 px image is downsampled only 8x
 (32 -> 4) instead of 32x (32 -> 1): the stem conv and the first block of the second stage
-(24 channels), the usual CIFAR variant (also the one the filter-grafting authors trained).
+(24 channels), as in the common CIFAR variants of MobileNetV2.
 Strides do not change the parameter count, so it equals the ImageNet model's with a smaller
 head: 2,236,682 parameters for 10 classes.
 
@@ -14,7 +14,7 @@ convs, linear bottleneck.  Depthwise convs are ``nn.Conv2d(..., groups=channels)
 Modules are declared in forward order (conv, then its BN) so that ``state_dict()`` lists each
 BatchNorm right after the conv it normalises; the grafting code relies on that order.
 """
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn

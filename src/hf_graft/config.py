@@ -36,6 +36,30 @@ def _as_dict(owner: str, name: str, value: Any) -> dict:
     return parsed
 
 
+def _check_model_name(owner: str, name: str, value: str, folder_ok: bool = False) -> None:
+    """Fail at parse time, not after the data is loaded, on a model nobody can build."""
+    import os
+
+    import timm
+
+    from . import models  # noqa: F401  (the cifar_* architectures)
+
+    if value.startswith("hf-hub:"):
+        return  # resolved (from the local cache when offline) when the model is created
+    if value.startswith("local-dir:"):
+        if not os.path.isdir(value[len("local-dir:"):]):
+            _fail(owner, name, value, "an existing folder after 'local-dir:'")
+        return
+    if folder_ok and os.path.isdir(value):
+        return
+    if folder_ok and ("/" in value or os.sep in value):
+        _fail(owner, name, value, "an existing folder (this one does not exist: train and export the teacher first), "
+              "a timm model name, an 'hf-hub:' id, or 'local-dir:FOLDER'")
+    if not timm.is_model(value):
+        allowed = "a timm model name (timm.list_models()), an 'hf-hub:' id, or 'local-dir:FOLDER'"
+        _fail(owner, name, value, allowed + (", or a folder exported by hf_graft" if folder_ok else ""))
+
+
 @dataclass
 class DataArguments:
     """Which images to train and evaluate on, and how they are transformed."""
@@ -145,6 +169,12 @@ class GraftingConfig(TrainingArguments):
         metadata={"help": "After each graft, re-estimate BatchNorm running statistics on this many training "
                   "batches (0: keep the mixed statistics, the authors' behaviour)."},
     )
+    lr_decay_epochs: Optional[list[float]] = field(
+        default=None,
+        metadata={"help": "Step decay: multiply the rate by lr_decay_gamma at each of these epochs (the paper's "
+                  "CIFAR 60/120/160 and ImageNet 30/60/80 schedules); replaces lr_scheduler_type when set."},
+    )
+    lr_decay_gamma: float = field(default=0.1, metadata={"help": "Factor of each step decay (lr_decay_epochs)."})
     lr_spread: list[str] = field(
         default_factory=lambda: ["none"],
         metadata={"help": "Per-member initial-rate multipliers: none, cosine (the authors' dlr rule), "
@@ -202,6 +232,9 @@ class GraftingConfig(TrainingArguments):
         self.teacher_model_kwargs = _as_dict(owner, "teacher_model_kwargs", self.teacher_model_kwargs)
         if not self.student_model:
             _fail(owner, "student_model", self.student_model, "a timm model name or an 'hf-hub:'/'local-dir:' id")
+        _check_model_name(owner, "student_model", self.student_model)
+        for name in self.teacher_models or []:
+            _check_model_name(owner, "teacher_models", name, folder_ok=True)
         if self.num_students < 1:
             _fail(owner, "num_students", self.num_students, "an integer >= 1 (>= 2 to graft among students)")
         if self.graft_source not in GRAFT_SOURCES:
@@ -234,6 +267,12 @@ class GraftingConfig(TrainingArguments):
         if self.data_order not in DATA_ORDERS:
             _fail(owner, "data_order", self.data_order, ", ".join(DATA_ORDERS))
         self.lr_multipliers = self._parse_lr_spread()
+        if self.lr_decay_epochs is not None and len(self.lr_decay_epochs) == 0:
+            self.lr_decay_epochs = None
+        if self.lr_decay_epochs and any(e <= 0 for e in self.lr_decay_epochs):
+            _fail(owner, "lr_decay_epochs", self.lr_decay_epochs, "positive epoch numbers")
+        if not 0.0 < self.lr_decay_gamma <= 1.0:
+            _fail(owner, "lr_decay_gamma", self.lr_decay_gamma, "a number in (0, 1]")
         self.select_student = str(self.select_student)
         if self.select_student != "best":
             if not self.select_student.isdigit() or int(self.select_student) >= self.num_students:
@@ -292,6 +331,10 @@ class GraftingConfig(TrainingArguments):
             "graft_start_epoch": self.graft_start_epoch,
             "bn_recalibration_batches": self.bn_recalibration_batches,
             "lr_spread": self.lr_spread,
+            "lr_schedule": (
+                f"step x{self.lr_decay_gamma} at epochs {self.lr_decay_epochs}" if self.lr_decay_epochs
+                else str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type))
+            ),
             "lr_multipliers": self.lr_multipliers,
             "data_order": self.data_order,
             "shared_init": self.shared_init,

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import Sampler
 
 from .config import DataArguments
 
 __all__ = [
+    "EpochShuffleSampler",
     "ImageData",
     "MemberOrderDataset",
     "build_transform",
@@ -71,20 +76,26 @@ def _load_raw(args: DataArguments):
     if name == "imagefolder":
         if not os.path.isdir(args.data_dir):
             raise FileNotFoundError(f"DataArguments.data_dir: {args.data_dir!r} is not a folder")
-        return datasets.load_dataset("imagefolder", data_dir=args.data_dir)
+        try:
+            return datasets.load_dataset("imagefolder", data_dir=args.data_dir)
+        except Exception as err:  # e.g. a folder without images
+            cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RuntimeError(f"DataArguments.data_dir: could not load images from {args.data_dir!r}: {cause}") from err
     path = Path(name).expanduser()
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         loaded = datasets.load_from_disk(str(path))
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
-    if path.is_dir():
-        return datasets.load_dataset(str(path), args.dataset_config_name, data_dir=args.data_dir)
-    if name.startswith((".", "/", "~")):
+    if name.startswith((".", "/", "~")) and not path.is_dir():
         raise FileNotFoundError(f"DataArguments.dataset_name: {name!r} is not a folder")
-    try:
-        return datasets.load_dataset(name, args.dataset_config_name, data_dir=args.data_dir)
-    except Exception as err:  # offline, unknown id, ...: say which dataset and why, in one line
+    try:  # a local folder of parquet/arrow/... files, or a Hub id
+        loaded = datasets.load_dataset(str(path) if path.is_dir() else name, args.dataset_config_name,
+                                       data_dir=args.data_dir)
+    except Exception as err:  # offline, unknown id, empty folder, ...: say which dataset and why, in one line
         cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RuntimeError(f"DataArguments.dataset_name: could not load {name!r}: {cause}") from err
+    if not isinstance(loaded, datasets.DatasetDict):  # a dataset with a single unnamed split
+        loaded = datasets.DatasetDict({"train": loaded})
+    return loaded
 
 
 def _pick_column(features, wanted: str | None, kind_check: Callable[[Any], bool], guesses, what: str) -> str:
@@ -96,23 +107,41 @@ def _pick_column(features, wanted: str | None, kind_check: Callable[[Any], bool]
     typed = [c for c in columns if kind_check(features[c])]
     if len(typed) == 1:
         return typed[0]
-    candidates = typed or [c for c in guesses if c in features]
+    if len(typed) > 1:  # e.g. CIFAR-100's fine_label and coarse_label: a conventional name decides
+        candidates = [c for c in guesses if c in typed]
+        candidates = candidates[:1] if candidates else typed
+    else:
+        candidates = [c for c in guesses if c in features]
     if len(candidates) == 1:
         return candidates[0]
+    if not candidates:
+        raise ValueError(f"DataArguments.{what}_column: no column looks like the {what}s (columns: {columns}); "
+                         f"set {what}_column")
     raise ValueError(
-        f"DataArguments.{what}_column: cannot tell which column holds the {what} "
-        f"(candidates: {candidates or columns}); set {what}_column"
+        f"DataArguments.{what}_column: cannot tell which column holds the {what}s "
+        f"(candidates: {candidates}); set {what}_column"
     )
 
 
 def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
-    """Load, split, subsample and describe the data; no image is decoded here."""
-    from datasets import ClassLabel, Image
+    """Load, split, subsample and describe the data; no image is decoded here.
+
+    Columns are detected on the training split before anything else, so a dataset without an
+    image or label column fails at once. String labels become a `ClassLabel` (sorted names).
+    """
+    from datasets import ClassLabel, Image, Value
 
     raw = _load_raw(args)
     if args.train_split not in raw:
         raise ValueError(f"DataArguments.train_split: {args.train_split!r} not in the dataset's splits {list(raw)}")
     train = raw[args.train_split]
+    image_column = _pick_column(train.features, args.image_column, lambda f: isinstance(f, Image),
+                                _IMAGE_COLUMN_GUESSES, "image")
+    label_column = _pick_column(train.features, args.label_column, lambda f: isinstance(f, ClassLabel),
+                                _LABEL_COLUMN_GUESSES, "label")
+    if label_column == image_column:
+        raise ValueError(f"DataArguments.label_column: {label_column!r} is also the image column; set label_column")
+
     if args.eval_split is not None:
         if args.eval_split not in raw:
             raise ValueError(f"DataArguments.eval_split: {args.eval_split!r} not in the dataset's splits {list(raw)}")
@@ -122,18 +151,48 @@ def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
         if present:
             evaluation = raw[present[0]]
         else:
+            if len(train) < 2:
+                raise ValueError(
+                    f"DataArguments.validation_split_percentage: split {args.train_split!r} has {len(train)} "
+                    "example(s), too few to hold some out; set eval_split"
+                )
             split = train.train_test_split(test_size=args.validation_split_percentage / 100.0, seed=seed)
             train, evaluation = split["train"], split["test"]
+    for column in (image_column, label_column):
+        if column not in evaluation.features:
+            raise ValueError(
+                f"DataArguments.eval_split: the evaluation split has no column {column!r}; "
+                f"columns: {list(evaluation.features)}"
+            )
 
-    image_column = _pick_column(train.features, args.image_column, lambda f: isinstance(f, Image),
-                                _IMAGE_COLUMN_GUESSES, "image")
-    label_column = _pick_column(train.features, args.label_column, lambda f: isinstance(f, ClassLabel),
-                                _LABEL_COLUMN_GUESSES, "label")
+    image_feature = train.features[image_column]
+    if isinstance(image_feature, Value) and image_feature.dtype in ("string", "large_string"):
+        # file paths: decode them as images, on the fly like any Image column
+        train = train.cast_column(image_column, Image())
+        evaluation = evaluation.cast_column(image_column, Image())
+    elif not isinstance(image_feature, Image):
+        raise ValueError(
+            f"DataArguments.image_column: {image_column!r} holds {image_feature}; "
+            "allowed: a datasets.Image column or image file paths"
+        )
+
     label_feature = train.features[label_column]
     if isinstance(label_feature, ClassLabel):
         label_names = list(label_feature.names)
-    else:  # integer labels without names: 0..max
-        label_names = [str(i) for i in range(int(max(train[label_column])) + 1)]
+    elif isinstance(label_feature, Value) and label_feature.dtype in ("string", "large_string"):
+        label_names = sorted(set(train.unique(label_column)) | set(evaluation.unique(label_column)))
+        feature = ClassLabel(names=label_names)
+        train = train.cast_column(label_column, feature)
+        evaluation = evaluation.cast_column(label_column, feature)
+    elif isinstance(label_feature, Value) and label_feature.dtype.startswith(("int", "uint")):
+        # integer labels without names: 0..max over both splits
+        top = max(max(train[label_column], default=0), max(evaluation[label_column], default=0))
+        label_names = [str(i) for i in range(int(top) + 1)]
+    else:
+        raise ValueError(
+            f"DataArguments.label_column: {label_column!r} holds {label_feature}; "
+            "allowed: ClassLabel, integer or string labels"
+        )
 
     if args.max_train_samples is not None and args.max_train_samples < len(train):
         train = train.shuffle(seed=seed).select(range(args.max_train_samples))
@@ -188,6 +247,72 @@ def build_transform(data_config: dict[str, Any], args: DataArguments, is_trainin
     ])
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A fresh, reproducible permutation of the training examples every epoch.
+
+    The permutation of epoch `e` depends only on (`seed`, `e`), never on the global RNG, so every
+    process of a distributed run draws the same one (Accelerate then hands each process its own
+    batches of it) and a resumed run draws the same one as an uninterrupted run. Indices come out
+    *epoch-tagged*: example `i` of epoch `e` is yielded as `e * n + i`; `MemberOrderDataset` decodes
+    the tag and seeds the example's augmentation with (seed, epoch, example, member), which makes
+    the augmented pixels independent of dataloader workers, of `skip_first_batches` on resume, and
+    of the point at which the Trainer restores the RNG state of a checkpoint.
+
+    The epoch is set with `set_epoch` (Accelerate and the Trainer call it; GraftingTrainer also
+    sets it at every epoch begin, since Accelerate's wrappers do not always forward the call).
+    """
+
+    def __init__(self, num_examples: int, seed: int = 0):
+        if num_examples < 1:
+            raise ValueError(f"EpochShuffleSampler: num_examples must be >= 1, got {num_examples}")
+        self.num_examples = int(num_examples)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(_mix_seed(self.seed, 0x5EED, epoch))
+        return torch.randperm(self.num_examples, generator=generator)
+
+    def __iter__(self):
+        offset = self.epoch * self.num_examples
+        yield from (self.permutation(self.epoch) + offset).tolist()
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix64-style mixing; deterministic across processes)."""
+    state = 0x9E3779B97F4A7C15
+    for part in parts:
+        state = (state ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+        state = (state * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        state ^= state >> 31
+        state = (state * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        state ^= state >> 29
+    return state >> 1
+
+
+@contextlib.contextmanager
+def _seeded_rng(seed: int):
+    """Seed torch, `random` and numpy for one example's augmentation, restoring their states after."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        # the CPU generator only (what the transforms draw from): torch.manual_seed would also queue a
+        # lazy CUDA seeding with a captured stack trace, ~0.3 ms per example (benchmarks/throughput.py)
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
 class MemberOrderDataset(TorchDataset):
     """Serves a `datasets.Dataset` to a population, decoding and transforming on the fly.
 
@@ -198,6 +323,11 @@ class MemberOrderDataset(TorchDataset):
     epoch, so each member sees every example once per epoch, in its own order, reproducibly; and
     since the mapping is by index, it survives Accelerate's sharding of i across processes and
     `skip_first_batches` on resume.
+
+    Indices may be epoch-tagged (`e * len(self) + i`, as `EpochShuffleSampler` yields them); the
+    random augmentation of every example is then seeded by (seed, e, i, member), so a resumed or
+    distributed run augments exactly as an uninterrupted single-process run does. Untagged
+    indices (< len(self)) are epoch 0.
     """
 
     def __init__(self, dataset, transform: Callable, image_column: str, label_column: str,
@@ -210,6 +340,7 @@ class MemberOrderDataset(TorchDataset):
         self.label_column = label_column
         self.num_members = num_members
         self.order = order
+        self.seed = int(seed)
         n = len(dataset)
         perms = [torch.arange(n)]
         for k in range(1, num_members if order == "independent" else 1):
@@ -220,18 +351,21 @@ class MemberOrderDataset(TorchDataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _example(self, index: int) -> tuple[torch.Tensor, int]:
+    def _example(self, index: int, epoch: int = 0, member: int = 0) -> tuple[torch.Tensor, int]:
         row = self.dataset[index]
         image = row[self.image_column]
         if image.mode != "RGB":
             image = image.convert("RGB")
-        return self.transform(image), int(row[self.label_column])
+        with _seeded_rng(_mix_seed(self.seed, epoch, index, member)):
+            pixels = self.transform(image)
+        return pixels, int(row[self.label_column])
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        epoch, i = divmod(int(index), len(self.dataset))
         if self.order == "shared":
-            pixels, label = self._example(int(i))
+            pixels, label = self._example(i, epoch)
             return {"pixel_values": pixels, "labels": torch.tensor(label)}
-        examples = [self._example(int(self.member_indices[k, i])) for k in range(self.num_members)]
+        examples = [self._example(int(self.member_indices[k, i]), epoch, k) for k in range(self.num_members)]
         return {
             "pixel_values": torch.stack([e[0] for e in examples]),
             "labels": torch.tensor([e[1] for e in examples]),

@@ -14,29 +14,38 @@ __all__ = ["kd_loss", "averaged_teacher_probs"]
 
 
 def _stack_teachers(teacher_logits: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """[M, B, C] float32, detached: teachers are frozen, no gradient ever reaches them."""
     if isinstance(teacher_logits, torch.Tensor):
-        if teacher_logits.ndim == 2:  # a single teacher given as [B, C]
-            return teacher_logits.unsqueeze(0)
-        return teacher_logits
-    if len(teacher_logits) == 0:
-        raise ValueError("teacher_logits: need at least one teacher's logits")
-    return torch.stack(list(teacher_logits))
+        stacked = teacher_logits.unsqueeze(0) if teacher_logits.ndim == 2 else teacher_logits  # one [B, C] teacher
+    else:
+        if len(teacher_logits) == 0:
+            raise ValueError("teacher_logits: need at least one teacher's logits")
+        stacked = torch.stack([t.detach().float() for t in teacher_logits])
+    if stacked.ndim != 3:
+        raise ValueError(
+            f"teacher_logits: expected M tensors [B, C] or one [M, B, C] tensor, got shape {tuple(stacked.shape)}"
+        )
+    return stacked.detach().float()
 
 
 def averaged_teacher_probs(teacher_logits, temperature: float = 2.0) -> torch.Tensor:
-    """`pbar = 1/M sum_m softmax(z_m / tau)` in float32, shape [B, C] (eq. 12)."""
+    """`pbar = 1/M sum_m softmax(z_m / tau)` in float32, shape [B, C] (eq. 12), without gradient."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    stacked = _stack_teachers(teacher_logits).float()
-    return torch.softmax(stacked / temperature, dim=-1).mean(dim=0)
+    stacked = _stack_teachers(teacher_logits)
+    with torch.autocast(device_type=stacked.device.type, enabled=False):
+        return torch.softmax(stacked / temperature, dim=-1).mean(dim=0)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits, temperature: float = 2.0) -> torch.Tensor:
     """`tau^2 * mean_batch( sum_k pbar_k * -log_softmax(student / tau)_k )` (eq. 11, batch-averaged).
 
-    `teacher_logits` is a list of M tensors [B, C] or one [M, B, C] tensor. Computed in float32
-    (log_softmax is shift-invariant, so large logits cannot overflow), whatever autocast is active.
+    `teacher_logits` is a list of M tensors [B, C] or one [M, B, C] tensor (or one [B, C]); they
+    are detached, so the gradient reaches the student only. Computed in float32 (softmax and
+    log_softmax subtract the max, so large logits cannot overflow), whatever autocast is active.
     """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     pbar = averaged_teacher_probs(teacher_logits, temperature)
     if pbar.shape != student_logits.shape:
         raise ValueError(

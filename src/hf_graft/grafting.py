@@ -1,22 +1,30 @@
 """The Method: information criteria, adaptive alpha and the in-parallel ring graft (SPEC 1-5).
 
 Pure torch, no Trainer imports. Everything runs on the device and in the dtype the weights live
-in; information is computed in float32. A graft does no host synchronisation per layer or per
-bin: the histograms are built with one scatter per tensor, and the report's numbers are copied
-to the host once, at the end.
+in; information is computed in float32 (mixing in float32, or float64 for float64 weights).
+
+`graft_members` does no host synchronisation at all: a layer's histogram comes from a
+device-side `aminmax` and one counting kernel over the pre-scaled bin indices (`bincount` on CPU,
+`histc` over a fixed range elsewhere), the guard against non-finite scions is a device-side
+`torch.where`, and the report keeps its numbers on the device until it is first read, when they
+are copied to the host in one transfer. Large temporaries live in scratch buffers reused for
+every tensor (no allocation, and no page faults, per layer).
+
+`sharded_information` computes the same information from the shards of a weight that is split
+across processes (FSDP), with two all-reduces for any number of layers and no gather.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
 __all__ = [
     "CRITERIA",
+    "LEVELS",
     "GraftReport",
     "MemberGraftReport",
     "adaptive_alpha",
@@ -27,68 +35,291 @@ __all__ = [
     "graft_members",
     "graft_noise",
     "layer_information",
+    "sharded_information",
+    "sharded_layer_information",
 ]
 
 CRITERIA = ("entropy", "l1")
 LEVELS = ("layer", "filter")
 
 
-# ----------------------------------------------------------------------------- information
+def _check_bins(bins: int) -> None:
+    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
+        raise ValueError(f"bins must be an integer >= 1, got {bins!r}")
+
+
+def _check_criterion(criterion: str) -> None:
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+
+
+# ----------------------------------------------------------------------------- histograms
+def _scaled(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int, out: torch.Tensor | None = None):
+    """(x - lo) * bins / (hi - lo) in float32, flat: the bin of a value is the floor of this (a
+    value equal to max gives `bins`, which goes to the last bin). These are the float32
+    operations, in the same order, of `torch.histc`'s kernel, so the counts below equal
+    `torch.histc(x, bins)` exactly; like histc, a constant tensor is binned over [v - 1, v + 1]
+    (its entropy is 0 either way). NaN stays NaN."""
+    flat = x.detach().reshape(-1)
+    constant = hi == lo
+    lo, hi = torch.where(constant, lo - 1, lo), torch.where(constant, hi + 1, hi)
+    t = out if out is not None else torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
+    if flat.dtype == torch.float32:
+        torch.sub(flat, lo, out=t)
+    else:  # subtract in float32, not in the weight's dtype
+        t.copy_(flat)
+        t.sub_(lo)
+    width = hi - lo
+    return t.mul_(bins).div_(torch.where(width > 0, width, torch.ones_like(width)))
+
+
+COUNT_METHODS = ("bincount", "histc", "scatter")
+
+
+def _bin_counts(t: torch.Tensor, bins: int, method: str | None = None, index_out: torch.Tensor | None = None):
+    """float32 [bins] counts of floor(t) for t from `_scaled` (values >= bins go to the last bin;
+    NaN is not counted, its entropy is replaced by NaN anyway). Overwrites `t`.
+
+    The method follows the device: `bincount` on CPU (the fastest there); `histc` over the fixed
+    range [0, bins] elsewhere (it maps an integer v to floor(v * bins / bins) = v exactly and,
+    its range being given, reads nothing back to the host, unlike `bincount` on CUDA); `scatter`
+    (a 1-D scatter_add, deterministic on CUDA) where deterministic algorithms are on, since
+    CUDA's histc refuses to run then.
+    """
+    if method is None:
+        if t.device.type == "cpu":
+            method = "bincount"
+        else:
+            method = "scatter" if torch.are_deterministic_algorithms_enabled() else "histc"
+    if method == "histc":
+        return torch.histc(t.floor_(), bins=bins, min=0, max=bins)
+    t.nan_to_num_(nan=-1.0, posinf=-1.0, neginf=-1.0)  # NaN/inf -> slot 0, dropped below
+    if method == "bincount":
+        # float -> int truncates, which is floor for t >= 0; -1 -> -1, shifted to slot 0
+        idx = t.add_(1.0).clamp_(0, bins + 1)
+        idx = index_out.copy_(idx) if index_out is not None else idx.to(torch.int32)
+        c = torch.bincount(idx, minlength=bins + 2)
+    elif method == "scatter":
+        idx = t.floor_().add_(1.0).clamp_(0, bins + 1).long()
+        c = torch.zeros(bins + 2, dtype=torch.float32, device=t.device)
+        c.scatter_add_(0, idx, torch.ones(1, dtype=torch.float32, device=t.device).expand(idx.numel()))
+    else:
+        raise ValueError(f"method must be one of {COUNT_METHODS}, got {method!r}")
+    c = c.float()
+    return torch.cat([c[1:bins], c[bins : bins + 2].sum(0, keepdim=True)])
+
+
+def _entropy_from_counts(counts: torch.Tensor, n) -> torch.Tensor:
+    p = counts.float() / n
+    return torch.special.xlogy(p, p).neg_().sum(dim=-1)  # (-0 terms sum to +0)
+
+
+def _entropy(x: torch.Tensor, bins: int, out: torch.Tensor | None = None, index_out: torch.Tensor | None = None):
+    """Entropy of the histogram of all values of `x` (float32, 0-dim); NaN if any value is not finite."""
+    n = x.numel()
+    if n == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    lo, hi = torch.aminmax(x.detach().reshape(-1))  # both NaN if any value is NaN
+    lo, hi = lo.float(), hi.float()
+    h = _entropy_from_counts(_bin_counts(_scaled(x, lo, hi, bins, out), bins, index_out=index_out), n)
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
+    return torch.where(finite, h, torch.full_like(h, math.nan))
+
+
 def batched_entropy(rows: torch.Tensor, bins: int = 10) -> torch.Tensor:
     """Entropy (natural log) of the histogram of each row of a 2-D tensor, in float32.
 
-    Each row gets `bins` equal-width bins over its own [min, max]; a value equal to max falls in
-    the last bin (as `torch.histc` does). A constant row has entropy 0.
+    Each row gets `bins` equal-width bins over its own [min, max] (the same binning as
+    `torch.histc` on that row; a value equal to max falls in the last bin). A constant row has
+    entropy 0; a row with a non-finite value has entropy NaN.
     """
-    if bins < 1:
-        raise ValueError(f"bins must be >= 1, got {bins}")
+    _check_bins(bins)
+    if rows.ndim != 2:
+        raise ValueError(f"batched_entropy expects a 2-D tensor, got shape {tuple(rows.shape)}")
     x = rows.detach().float()
-    if x.ndim != 2:
-        raise ValueError(f"batched_entropy expects a 2-D tensor, got shape {tuple(x.shape)}")
     n_rows, n = x.shape
-    lo = x.amin(dim=1, keepdim=True)
-    hi = x.amax(dim=1, keepdim=True)
+    if n_rows == 0 or n == 0:
+        return torch.zeros(n_rows, dtype=torch.float32, device=x.device)
+    lo, hi = torch.aminmax(x, dim=1, keepdim=True)
     width = hi - lo
-    # constant rows: width 0 -> every value in bin 0 -> entropy 0
-    scaled = (x - lo) / torch.where(width > 0, width, torch.ones_like(width)) * bins
-    idx = scaled.long().clamp_(0, bins - 1)
+    t = (x - lo).mul_(bins).div_(torch.where(width > 0, width, torch.ones_like(width))).floor_()
+    idx = torch.nan_to_num(t, nan=0.0).clamp_(0, bins - 1).long()
     idx += torch.arange(n_rows, device=x.device).unsqueeze(1) * bins
     counts = torch.zeros(n_rows * bins, device=x.device, dtype=torch.float32)
-    counts.scatter_add_(0, idx.flatten(), torch.ones(idx.numel(), device=x.device, dtype=torch.float32))
-    p = counts.view(n_rows, bins) / n
-    return -torch.special.xlogy(p, p).sum(dim=1)
+    counts.scatter_add_(0, idx.reshape(-1), torch.ones(1, device=x.device, dtype=torch.float32).expand(idx.numel()))
+    h = _entropy_from_counts(counts.view(n_rows, bins), n)
+    finite = (torch.isfinite(lo) & torch.isfinite(hi)).squeeze(1)
+    return torch.where(finite, h, torch.full_like(h, math.nan))
+
+
+def _l1(x: torch.Tensor, dim=None) -> torch.Tensor:
+    """sum |x| (over `dim`, or all values) as float32, accumulated in float64: float32 norms
+    accumulate sequentially and drift by 1e-5 on a large layer; no |x| temporary is allocated."""
+    x = x.detach()
+    if x.device.type == "mps":  # no float64 there
+        return x.float().abs().sum(dim=dim) if dim is not None else x.float().abs().sum()
+    if dim is None:
+        return torch.linalg.vector_norm(x.reshape(-1), ord=1, dtype=torch.float64).float()
+    return torch.linalg.vector_norm(x, ord=1, dim=dim, dtype=torch.float64).float()
 
 
 def layer_information(weight: torch.Tensor, criterion: str = "entropy", bins: int = 10) -> torch.Tensor:
     """Information of a whole layer as a 0-dim float32 tensor on the weight's device.
 
-    `entropy` (eq. 6): entropy of the histogram of all the layer's values; `l1` (eq. 3): sum |w|.
+    `entropy` (eq. 6): entropy (natural log) of the `bins`-bin histogram of all the layer's
+    values over [min, max], as `torch.histc` bins them; 0 for a constant tensor, NaN when a
+    value is not finite. `l1` (eq. 3): sum |w| (accumulated in float64, returned as float32).
     """
+    _check_criterion(criterion)
+    _check_bins(bins)
     if criterion == "entropy":
-        return batched_entropy(weight.detach().reshape(1, -1), bins)[0]
-    if criterion == "l1":
-        return weight.detach().float().abs().sum()
-    raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+        return _entropy(weight, bins)
+    return _l1(weight)
 
 
 def _row_information(rows: torch.Tensor, criterion: str, bins: int) -> torch.Tensor:
-    """Information of each row of a 2-D tensor (used for K members at once, or per filter)."""
+    """Information of each row of a 2-D tensor (per output filter)."""
     if criterion == "entropy":
         return batched_entropy(rows, bins)
-    if criterion == "l1":
-        return rows.detach().float().abs().sum(dim=1)
-    raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    return _l1(rows, dim=1)
 
 
 def adaptive_alpha(info_self, info_other, A: float = 0.4, c: float = 500.0):
     """alpha = A/pi * arctan(c * (info_self - info_other)) + 0.5   (eq. 7 with the authors' /pi).
 
-    Lies in (0.5 - A/2, 0.5 + A/2); tensors in, tensor out; numbers in, float out.
+    Lies in (0.5 - A/2, 0.5 + A/2); tensors in, float32 tensor out; numbers in, float out.
     """
     if isinstance(info_self, torch.Tensor) or isinstance(info_other, torch.Tensor):
         diff = torch.as_tensor(info_self, dtype=torch.float32) - torch.as_tensor(info_other, dtype=torch.float32)
         return A / math.pi * torch.atan(c * diff) + 0.5
     return A / math.pi * math.atan(c * (float(info_self) - float(info_other))) + 0.5
+
+
+# ----------------------------------------------------------------------------- sharded (FSDP)
+ReduceFn = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+def _default_all_reduce(group=None) -> ReduceFn:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return lambda t, op: t  # one process: the local shard is the whole weight
+    ops = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
+
+    def reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+        dist.all_reduce(t, op=ops[op], group=group)
+        return t
+
+    return reduce
+
+
+def _local_piece(shard: torch.Tensor):
+    """(local tensor, needs reduction) for a plain tensor or a DTensor (FSDP2's sharded parameter)."""
+    to_local = getattr(shard, "to_local", None)
+    if to_local is None or not hasattr(shard, "placements"):
+        return shard.detach(), True
+    sharded = any(p.is_shard() for p in shard.placements)
+    return to_local().detach(), sharded
+
+
+def sharded_information(
+    local_shards: Sequence[torch.Tensor],
+    *,
+    criterion: str = "entropy",
+    bins: int = 10,
+    all_reduce: ReduceFn | None = None,
+    group=None,
+) -> torch.Tensor:
+    """Information of N layers, each split across processes, without gathering any weight.
+
+    `local_shards[i]` is this process's piece of layer i (any shape, possibly empty, without
+    padding; a DTensor sharded by FSDP2 is read through `to_local()`). Every process must call
+    this with its pieces of the same layers, in the same order. Returns a float32 [N] tensor,
+    the same on every process, equal to `layer_information` of the whole layers: the bin counts
+    are exactly the whole tensor's (same global [min, max], same per-value rule, summed), so the
+    entropy is too; l1 sums agree up to summation order.
+
+    Communication: entropy does two all-reduces for all N layers together (MAX of (-min, max),
+    then SUM of counts, element counts and non-finite flags), l1 does one (SUM). `all_reduce(t,
+    op)` (op in "min", "max", "sum") performs a reduction across processes and returns the
+    result; by default `torch.distributed.all_reduce` over `group` when a process group is
+    initialised, and no reduction otherwise.
+    """
+    _check_criterion(criterion)
+    _check_bins(bins)
+    if len(local_shards) == 0:
+        return torch.zeros(0, dtype=torch.float32)
+    pieces = [_local_piece(s) for s in local_shards]
+    if not any(needs for _, needs in pieces):
+        return torch.stack([layer_information(p, criterion, bins) for p, _ in pieces])
+    if all_reduce is None:
+        all_reduce = _default_all_reduce(group)
+    # replicated DTensors are whole on every process: count them once (on any one process the
+    # reduction would multiply them by the world size), so reduce only the sharded ones
+    local = [p for p, _ in pieces]
+    weight_of = torch.tensor([1.0 if needs else 0.0 for _, needs in pieces], dtype=torch.float64)
+    device = local[0].device
+
+    if criterion == "l1":
+        sums = torch.stack([torch.linalg.vector_norm(p.reshape(-1), ord=1, dtype=torch.float64) for p in local])
+        replicated = sums * (1.0 - weight_of.to(device))
+        total = all_reduce(sums * weight_of.to(device), "sum") + replicated
+        return total.float()
+
+    counts, total, bad = _sharded_histograms(local, bins=bins, all_reduce=all_reduce, sharded=[n for _, n in pieces])
+    # float32 probabilities, as layer_information computes them for the whole tensor
+    h = _entropy_from_counts(counts.float(), total.clamp(min=1.0).float().unsqueeze(1))
+    h = torch.where(total > 0, h, torch.zeros_like(h))
+    return torch.where(bad > 0, torch.full_like(h, math.nan), h)
+
+
+def _sharded_histograms(local: Sequence[torch.Tensor], *, bins: int, all_reduce: ReduceFn,
+                        sharded: Sequence[bool] | None = None):
+    """Whole-layer histograms from local pieces: (counts [N, bins], numel [N], non-finite flags
+    [N]), float64, identical on every process. Pieces flagged not `sharded` are whole already."""
+    N = len(local)
+    device = local[0].device
+    w = torch.tensor([1.0 if s else 0.0 for s in (sharded or [True] * N)], dtype=torch.float64, device=device)
+    inf = torch.tensor(math.inf, dtype=torch.float32, device=device)
+    extremes, nonfinite, numel = [], [], []
+    for p in local:
+        if p.numel() == 0:  # an empty piece: neutral for MIN/MAX, finite
+            lo, hi = inf, -inf
+            nonfinite.append(torch.zeros((), dtype=torch.bool, device=device))
+        else:
+            lo, hi = torch.aminmax(p.reshape(-1))
+            lo, hi = lo.float(), hi.float()
+            nonfinite.append(~(torch.isfinite(lo) & torch.isfinite(hi)))
+        extremes.append(torch.stack([-lo, hi]))
+        numel.append(p.numel())
+    # a NaN in MAX may be dropped by the backend; the non-finite flags below carry it instead
+    ext = torch.nan_to_num(torch.stack(extremes), nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # [N, 2]
+    reduced = all_reduce(ext.clone(), "max")
+    ext = torch.where(w.bool().unsqueeze(1), reduced, ext)
+    lo_g, hi_g = -ext[:, 0], ext[:, 1]
+
+    stats = torch.zeros(N, bins + 2, dtype=torch.float64, device=device)
+    for i, p in enumerate(local):
+        if p.numel():
+            stats[i, :bins] = _bin_counts(_scaled(p, lo_g[i], hi_g[i], bins), bins).double()
+    stats[:, bins] = torch.tensor(numel, dtype=torch.float64, device=device)
+    stats[:, bins + 1] = torch.stack(nonfinite).double()
+    w = w.unsqueeze(1)
+    stats = all_reduce((stats * w).contiguous(), "sum") + stats * (1.0 - w)
+    return stats[:, :bins], stats[:, bins], stats[:, bins + 1]
+
+
+def sharded_layer_information(
+    local_shard: torch.Tensor,
+    *,
+    criterion: str = "entropy",
+    bins: int = 10,
+    all_reduce: ReduceFn | None = None,
+    group=None,
+) -> torch.Tensor:
+    """`layer_information` of a weight split across processes, from this process's shard (0-dim
+    float32). See `sharded_information`, which does many layers with the same two collectives."""
+    return sharded_information([local_shard], criterion=criterion, bins=bins, all_reduce=all_reduce, group=group)[0]
 
 
 # ----------------------------------------------------------------------------- anchor rule
@@ -129,30 +360,54 @@ def _live_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- report
-@dataclass
 class MemberGraftReport:
-    """What happened to one member (the rootstock) in one graft."""
+    """What happened to one member (the rootstock) in one graft.
 
-    index: int
-    scion: int | None
-    alphas: dict[str, float] = field(default_factory=dict)  # anchor name -> alpha (mean for filter level)
-    information: dict[str, float] = field(default_factory=dict)  # anchor name -> own information
-    scion_information: dict[str, float] = field(default_factory=dict)
-    finite: bool = True
-    skipped_reason: str | None = None
+    `alphas`: anchor name -> alpha (the mean over filters for the filter level); `information`:
+    anchor name -> own information before the graft; `scion_information`: the scion's;
+    `finite`: whether this member's weights were all finite; `skipped_reason`: why it kept its
+    own weights (its scion was not finite), else None.
+    """
+
+    def __init__(self, index, scion, alphas=None, information=None, scion_information=None, finite=True,
+                 skipped_reason=None):
+        self.index = index
+        self.scion = scion
+        self.alphas: dict[str, float] = dict(alphas or {})
+        self.information: dict[str, float] = dict(information or {})
+        self.scion_information: dict[str, float] = dict(scion_information or {})
+        self.finite = finite
+        self.skipped_reason = skipped_reason
 
     @property
     def alpha_values(self) -> list[float]:
         return list(self.alphas.values())
 
+    def __repr__(self) -> str:
+        return (f"MemberGraftReport(index={self.index}, scion={self.scion}, anchors={len(self.alphas)}, "
+                f"finite={self.finite}, skipped_reason={self.skipped_reason!r})")
 
-@dataclass
+
 class GraftReport:
-    """Per-member alphas and information values of one population graft."""
+    """Per-member alphas and information values of one population graft.
 
-    members: list[MemberGraftReport]
-    criterion: str = "entropy"
-    source: str = "external"
+    `graft_members` leaves the numbers on the device; they are copied to the host, in one
+    transfer, the first time `members` (or anything built on it) is read.
+    """
+
+    def __init__(self, members: list[MemberGraftReport] | None = None, criterion: str = "entropy",
+                 source: str = "external", *, _pending: dict | None = None):
+        self._members = members
+        self._pending = _pending
+        self.criterion = criterion
+        self.source = source
+
+    @property
+    def members(self) -> list[MemberGraftReport]:
+        if self._members is None:
+            self._members = _materialise(**self._pending)
+            self._pending = None
+        return self._members
 
     def to_log_dict(self, prefix: str = "graft") -> dict[str, float]:
         """Flat scalars for Trainer logging (TensorBoard, W&B, ...)."""
@@ -173,28 +428,92 @@ class GraftReport:
     def skipped(self) -> list[int]:
         return [m.index for m in self.members if m.skipped_reason is not None]
 
+    def __repr__(self) -> str:
+        return f"GraftReport(K={len(self.members)}, criterion={self.criterion!r}, source={self.source!r})"
+
+
+def _materialise(anchors, alpha_table, info_table, finite, scion_of) -> list[MemberGraftReport]:
+    K = len(scion_of)
+    A = len(anchors)
+    # one device -> host copy for the whole report: [A, K] alphas, [A, K] information, [K] finite
+    host = torch.cat([alpha_table.reshape(-1), info_table.reshape(-1), finite.float()]).cpu().tolist()
+    alpha_rows = [host[k : A * K : K] for k in range(K)]
+    info_rows = [host[A * K + k : 2 * A * K : K] for k in range(K)]
+    fin = [v > 0.5 for v in host[2 * A * K :]]
+    reports = []
+    for k in range(K):
+        j = scion_of[k]
+        reason = None if fin[j] else f"scion member {j} has non-finite weights; member {k} kept its own"
+        reports.append(MemberGraftReport(
+            index=k, scion=j, alphas=dict(zip(anchors, alpha_rows[k])), information=dict(zip(anchors, info_rows[k])),
+            scion_information=dict(zip(anchors, info_rows[j])), finite=fin[k], skipped_reason=reason,
+        ))
+    return reports
+
 
 # ----------------------------------------------------------------------------- external graft
-def _members_finite(states: Sequence[dict[str, torch.Tensor]]) -> list[bool]:
-    flags = []
-    for state in states:
-        checks = [torch.isfinite(t).all() for t in state.values() if t.is_floating_point() and t.numel()]
-        flags.append(torch.stack(checks).all() if checks else torch.tensor(True))
-    # one host sync for the whole population
-    return [bool(f) for f in torch.stack([f.to(flags[0].device) for f in flags]).tolist()]
-
-
-def _check_same_architecture(states: Sequence[dict[str, torch.Tensor]]) -> None:
+def _check_members(states: Sequence[dict[str, torch.Tensor]]) -> None:
     ref = states[0]
+    device = next((t.device for t in ref.values()), None)
     for k, state in enumerate(states[1:], start=1):
         if state.keys() != ref.keys():
-            missing = sorted(set(ref) ^ set(state))[:3]
-            raise ValueError(f"member {k} has a different architecture from member 0 (entries differ: {missing})")
+            differ = sorted(set(ref) ^ set(state))[:3]
+            raise ValueError(f"member {k} has a different architecture from member 0 (entries differ: {differ})")
         for name, t in state.items():
-            if t.shape != ref[name].shape:
+            if t.shape != ref[name].shape or t.dtype != ref[name].dtype:
                 raise ValueError(
-                    f"member {k}: {name} has shape {tuple(t.shape)}, member 0 has {tuple(ref[name].shape)}"
+                    f"member {k}: {name} is {t.dtype} {tuple(t.shape)}, member 0 has {ref[name].dtype} "
+                    f"{tuple(ref[name].shape)}"
                 )
+            if t.device != device:
+                raise ValueError(f"member {k}: {name} lives on {t.device}; all members must live on {device}")
+
+
+def _all_finite(state: dict[str, torch.Tensor], names: Sequence[str], device) -> torch.Tensor:
+    """0-dim bool: every value of every named entry is finite (min and max propagate NaN)."""
+    extremes = [torch.stack(torch.aminmax(state[n].detach().reshape(-1))).float() for n in names if state[n].numel()]
+    if not extremes:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.isfinite(torch.cat(extremes)).all()
+
+
+class _Scratch:
+    """Two flat float buffers reused for every tensor of one graft."""
+
+    def __init__(self, device):
+        self.device = device
+        self.buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def get(self, slot: int, numel: int, dtype=torch.float32) -> torch.Tensor:
+        buf = self.buffers.get((slot, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=self.device)
+            self.buffers[(slot, dtype)] = buf
+        return buf[:numel]
+
+
+def _mix_ring(ws: list[torch.Tensor], betas: list[torch.Tensor], keep: torch.Tensor, scratch: _Scratch) -> None:
+    """In place, from pre-graft values: ws[k] <- lerp(ws[k], ws[k-1], betas[k]) (= alpha ws[k] +
+    (1 - alpha) ws[k-1]); where keep[k] the scion is replaced by ws[k] itself, so a non-finite
+    scion never reaches its receiver (a plain zero weight would still give 0 * NaN = NaN)."""
+    K = len(ws)
+    n = ws[0].numel()
+    if n == 0:
+        return
+    shape = ws[0].shape
+    if ws[0].dtype == torch.float32:
+        # member 0's scion is member K-1, which is mixed first: keep its pre-graft copy
+        end0 = torch.where(keep[0], ws[0], ws[K - 1], out=scratch.get(0, n).view(shape))
+        for k in range(K - 1, 0, -1):  # ws[k-1] is still pre-graft when ws[k] is mixed
+            end = torch.where(keep[k], ws[k], ws[k - 1], out=scratch.get(1, n).view(shape))
+            ws[k].lerp_(end, betas[k])
+        ws[0].lerp_(end0, betas[0])
+        return
+    compute = torch.promote_types(ws[0].dtype, torch.float32)  # bf16/fp16 -> float32, float64 stays
+    pre = [w.to(compute) for w in ws]
+    for k in range(K):
+        end = torch.where(keep[k], pre[k], pre[k - 1])
+        ws[k].copy_(torch.lerp(pre[k], end, betas[k].to(compute)))
 
 
 @torch.no_grad()
@@ -214,79 +533,83 @@ def graft_members(
     one alpha per output filter with `level="filter"` (the authors' filter-level variant; 1-D
     entries whose length matches the anchor's filter count take the per-filter alphas, others
     their mean). A member whose weights are not all finite is never used as a scion: its
-    receiver keeps its own weights, and the report says so.
+    receiver keeps its own weights (alpha = 1), and the report says so. A non-finite member
+    still receives from its own (finite) scion; its non-finite layers get alpha NaN.
+
+    No host synchronisation: the returned report copies its numbers to the host when first read.
     """
     if len(members) < 2:
         raise ValueError(f"graft_members needs K >= 2 members, got {len(members)}")
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    _check_criterion(criterion)
+    _check_bins(bins)
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     K = len(members)
     states = [_live_state(m) for m in members]
-    _check_same_architecture(states)
-    finite = _members_finite(states)
+    _check_members(states)
     plan = anchor_plan(states[0])
     anchors = [name for name, anchor in plan if name == anchor]
+    if not anchors:
+        raise ValueError("members have no floating tensor with ndim >= 2 (conv/linear weight) to graft by")
+    device = states[0][anchors[0]].device
     scion_of = [(k - 1) % K for k in range(K)]
-    # receivers of a non-finite scion keep their weights (alpha = 1)
-    keep_own = torch.tensor([not finite[scion_of[k]] for k in range(K)], device=states[0][plan[0][0]].device)
+    scratch = _Scratch(device)
 
-    alphas: dict[str, torch.Tensor] = {}  # anchor -> [K] (layer) or [K, F] (filter)
-    infos: dict[str, torch.Tensor] = {}  # anchor -> [K]
-    for name in anchors:
-        stacked = torch.stack([s[name].detach().float().reshape(-1) for s in states])  # [K, n]
-        info = _row_information(stacked, criterion, bins)
-        infos[name] = info
-        if level == "layer":
-            alpha = adaptive_alpha(info, info.roll(1, 0), A, c)  # [K]
+    # finiteness of every member, on the device; receivers of a non-finite scion keep their own
+    plan_names = [name for name, _ in plan]
+    finite = torch.stack([_all_finite(s, plan_names, device) for s in states])  # [K] bool
+    keep = ~finite.roll(1, 0)  # keep[k] = not finite[k-1]
+
+    # information of every anchor of every member: [A, K]; per-filter alphas for the filter level
+    max_anchor = max(states[0][name].numel() for name in anchors)
+    if level == "layer":
+        if criterion == "entropy":
+            fbuf = scratch.get(0, max_anchor)
+            ibuf = scratch.get(2, max_anchor, torch.int32) if device.type == "cpu" else None
+            info_table = torch.stack([
+                torch.stack([
+                    _entropy(s[name], bins, fbuf[: s[name].numel()], None if ibuf is None else ibuf[: s[name].numel()])
+                    for s in states
+                ])
+                for name in anchors
+            ])
         else:
-            n_filters = states[0][name].shape[0]
-            per_filter = _row_information(stacked.reshape(K * n_filters, -1), criterion, bins).view(K, n_filters)
-            alpha = adaptive_alpha(per_filter, per_filter.roll(1, 0), A, c)  # [K, F]
-        alphas[name] = torch.where(keep_own.view(-1, *([1] * (alpha.ndim - 1))), torch.ones_like(alpha), alpha)
-
-    for name, anchor in plan:
-        alpha = alphas[anchor]
-        ref = states[0][name]
-        if alpha.ndim == 2:  # filter level
-            if name == anchor or (ref.ndim >= 1 and ref.shape[0] == alpha.shape[1]):
-                alpha = alpha.view(K, alpha.shape[1], *([1] * (ref.ndim - 1)))
-            else:
-                alpha = alpha.mean(dim=1).view(K, *([1] * ref.ndim))
-        else:
-            alpha = alpha.view(K, *([1] * ref.ndim))
-        pre = torch.stack([s[name].detach().float() for s in states])  # pre-graft copies, [K, ...]
-        mixed = torch.lerp(pre, pre.roll(1, 0), 1.0 - alpha)
-        for k, state in enumerate(states):
-            state[name].copy_(mixed[k])
-
-    return _build_report(K, anchors, alphas, infos, finite, scion_of, criterion)
-
-
-def _build_report(K, anchors, alphas, infos, finite, scion_of, criterion) -> GraftReport:
-    if anchors:
-        alpha_table = torch.stack([a if a.ndim == 1 else a.mean(dim=1) for a in (alphas[n] for n in anchors)], 1)
-        info_table = torch.stack([infos[n] for n in anchors], dim=1)
-        alpha_rows, info_rows = alpha_table.cpu().tolist(), info_table.cpu().tolist()  # one copy to host
+            info_table = torch.stack([torch.stack([_l1(s[name]) for s in states]) for name in anchors])
+        alpha_table = adaptive_alpha(info_table, info_table.roll(1, 1), A, c)  # [A, K]
+        alpha_table = torch.where(keep, torch.ones_like(alpha_table), alpha_table)
+        alphas = {name: alpha_table[i] for i, name in enumerate(anchors)}  # [K] each
     else:
-        alpha_rows = info_rows = [[] for _ in range(K)]
-    reports = []
-    for k in range(K):
-        j = scion_of[k]
-        reason = None if finite[j] else f"scion member {j} has non-finite weights; member {k} kept its own"
-        reports.append(
-            MemberGraftReport(
-                index=k,
-                scion=j,
-                alphas=dict(zip(anchors, alpha_rows[k])),
-                information=dict(zip(anchors, info_rows[k])),
-                scion_information=dict(zip(anchors, info_rows[j])),
-                finite=finite[k],
-                skipped_reason=reason,
-            )
-        )
-    return GraftReport(members=reports, criterion=criterion, source="external")
+        info_table = torch.stack([
+            torch.stack([layer_information(s[name], criterion, bins) for s in states]) for name in anchors
+        ])
+        alphas = {}
+        for name in anchors:
+            per_filter = torch.stack([
+                _row_information(s[name].reshape(s[name].shape[0], -1), criterion, bins) for s in states
+            ])  # [K, F]
+            alpha = adaptive_alpha(per_filter, per_filter.roll(1, 0), A, c)
+            alphas[name] = torch.where(keep.unsqueeze(1), torch.ones_like(alpha), alpha)
+        alpha_table = torch.stack([alphas[name].mean(dim=1) for name in anchors])
+
+    # mix every entry with its anchor's alpha, in place
+    betas_of = {name: 1.0 - a for name, a in alphas.items()}
+    for name, anchor in plan:
+        ws = [s[name] for s in states]
+        beta = betas_of[anchor]
+        ref = ws[0]
+        if beta.ndim == 1:  # layer level: [K] -> K 0-dim weights
+            per_member = list(beta.unbind(0))
+        elif name == anchor or (ref.ndim >= 1 and ref.shape[0] == beta.shape[1]):  # filter level, per filter
+            per_member = [b.view(beta.shape[1], *([1] * (ref.ndim - 1))) for b in beta.unbind(0)]
+        else:  # filter level, an entry that does not follow the anchor's filters: the mean alpha
+            per_member = list(beta.mean(dim=1).unbind(0))
+        _mix_ring(ws, per_member, keep, scratch)
+
+    return GraftReport(
+        criterion=criterion, source="external",
+        _pending=dict(anchors=anchors, alpha_table=alpha_table, info_table=info_table, finite=finite,
+                      scion_of=scion_of),
+    )
 
 
 # ----------------------------------------------------------------------------- other scion sources
@@ -306,21 +629,25 @@ def graft_noise(
     threshold: float = 0.1,
     generator: torch.Generator | None = None,
 ) -> dict[str, int]:
-    """Noise as scion (Section 3.1.1): add N(0, a**epoch) to every invalid filter (l1 < threshold).
+    """Noise as scion (Section 3.1.1): add N(0, sigma_t^2), sigma_t = a**epoch, to every invalid
+    filter (l1 < threshold) of every conv layer; valid filters are not touched.
 
-    Returns the number of filters grafted per layer.
+    The noise is drawn for whole layers in state-dict order from `generator`, so a seeded
+    generator reproduces the graft. Returns the number of filters grafted per layer.
     """
     if not 0.0 < a < 1.0:
         raise ValueError(f"a must lie in (0, 1), got {a}")
     sigma = a**epoch
     grafted = {}
     for name, w in _conv_filters(_live_state(model)):
-        invalid = w.detach().float().abs().flatten(1).sum(1) < threshold  # [F]
+        invalid = _l1(w.flatten(1), dim=1) < threshold
         noise = torch.randn(w.shape, generator=generator, dtype=torch.float32, device=w.device) * sigma
         mask = invalid.view(-1, *([1] * (w.ndim - 1)))
         w.copy_(torch.where(mask, w.float() + noise, w.float()))
-        grafted[name] = invalid
-    return {name: int(v) for name, v in zip(grafted, torch.stack([m.sum() for m in grafted.values()]).tolist())} if grafted else {}
+        grafted[name] = invalid.sum()
+    if not grafted:
+        return {}
+    return dict(zip(grafted, (int(v) for v in torch.stack(list(grafted.values())).tolist())))
 
 
 @torch.no_grad()
@@ -334,7 +661,7 @@ def graft_internal(model: nn.Module, *, threshold: float = 0.1) -> dict[str, int
     for name, w in _conv_filters(_live_state(model)):
         flat = w.detach().float().flatten(1)
         l1 = flat.abs().sum(1)
-        ascending = torch.argsort(l1)
+        ascending = torch.argsort(l1, stable=True)
         descending = ascending.flip(0)
         invalid = l1[ascending] < threshold  # the smallest filters that are invalid, in order
         scion = flat[descending] * invalid.unsqueeze(1)
@@ -342,7 +669,9 @@ def graft_internal(model: nn.Module, *, threshold: float = 0.1) -> dict[str, int
         new.index_add_(0, ascending, scion)
         w.copy_(new.view_as(w))
         grafted[name] = invalid.sum()
-    return {name: int(v) for name, v in zip(grafted, torch.stack(list(grafted.values())).tolist())} if grafted else {}
+    if not grafted:
+        return {}
+    return dict(zip(grafted, (int(v) for v in torch.stack(list(grafted.values())).tolist())))
 
 
 # ----------------------------------------------------------------------------- diversity

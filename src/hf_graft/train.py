@@ -18,7 +18,7 @@ import yaml
 
 from .config import DataArguments, GraftingConfig
 
-__all__ = ["main", "parse_recipe", "run_training"]
+__all__ = ["RecipeError", "SetupError", "build_trainer", "main", "parse_recipe", "run_training"]
 
 logger = logging.getLogger("hf_graft.train")
 
@@ -92,38 +92,59 @@ def parse_recipe(recipe: str | os.PathLike | None, overrides: Sequence[str] = ()
     return data_args, config
 
 
-def run_training(data_args: DataArguments, config: GraftingConfig) -> dict[str, Any]:
-    """Load data, build the population, train, evaluate, export the selected student."""
+class SetupError(RuntimeError):
+    """Data, model or teachers could not be prepared; raised before any training step."""
+
+
+def build_trainer(data_args: DataArguments, config: GraftingConfig):
+    """Load the data, build the population (and teachers) and the `GraftingTrainer`.
+
+    Returns `(trainer, data, spec)`. Any failure here is a `SetupError` with a one-line message:
+    nothing has been trained or written yet.
+    """
     import timm  # noqa: F401  (import before hf_graft.models registers into it)
-    from transformers.trainer_utils import get_last_checkpoint
 
     from .data import MemberOrderDataset, build_transform, load_image_data, resolve_student_data_config
-    from .export import build_model_card, save_student, select_member
     from .population import PopulationSpec, StudentPopulation
     from .trainer import GraftingTrainer
 
-    data = load_image_data(data_args, seed=config.data_seed if config.data_seed is not None else config.seed)
-    spec = PopulationSpec(
-        student_model=config.student_model,
-        num_students=config.num_students,
-        num_classes=data.num_classes,
-        student_model_kwargs=config.student_model_kwargs,
-        label_names=data.label_names,
-    )
-    population = StudentPopulation.from_spec(
-        spec, seed=config.seed, pretrained=config.student_pretrained, shared_init=config.shared_init
-    )
-    spec.data_config = resolve_student_data_config(population.members[0], data_args.input_size)
-    order = config.data_order if config.num_students > 1 else "shared"
-    train_dataset = MemberOrderDataset(
-        data.train, build_transform(spec.data_config, data_args, is_training=True), data.image_column,
-        data.label_column, num_members=config.num_students, order=order, seed=config.seed,
-    )
-    eval_dataset = MemberOrderDataset(
-        data.eval, build_transform(spec.data_config, data_args, is_training=False), data.image_column,
-        data.label_column,
-    )
-    trainer = GraftingTrainer(model=population, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset)
+    try:
+        data = load_image_data(data_args, seed=config.data_seed if config.data_seed is not None else config.seed)
+        spec = PopulationSpec(
+            student_model=config.student_model,
+            num_students=config.num_students,
+            num_classes=data.num_classes,
+            student_model_kwargs=config.student_model_kwargs,
+            label_names=data.label_names,
+        )
+        population = StudentPopulation.from_spec(
+            spec, seed=config.seed, pretrained=config.student_pretrained, shared_init=config.shared_init
+        )
+        spec.data_config = resolve_student_data_config(population.members[0], data_args.input_size)
+        order = config.data_order if config.num_students > 1 else "shared"
+        train_dataset = MemberOrderDataset(
+            data.train, build_transform(spec.data_config, data_args, is_training=True), data.image_column,
+            data.label_column, num_members=config.num_students, order=order, seed=config.seed,
+        )
+        eval_dataset = MemberOrderDataset(
+            data.eval, build_transform(spec.data_config, data_args, is_training=False), data.image_column,
+            data.label_column,
+        )
+        trainer = GraftingTrainer(model=population, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset)
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError, KeyError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SetupError(message) from err
+    return trainer, data, spec
+
+
+def run_training(data_args: DataArguments, config: GraftingConfig) -> dict[str, Any]:
+    """Load data, build the population, train, evaluate, export the selected student."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .export import build_model_card, save_student, select_member
+    from .filters import filter_report
+
+    trainer, data, spec = build_trainer(data_args, config)
 
     resume = config.resume_from_checkpoint
     if resume in ("true", "True", "last"):
@@ -145,6 +166,11 @@ def run_training(data_args: DataArguments, config: GraftingConfig) -> dict[str, 
     metrics["grafting"] = config.grafting_settings()
     if config.kd_settings():
         metrics["distillation"] = config.kd_settings()
+    # each member's filter health at the end of training (the paper's "Reason", Table 8 style)
+    metrics["filters"] = {
+        f"member{k}": filter_report(member, thresholds=config.filter_thresholds, bins=config.graft_bins).summary()
+        for k, member in enumerate(trainer.population.members)
+    }
     results = {k: v for k, v in metrics.items()}
 
     student_dir = None
@@ -161,6 +187,7 @@ def run_training(data_args: DataArguments, config: GraftingConfig) -> dict[str, 
             grafting_settings=config.grafting_settings(),
             kd_settings=config.kd_settings(),
             repo_id=config.hub_model_id if config.push_student_to_hub else None,
+            data_config=spec.data_config,
         )
         save_student(
             trainer.population.members[selected].eval(),
@@ -201,15 +228,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RecipeError, ValueError) as err:
         print(f"hf-graft train: {err}", file=sys.stderr)
         return 2
+    from .export import PushToHubError
+
     try:
         run_training(data_args, config)
-    except Exception as err:
-        from .export import PushToHubError
-
-        if isinstance(err, PushToHubError):
-            print(f"hf-graft train: {err}", file=sys.stderr)
-            return 1
-        raise
+    except SetupError as err:
+        print(f"hf-graft train: {err}", file=sys.stderr)
+        return 2
+    except PushToHubError as err:  # the local student is complete; only the upload failed
+        print(f"hf-graft train: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

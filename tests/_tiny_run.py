@@ -1,0 +1,67 @@
+"""A tiny GraftingTrainer on builtin:digits for the resume / precision tests.
+
+Unlike conftest's `make_trainer`, the population is built with `config.student_model_kwargs`
+(e.g. dropout, so that the forward pass draws from the global RNG as real recipes do), and the
+trainer class can be swapped for a recording subclass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import hf_graft  # noqa: F401  (registers the cifar_* models in timm)
+from hf_graft.config import GraftingConfig
+from hf_graft.data import MemberOrderDataset, build_transform, resolve_student_data_config
+from hf_graft.population import PopulationSpec, StudentPopulation
+from hf_graft.trainer import GraftingTrainer
+
+
+def build_trainer(digits, output_dir, *, trainer_cls=GraftingTrainer, callbacks=None, max_train_samples=None,
+                  **overrides) -> GraftingTrainer:
+    """Defaults: cifar_resnet20 at 16 px, K = 2, batch 16 (64 images: 4 steps an epoch), 3 epochs,
+    eval every epoch, CPU, no dataloader workers, no checkpoints."""
+    data_args, data = digits
+    kwargs = dict(
+        output_dir=str(output_dir), student_model="cifar_resnet20", num_students=2, num_train_epochs=3,
+        per_device_train_batch_size=16, per_device_eval_batch_size=64, use_cpu=True, dataloader_num_workers=0,
+        save_strategy="no", eval_strategy="epoch", logging_steps=1, seed=0, report_to="none", disable_tqdm=True,
+        learning_rate=0.05, lr_spread=["cosine"], filter_thresholds=[0.1],
+    )
+    kwargs.update(overrides)
+    config = GraftingConfig(**kwargs)
+    spec = PopulationSpec(config.student_model, config.num_students, data.num_classes,
+                          student_model_kwargs=config.student_model_kwargs, label_names=data.label_names)
+    population = StudentPopulation.from_spec(spec, seed=config.seed, shared_init=config.shared_init)
+    spec.data_config = resolve_student_data_config(population.members[0], data_args.input_size)
+    train = data.train if max_train_samples is None else data.train.select(range(max_train_samples))
+    order = config.data_order if config.num_students > 1 else "shared"
+    train_dataset = MemberOrderDataset(
+        train, build_transform(spec.data_config, data_args, is_training=True), data.image_column,
+        data.label_column, num_members=config.num_students, order=order, seed=config.seed,
+    )
+    eval_dataset = MemberOrderDataset(
+        data.eval, build_transform(spec.data_config, data_args, is_training=False), data.image_column,
+        data.label_column,
+    )
+    return trainer_cls(model=population, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                       callbacks=callbacks)
+
+
+def population_state(trainer: GraftingTrainer) -> dict[str, torch.Tensor]:
+    """A detached copy of every parameter and buffer of the population."""
+    return {name: t.detach().clone() for name, t in trainer.population.state_dict().items()}
+
+
+def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [name for name in a if a[name].dtype != b[name].dtype or not torch.equal(a[name], b[name])]
+    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:5]}"
+
+
+class CountingTrainer(GraftingTrainer):
+    """Remembers at which global step each graft of this trainer instance ran."""
+
+    def graft(self, step: int):
+        self.graft_log = getattr(self, "graft_log", [])
+        self.graft_log.append((step, self.state.global_step))
+        return super().graft(step)

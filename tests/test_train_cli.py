@@ -1,0 +1,241 @@
+"""The training entry point: recipes, overrides, early errors, and one end-to-end CLI run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import hf_graft  # noqa: F401
+from hf_graft.grafting import cosine_lr_multipliers
+from hf_graft.train import RecipeError, main, parse_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _parse_in(tmp_path: Path, recipe: Path, *overrides: str):
+    """Parse a recipe from inside tmp_path, where the teacher folders it names are created (empty)."""
+    content = yaml.safe_load(recipe.read_text())
+    for folder in content.get("teacher_models") or []:
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        return parse_recipe(recipe, list(overrides))
+    finally:
+        os.chdir(cwd)
+
+
+def test_the_recipe_set_is_complete():
+    names = {p.stem for p in RECIPES}
+    for ds in ("cifar10", "cifar100"):
+        for arch in ("resnet32", "resnet56", "resnet110", "mobilenetv2"):
+            assert {f"{ds}_{arch}_baseline", f"{ds}_{arch}_grafting"} <= names
+        assert {f"{ds}_mobilenetv2_grafting_k{k}" for k in (3, 4, 6, 8)} <= names
+    assert {"quickstart", "imagenet_r18", "imagenet_r34", "imagenet_r50"} <= names
+    assert {f"cifar100_graftingplus_mobilenetv2_t{t}s{s}" for t, s in ((1, 2), (1, 4), (1, 6), (2, 2), (3, 2))} <= names
+    accelerate = {p.name for p in (ROOT / "recipes" / "accelerate").glob("*.yaml")}
+    assert {"1node_8gpu_bf16.yaml", "2node_8gpu_bf16.yaml"} <= accelerate
+    for path in (ROOT / "recipes" / "accelerate").glob("*.yaml"):
+        cfg = yaml.safe_load(path.read_text())
+        assert cfg["mixed_precision"] == "bf16" and cfg["num_processes"] == 8 * cfg["num_machines"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_parses_and_says_what_it_reproduces(recipe, tmp_path):
+    data_args, config = _parse_in(tmp_path, recipe)
+    text = recipe.read_text()
+    content = yaml.safe_load(text)
+    # every key of the file reached the dataclasses
+    for key, value in content.items():
+        target = data_args if hasattr(data_args, key) else config
+        got = getattr(target, key)
+        if key == "lr_spread":
+            continue
+        if key in ("eval_strategy", "save_strategy", "lr_scheduler_type", "optim", "report_to"):
+            got = [getattr(g, "value", g) for g in got] if isinstance(got, list) else getattr(got, "value", got)
+            value = [value] if key == "report_to" and not isinstance(value, list) else value
+        assert got == value, (recipe.name, key, got, value)
+    if recipe.stem != "quickstart":
+        assert text.startswith("# Reproduces: Table"), recipe.name
+    if "_grafting" in recipe.stem and "graftingplus" not in recipe.stem:
+        assert config.graft_source == "external" and config.lr_multipliers == cosine_lr_multipliers(config.num_students)
+    if recipe.stem.endswith("_baseline"):
+        assert config.num_students == 1 and config.graft_source == "none" and not config.grafting_enabled
+        assert config.lr_decay_epochs == [60, 120, 180]
+    if "graftingplus" in recipe.stem:
+        t, s = recipe.stem.rsplit("_t", 1)[1].split("s")
+        assert len(config.teacher_models) == int(t) and config.num_students == int(s)
+        assert config.kd_settings() == {"teacher_models": content["teacher_models"], "kd_temperature": 2.0,
+                                        "kd_weight": 1.0, "ce_weight": 1.0}
+    if recipe.stem.startswith("cifar100"):
+        assert data_args.label_column == "fine_label"
+    # the Trainer's own push is always off: only the selected student is ever pushed
+    assert config.push_to_hub is False
+
+
+def test_overrides_win_over_the_recipe(tmp_path):
+    data_args, config = _parse_in(
+        tmp_path, ROOT / "recipes/quickstart.yaml", "--num_students", "3", "--output_dir", "out/q3",
+        "--lr_spread", "cosine", "--max_train_samples", "64",
+    )
+    assert config.num_students == 3 and config.output_dir == "out/q3" and data_args.max_train_samples == 64
+    assert config.lr_multipliers == pytest.approx([0.25, 0.75, 1.0])
+
+
+def test_unknown_recipe_key_fails_before_any_work(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("student_model: cifar_resnet20\nnum_studnets: 3\n")
+    with pytest.raises(RecipeError, match=r"bad\.yaml: unknown key\(s\) 'num_studnets'"):
+        parse_recipe(recipe)
+    with pytest.raises(RecipeError, match="unknown option --graft_sorce"):
+        parse_recipe(None, ["--graft_sorce", "noise"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--graft_source", "bogus"], "GraftingConfig.graft_source: got 'bogus'; allowed: external, noise, internal, none"),
+        (["--num_students", "0"], "GraftingConfig.num_students: got 0"),
+        (["--lr_spread", "1.0", "2.0", "3.0"], "GraftingConfig.lr_spread"),
+        (["--select_student", "5"], "GraftingConfig.select_student: got '5'; allowed: best, or a member index 0..1"),
+        (["--student_model", "resnet_does_not_exist"], "GraftingConfig.student_model: got 'resnet_does_not_exist'"),
+        (["--teacher_models", "out/missing/student"], "GraftingConfig.teacher_models: got 'out/missing/student'"),
+        (["--kd_temperature", "0"], "GraftingConfig.kd_temperature: got 0.0; allowed: a number > 0"),
+        (["--lr_decay_epochs", "-3"], "GraftingConfig.lr_decay_epochs"),
+        (["--train_augmentation", "mixup"], "DataArguments.train_augmentation: got 'mixup'"),
+    ],
+)
+def test_bad_values_fail_with_one_line_naming_the_field(overrides, message, tmp_path, capsys):
+    recipe = ROOT / "recipes/quickstart.yaml"
+    with pytest.raises(ValueError) as err:
+        parse_recipe(recipe, ["--output_dir", str(tmp_path / "o"), *overrides])
+    assert message in str(err.value) and "\n" not in str(err.value)
+    # the CLI prints it as one line and exits 2
+    assert main([str(recipe), "--output_dir", str(tmp_path / "o"), *overrides]) == 2
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-graft train:")]
+    assert len(err_lines) == 1 and message.split(":")[0] in err_lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_dataset_fails_before_training_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "o"
+    code = main([str(ROOT / "recipes/quickstart.yaml"), "--dataset_name", str(tmp_path / "nowhere"), "--output_dir", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("hf-graft train: DataArguments.dataset_name:") and "nowhere" in err
+    assert not out.exists()
+
+
+def test_step_decay_schedule_keeps_member_rates(tmp_path):
+    from hf_graft.config import GraftingConfig
+    from hf_graft.population import PopulationSpec, StudentPopulation
+    from hf_graft.trainer import GraftingTrainer
+
+    config = GraftingConfig(
+        output_dir=str(tmp_path), num_students=2, lr_spread=["cosine"], learning_rate=0.1, num_train_epochs=3,
+        lr_decay_epochs=[1, 2], lr_decay_gamma=0.1, use_cpu=True, report_to="none", eval_strategy="no",
+    )
+    spec = PopulationSpec("cifar_resnet20", num_students=2, num_classes=10)
+    trainer = GraftingTrainer(model=StudentPopulation.from_spec(spec, seed=0), args=config)
+    trainer.create_optimizer_and_scheduler(num_training_steps=30)  # 10 steps per epoch
+    rates = []
+    for step in range(30):
+        rates.append(sorted({(g["member"], round(g["lr"], 10)) for g in trainer.optimizer.param_groups}))
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert rates[0] == [(0, 0.05), (1, 0.1)]
+    assert rates[9] == [(0, 0.05), (1, 0.1)]
+    assert rates[10] == [(0, 0.005), (1, 0.01)]
+    assert rates[20] == [(0, 0.0005), (1, 0.001)] and rates[29] == rates[20]
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end_from_the_console_script(tmp_path):
+    """`hf-graft train recipes/quickstart.yaml` reaches >= 90% top-1 and leaves a student that timm,
+    transformers and the pipeline load with the same logits and the dataset's label names."""
+    out = tmp_path / "quick"
+    exe = Path(sys.executable).with_name("hf-graft")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "hf_graft.cli"]
+    proc = subprocess.run(
+        [*cmd, "train", str(ROOT / "recipes/quickstart.yaml"), "--output_dir", str(out)],
+        env=ENV, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    for k in (0, 1):
+        assert 0 <= results[f"eval_member{k}_top1"] <= 100 and f"eval_member{k}_top5" in results
+        assert set(results["filters"][f"member{k}"]) == {"invalid_ratio@0.01", "invalid_ratio@0.1", "total_entropy"}
+    selected = results["selected_member"]
+    assert results["eval_top1"] == results[f"eval_member{selected}_top1"] == max(
+        results["eval_member0_top1"], results["eval_member1_top1"])
+    assert results["eval_top1"] >= 90.0, results
+    assert "eval_ensemble_top1" in results and results["grafting"]["num_students"] == 2
+    # grafted after epochs 1..5, never after the last one; filter health logged at each graft and evaluation
+    state = json.loads((out / "trainer_state.json").read_text())
+    grafts = [entry for entry in state["log_history"] if "graft/count" in entry]
+    assert [e["graft/count"] for e in grafts] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert all("graft/member1_invalid_ratio@0.1" in e and "graft/member0_alpha_mean" in e for e in grafts)
+    evals = [e for e in state["log_history"] if "eval_member0_top1" in e]
+    assert len(evals) == 7 and all("eval_member0_total_entropy" in e for e in evals)
+
+    # the exported student: timm, transformers, pipeline agree
+    import timm
+    from PIL import Image
+    from transformers import AutoModelForImageClassification, pipeline
+
+    from hf_graft.data import load_builtin_digits
+
+    student = out / "student"
+    assert sorted(p.name for p in student.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    timm_model = timm.create_model(f"local-dir:{student}", pretrained=True).eval()
+    hf_model = AutoModelForImageClassification.from_pretrained(student).eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        a = timm_model(x)
+        b = hf_model(pixel_values=x).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert hf_model.config.id2label[3] == "3"
+
+    digits = load_builtin_digits(seed=0)["test"]
+    image = digits[0]["image"]
+    label = digits.features["label"].int2str(digits[0]["label"])
+    classifier = pipeline("image-classification", model=str(student), device="cpu")
+    top = classifier(image.convert("RGB") if isinstance(image, Image.Image) else image, top_k=3)
+    assert all(p["label"] in [str(d) for d in range(10)] for p in top)
+    assert top[0]["label"] == label
+    card = (student / "README.md").read_text()
+    assert "member 0" in card.lower() or "| 0 |" in card
+    assert "filter-grafting" in card and "library_name: timm" in card
+
+
+def test_push_failure_keeps_the_student_and_hides_the_token(tmp_path):
+    """An unreachable Hub: the local student is complete, one line names the repo, exit status 1."""
+    out = tmp_path / "run"
+    secret = "hf_NotARealTokenButSecret123"
+    proc = subprocess.run(
+        [sys.executable, "-m", "hf_graft.train", str(ROOT / "recipes/quickstart.yaml"), "--output_dir", str(out),
+         "--max_train_samples", "64", "--max_eval_samples", "32", "--num_train_epochs", "1",
+         "--push_to_hub", "true", "--hub_model_id", "someone/grafted-digits", "--hub_token", secret],
+        env={**ENV, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("hf-graft train:") and "someone/grafted-digits" in last
+    assert secret not in proc.stdout + proc.stderr
+    student = out / "student"
+    assert sorted(p.name for p in student.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    for path in (out / "all_results.json", student / "README.md", student / "config.json"):
+        assert secret not in path.read_text()
+    # nothing of the population was meant for the Hub: the Trainer's own push stayed off
+    assert json.loads((out / "all_results.json").read_text())["selected_member"] in (0, 1)

@@ -1,6 +1,7 @@
 """One rank of the 2-process CPU/gloo GraftingTrainer run of tests/test_distributed.py.
 
-Launched as `torchrun --standalone --nproc_per_node 2 tests/_dist_worker.py OUT_DIR [EPOCHS]`.
+Launched as `torchrun --standalone --nproc_per_node 2 tests/_dist_worker.py OUT_DIR [EPOCHS]`
+(CPU processes and gloo; with GRAFT_TEST_CUDA=1, one GPU per process and NCCL).
 The run trains 3 epochs (grafts at the start of epochs 1 and 2) with a checkpoint every 2 steps,
 then a second run resumes from the first one's checkpoint-6 (mid-epoch 1). Every rank writes
 OUT_DIR/rank{r}.json with: the world it ran in, for both runs a sha256 digest of every member's
@@ -80,7 +81,8 @@ def train_once(data_args, data, output_dir: str, epochs: int, resume: str | None
     config = GraftingConfig(
         output_dir=output_dir, student_model="cifar_resnet20", num_students=2,
         num_train_epochs=epochs, per_device_train_batch_size=8, per_device_eval_batch_size=16,
-        use_cpu=True, dataloader_num_workers=0, save_strategy="steps", save_steps=2, save_total_limit=None,
+        use_cpu=os.environ.get("GRAFT_TEST_CUDA") != "1", dataloader_num_workers=0,
+        save_strategy="steps", save_steps=2, save_total_limit=None,
         eval_strategy="epoch", logging_steps=1, seed=0, report_to="none", disable_tqdm=True, learning_rate=0.05,
         lr_spread=["cosine"], filter_thresholds=[0.1], student_model_kwargs={"drop_rate": 0.2},
     )

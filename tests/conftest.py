@@ -61,7 +61,7 @@ def make_trainer(tmp_path, digits_small):
         kwargs.update(overrides)
         config = GraftingConfig(**kwargs)
         spec = PopulationSpec(config.student_model, config.num_students, data.num_classes,
-                              label_names=data.label_names)
+                              student_model_kwargs=config.student_model_kwargs, label_names=data.label_names)
         population = StudentPopulation.from_spec(spec, seed=config.seed, shared_init=config.shared_init)
         spec.data_config = resolve_student_data_config(population.members[0], data_args.input_size)
         train = data.train if max_train_samples is None else data.train.select(range(max_train_samples))

@@ -15,21 +15,25 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
+
+
+def _launch(out: Path, cuda: bool = False) -> list[dict]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               GRAFT_TEST_CUDA="1" if cuda else "0")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), str(out), "3"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=WORKER.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), str(out), "3"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=WORKER.parent)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    records = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    return out, records
+    return out, _launch(out)
 
 
 def test_two_processes_really_ran(ranks):
@@ -92,3 +96,17 @@ def test_ranks_report_the_same_evaluation(ranks):
     m0, m1 = r0["eval_metrics"], r1["eval_metrics"]
     for key in ("eval_member0_top1", "eval_member1_top1", "eval_ensemble_top1", "eval_loss"):
         assert m0[key] == m1[key]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs 2 CUDA GPUs (DDP over NCCL, one GPU per process)")
+def test_two_gpus_nccl_members_identical_after_every_graft(tmp_path):
+    r0, r1 = _launch(tmp_path, cuda=True)
+    assert r0["backend"] == r1["backend"] == "nccl" and r0["distributed_type"].endswith("MULTI_GPU")
+    for run in ("full", "resumed"):
+        assert r0[run]["grafts_done"] == r1[run]["grafts_done"] == 2
+        for g0, g1 in zip(r0[run]["graft_digests"], r1[run]["graft_digests"], strict=True):
+            assert g0["digests"] == g1["digests"]
+        assert r0[run]["final_digests"] == r1[run]["final_digests"]
+    for epoch in ("0", "1", "2"):
+        assert not set(r0["full"]["seen"][epoch]) & set(r1["full"]["seen"][epoch])

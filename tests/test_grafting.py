@@ -26,7 +26,7 @@ import hf_graft  # noqa: F401  (registers cifar_resnet20 in timm)
 from hf_graft.grafting import (
     COUNT_METHODS,
     GraftReport,
-    _bin_counts,
+    _row_bin_counts,
     _scaled,
     adaptive_alpha,
     anchor_plan,
@@ -146,11 +146,20 @@ def test_bin_counts_equal_torch_histc_exactly(method):
     g = torch.Generator().manual_seed(0)
     cases = [torch.randn(n, generator=g) * s for n, s in [(1000, 1.0), (4097, 1e-3), (33, 50.0)]]
     cases += [torch.tensor([0.0, 1.0, 2.0, 3.0, 10.0]), torch.full((9,), 3.0), torch.rand(50, generator=g).round()]
+    # values one float below a bin edge of [0, 1]: a kernel that adds before it floors gets these wrong
+    edges = torch.arange(1, 64, dtype=torch.float32) / 64
+    cases += [torch.cat([torch.tensor([0.0, 1.0]), torch.nextafter(edges, torch.zeros(63))])]
     for bins in (1, 2, 7, 10, 64):
         for x in cases:
             lo, hi = torch.aminmax(x)
-            counts = _bin_counts(_scaled(x, lo, hi, bins), bins, method=method)
+            counts = _row_bin_counts(_scaled(x, lo, hi, bins), bins, method=method)[0]
             assert torch.equal(counts, torch.histc(x, bins=bins)), (method, bins, x[:5])
+        # several rows at once, each over its own range, in one kernel
+        rows = torch.stack([torch.randn(300, generator=g) * (i + 1) for i in range(5)])
+        rows[1] = 2.0
+        lo, hi = rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)
+        counts = _row_bin_counts(_scaled(rows, lo, hi, bins), bins, method=method)
+        assert torch.equal(counts, torch.stack([torch.histc(r, bins=bins) for r in rows])), (method, bins)
 
 
 def test_entropy_matches_histc_reference_on_every_layer():

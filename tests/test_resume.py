@@ -117,7 +117,8 @@ def test_save_total_limit_and_load_best_model_at_end(tmp_path, digits_small, sin
         def on_save(self, args, state, control, **kwargs):
             folders = sorted(p.name for p in (tmp_path / "run").iterdir())
             self.kept_after_save.append((state.global_step, state.best_model_checkpoint, folders))
-            self.last_weights = load_file(str(tmp_path / "run" / f"checkpoint-{state.global_step}" / "model.safetensors"))
+            checkpoint = tmp_path / "run" / f"checkpoint-{state.global_step}"
+            self.last_weights = load_file(str(checkpoint / "model.safetensors"))
 
     listing = ListCheckpoints()
     trainer = build_trainer(

@@ -296,21 +296,32 @@ def _mix_seed(*parts: int) -> int:
     return state >> 1
 
 
+def _seed_global_rng(seed: int) -> None:
+    # the CPU generator only (what the transforms draw from): torch.manual_seed would also queue a
+    # lazy CUDA seeding with a captured stack trace, ~0.3 ms per example (benchmarks/throughput.py)
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+
+
 @contextlib.contextmanager
-def _seeded_rng(seed: int):
-    """Seed torch, `random` and numpy for one example's augmentation, restoring their states after."""
+def _preserved_global_rng():
+    """Restore torch's CPU, `random`'s and numpy's global RNG states on exit."""
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        # the CPU generator only (what the transforms draw from): torch.manual_seed would also queue a
-        # lazy CUDA seeding with a captured stack trace, ~0.3 ms per example (benchmarks/throughput.py)
-        torch.default_generator.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % (2**32))
         try:
             yield
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def _seeded_rng(seed: int):
+    """Seed torch, `random` and numpy for one example's augmentation, restoring their states after."""
+    with _preserved_global_rng():
+        _seed_global_rng(seed)
+        yield
 
 
 class MemberOrderDataset(TorchDataset):
@@ -356,9 +367,26 @@ class MemberOrderDataset(TorchDataset):
         image = row[self.image_column]
         if image.mode != "RGB":
             image = image.convert("RGB")
-        with _seeded_rng(_mix_seed(self.seed, epoch, index, member)):
+        seed = _mix_seed(self.seed, epoch, index, member)
+        if self._rng_preserved:  # inside __getitems__: the batch restores the global states once
+            _seed_global_rng(seed)
             pixels = self.transform(image)
+        else:
+            with _seeded_rng(seed):
+                pixels = self.transform(image)
         return pixels, int(row[self.label_column])
+
+    _rng_preserved = False
+
+    def __getitems__(self, indices) -> list[dict[str, torch.Tensor]]:
+        """A DataLoader batch: the same examples and augmentations as item by item, but the global
+        RNG states are saved and restored once per batch instead of once per example."""
+        with _preserved_global_rng():
+            self._rng_preserved = True
+            try:
+                return [self[i] for i in indices]
+            finally:
+                self._rng_preserved = False
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         epoch, i = divmod(int(index), len(self.dataset))

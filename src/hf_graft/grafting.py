@@ -55,19 +55,21 @@ def _check_criterion(criterion: str) -> None:
 
 # ----------------------------------------------------------------------------- histograms
 def _scaled(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int, out: torch.Tensor | None = None):
-    """(x - lo) * bins / (hi - lo) in float32, flat: the bin of a value is the floor of this (a
-    value equal to max gives `bins`, which goes to the last bin). These are the float32
-    operations, in the same order, of `torch.histc`'s kernel, so the counts below equal
-    `torch.histc(x, bins)` exactly; like histc, a constant tensor is binned over [v - 1, v + 1]
-    (its entropy is 0 either way). NaN stays NaN."""
-    flat = x.detach().reshape(-1)
-    constant = hi == lo
-    lo, hi = torch.where(constant, lo - 1, lo), torch.where(constant, hi + 1, hi)
-    t = out if out is not None else torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
-    if flat.dtype == torch.float32:
-        torch.sub(flat, lo, out=t)
+    """(x - lo) * bins / (hi - lo) in float32, for the rows of a 2-D `x` ([R, n]; `lo`, `hi`
+    [R, 1]) or for a whole tensor (0-dim `lo`, `hi`; returned flat). The bin of a value is the
+    floor of this; a value equal to max gives `bins`, which goes to the last bin. These are the
+    float32 operations, in the same order, of `torch.histc`'s kernel, so the counts equal
+    `torch.histc` exactly; like histc, a constant row is binned over [v - 1, v + 1] (its entropy
+    is 0 either way). NaN stays NaN. `out` may be `x` itself when `x` is a float32 scratch."""
+    if lo.ndim == 0:
+        x = x.detach().reshape(-1)
+    constant = (hi == lo).float()
+    lo, hi = lo - constant, hi + constant
+    t = out if out is not None else torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    if x.dtype == torch.float32:
+        torch.sub(x.detach(), lo, out=t)
     else:  # subtract in float32, not in the weight's dtype
-        t.copy_(flat)
+        t.copy_(x.detach())
         t.sub_(lo)
     width = hi - lo
     return t.mul_(bins).div_(torch.where(width > 0, width, torch.ones_like(width)))
@@ -76,37 +78,47 @@ def _scaled(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int, out:
 COUNT_METHODS = ("bincount", "histc", "scatter")
 
 
-def _bin_counts(t: torch.Tensor, bins: int, method: str | None = None, index_out: torch.Tensor | None = None):
-    """float32 [bins] counts of floor(t) for t from `_scaled` (values >= bins go to the last bin;
-    NaN is not counted, its entropy is replaced by NaN anyway). Overwrites `t`.
+def _row_bin_counts(t: torch.Tensor, bins: int, method: str | None = None, index_out: torch.Tensor | None = None):
+    """float32 [R, bins] histogram of each row of `t` ([R, n], or 1-D for one row) from
+    `_scaled`: bin floor(t), `bins` goes to the last bin, NaN is not counted (its entropy is
+    replaced by NaN anyway). Overwrites `t`. All rows are counted by one kernel, in R * (bins + 2)
+    slots: slot 0 of a row takes its NaNs, slot bins + 1 its values equal to max.
 
-    The method follows the device: `bincount` on CPU (the fastest there); `histc` over the fixed
-    range [0, bins] elsewhere (it maps an integer v to floor(v * bins / bins) = v exactly and,
-    its range being given, reads nothing back to the host, unlike `bincount` on CUDA); `scatter`
-    (a 1-D scatter_add, deterministic on CUDA) where deterministic algorithms are on, since
-    CUDA's histc refuses to run then.
+    The kernel follows the device: `bincount` on CPU (the fastest there); `histc` over a fixed
+    range elsewhere (it maps an integer v to v * N / N = v exactly while v * N < 2**24, and, its
+    range being given, reads nothing back to the host, unlike `bincount` on CUDA); a 1-D
+    `scatter_add` (deterministic on CUDA) where deterministic algorithms are on, since CUDA's
+    histc refuses to run then, or where the range is too large for exact float32 slots.
     """
+    rows = t.view(1, -1) if t.ndim == 1 else t
+    R, S = rows.shape[0], bins + 2
+    N = R * S
+    # floor first: adding the slot offset to an unfloored value could round it up into the next bin
+    rows.floor_().nan_to_num_(nan=-1.0, posinf=-1.0, neginf=-1.0).clamp_(-1, bins)
+    if R == 1:
+        rows.add_(1.0)
+    else:
+        rows.add_(torch.arange(R, dtype=torch.float32, device=t.device).mul_(S).add_(1.0).unsqueeze(1))
     if method is None:
         if t.device.type == "cpu":
             method = "bincount"
+        elif torch.are_deterministic_algorithms_enabled() or N * N >= 2**24:
+            method = "scatter"
         else:
-            method = "scatter" if torch.are_deterministic_algorithms_enabled() else "histc"
-    if method == "histc":
-        return torch.histc(t.floor_(), bins=bins, min=0, max=bins)
-    t.nan_to_num_(nan=-1.0, posinf=-1.0, neginf=-1.0)  # NaN/inf -> slot 0, dropped below
+            method = "histc"
+    flat = rows.reshape(-1)
     if method == "bincount":
-        # float -> int truncates, which is floor for t >= 0; -1 -> -1, shifted to slot 0
-        idx = t.add_(1.0).clamp_(0, bins + 1)
-        idx = index_out.copy_(idx) if index_out is not None else idx.to(torch.int32)
-        c = torch.bincount(idx, minlength=bins + 2)
+        idx = index_out.view(-1).copy_(flat) if index_out is not None else flat.to(torch.int32)
+        c = torch.bincount(idx, minlength=N).float()
+    elif method == "histc":
+        c = torch.histc(flat, bins=N, min=0, max=N)
     elif method == "scatter":
-        idx = t.floor_().add_(1.0).clamp_(0, bins + 1).long()
-        c = torch.zeros(bins + 2, dtype=torch.float32, device=t.device)
-        c.scatter_add_(0, idx, torch.ones(1, dtype=torch.float32, device=t.device).expand(idx.numel()))
+        c = torch.zeros(N, dtype=torch.float32, device=t.device)
+        c.scatter_add_(0, flat.long(), torch.ones(1, dtype=torch.float32, device=t.device).expand(flat.numel()))
     else:
         raise ValueError(f"method must be one of {COUNT_METHODS}, got {method!r}")
-    c = c.float()
-    return torch.cat([c[1:bins], c[bins : bins + 2].sum(0, keepdim=True)])
+    c = c.view(R, S)
+    return torch.cat([c[:, 1:bins], c[:, bins:].sum(1, keepdim=True)], dim=1)
 
 
 def _entropy_from_counts(counts: torch.Tensor, n) -> torch.Tensor:
@@ -114,42 +126,57 @@ def _entropy_from_counts(counts: torch.Tensor, n) -> torch.Tensor:
     return torch.special.xlogy(p, p).neg_().sum(dim=-1)  # (-0 terms sum to +0)
 
 
-def _entropy(x: torch.Tensor, bins: int, out: torch.Tensor | None = None, index_out: torch.Tensor | None = None):
-    """Entropy of the histogram of all values of `x` (float32, 0-dim); NaN if any value is not finite."""
-    n = x.numel()
+def _entropy_rows(x: torch.Tensor, bins: int, out: torch.Tensor | None = None,
+                  index_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy (float32 [R]) of the histogram of each row of `x` [R, n], over the row's own
+    [min, max]; NaN for a row with a non-finite value. `out` (float32 [R, n], may be `x`) and
+    `index_out` (int32, CPU) are scratch space."""
+    R, n = x.shape
     if n == 0:
-        return torch.zeros((), dtype=torch.float32, device=x.device)
-    lo, hi = torch.aminmax(x.detach().reshape(-1))  # both NaN if any value is NaN
-    lo, hi = lo.float(), hi.float()
-    h = _entropy_from_counts(_bin_counts(_scaled(x, lo, hi, bins, out), bins, index_out=index_out), n)
-    finite = torch.isfinite(lo) & torch.isfinite(hi)
+        return torch.zeros(R, dtype=torch.float32, device=x.device)
+    # amin/amax (NaN propagates into both): aminmax along a dim is ~20x slower on CPU
+    lo, hi = x.detach().amin(dim=1, keepdim=True).float(), x.detach().amax(dim=1, keepdim=True).float()
+    finite = (torch.isfinite(lo) & torch.isfinite(hi)).squeeze(1)
+    counts = _row_bin_counts(_scaled(x, lo, hi, bins, out), bins, index_out=index_out)
+    h = _entropy_from_counts(counts, n)
+    return torch.where(finite, h, torch.full_like(h, math.nan))
+
+
+def _member_entropies(ws: Sequence[torch.Tensor], bins: int, out: torch.Tensor, index_out: torch.Tensor | None):
+    """Entropy (float32 [K]) of each of K same-shape tensors, as `_entropy_rows` of their stack,
+    without the stacking copy: each tensor is scaled straight into its row of `out` ([K, n])."""
+    K, n = len(ws), ws[0].numel()
+    if n == 0:
+        return torch.zeros(K, dtype=torch.float32, device=out.device)
+    flats = [w.detach().reshape(-1) for w in ws]
+    extremes = torch.stack([torch.stack(torch.aminmax(f)) for f in flats]).float()  # [K, 2], NaN propagates
+    lo, hi = extremes[:, :1], extremes[:, 1:]
+    finite = torch.isfinite(extremes).all(dim=1)
+    constant = (hi == lo).float()
+    lo, hi = lo - constant, hi + constant  # histc's range for a constant tensor
+    for k, f in enumerate(flats):
+        if f.dtype == torch.float32:
+            torch.sub(f, lo[k], out=out[k])
+        else:  # subtract in float32, not in the weight's dtype
+            out[k].copy_(f)
+            out[k].sub_(lo[k])
+    width = hi - lo
+    out.mul_(bins).div_(torch.where(width > 0, width, torch.ones_like(width)))
+    h = _entropy_from_counts(_row_bin_counts(out, bins, index_out=index_out), n)
     return torch.where(finite, h, torch.full_like(h, math.nan))
 
 
 def batched_entropy(rows: torch.Tensor, bins: int = 10) -> torch.Tensor:
     """Entropy (natural log) of the histogram of each row of a 2-D tensor, in float32.
 
-    Each row gets `bins` equal-width bins over its own [min, max] (the same binning as
-    `torch.histc` on that row; a value equal to max falls in the last bin). A constant row has
-    entropy 0; a row with a non-finite value has entropy NaN.
+    Each row gets `bins` equal-width bins over its own [min, max], binned as `torch.histc` bins
+    that row (a value equal to max falls in the last bin). A constant row has entropy 0; a row
+    with a non-finite value has entropy NaN.
     """
     _check_bins(bins)
     if rows.ndim != 2:
         raise ValueError(f"batched_entropy expects a 2-D tensor, got shape {tuple(rows.shape)}")
-    x = rows.detach().float()
-    n_rows, n = x.shape
-    if n_rows == 0 or n == 0:
-        return torch.zeros(n_rows, dtype=torch.float32, device=x.device)
-    lo, hi = torch.aminmax(x, dim=1, keepdim=True)
-    width = hi - lo
-    t = (x - lo).mul_(bins).div_(torch.where(width > 0, width, torch.ones_like(width))).floor_()
-    idx = torch.nan_to_num(t, nan=0.0).clamp_(0, bins - 1).long()
-    idx += torch.arange(n_rows, device=x.device).unsqueeze(1) * bins
-    counts = torch.zeros(n_rows * bins, device=x.device, dtype=torch.float32)
-    counts.scatter_add_(0, idx.reshape(-1), torch.ones(1, device=x.device, dtype=torch.float32).expand(idx.numel()))
-    h = _entropy_from_counts(counts.view(n_rows, bins), n)
-    finite = (torch.isfinite(lo) & torch.isfinite(hi)).squeeze(1)
-    return torch.where(finite, h, torch.full_like(h, math.nan))
+    return _entropy_rows(rows, bins)
 
 
 def _l1(x: torch.Tensor, dim=None) -> torch.Tensor:
@@ -173,15 +200,8 @@ def layer_information(weight: torch.Tensor, criterion: str = "entropy", bins: in
     _check_criterion(criterion)
     _check_bins(bins)
     if criterion == "entropy":
-        return _entropy(weight, bins)
+        return _entropy_rows(weight.detach().reshape(1, -1), bins)[0]
     return _l1(weight)
-
-
-def _row_information(rows: torch.Tensor, criterion: str, bins: int) -> torch.Tensor:
-    """Information of each row of a 2-D tensor (per output filter)."""
-    if criterion == "entropy":
-        return batched_entropy(rows, bins)
-    return _l1(rows, dim=1)
 
 
 def adaptive_alpha(info_self, info_other, A: float = 0.4, c: float = 500.0):
@@ -301,7 +321,7 @@ def _sharded_histograms(local: Sequence[torch.Tensor], *, bins: int, all_reduce:
     stats = torch.zeros(N, bins + 2, dtype=torch.float64, device=device)
     for i, p in enumerate(local):
         if p.numel():
-            stats[i, :bins] = _bin_counts(_scaled(p, lo_g[i], hi_g[i], bins), bins).double()
+            stats[i, :bins] = _row_bin_counts(_scaled(p, lo_g[i], hi_g[i], bins), bins)[0].double()
     stats[:, bins] = torch.tensor(numel, dtype=torch.float64, device=device)
     stats[:, bins + 1] = torch.stack(nonfinite).double()
     w = w.unsqueeze(1)
@@ -469,16 +489,32 @@ def _check_members(states: Sequence[dict[str, torch.Tensor]]) -> None:
                 raise ValueError(f"member {k}: {name} lives on {t.device}; all members must live on {device}")
 
 
-def _all_finite(state: dict[str, torch.Tensor], names: Sequence[str], device) -> torch.Tensor:
-    """0-dim bool: every value of every named entry is finite (min and max propagate NaN)."""
-    extremes = [torch.stack(torch.aminmax(state[n].detach().reshape(-1))).float() for n in names if state[n].numel()]
-    if not extremes:
-        return torch.ones((), dtype=torch.bool, device=device)
-    return torch.isfinite(torch.cat(extremes)).all()
+def _entries_finite(states: Sequence[dict[str, torch.Tensor]], names: Sequence[str], device) -> torch.Tensor:
+    """[K] bool: every value of the named entries of each member is finite (min and max propagate
+    NaN). The entries are small (biases, norm parameters, running statistics): one concatenation
+    and one aminmax per member."""
+    flags = []
+    for state in states:
+        parts = [state[n].detach().reshape(-1) for n in names if state[n].numel()]
+        if not parts:
+            flags.append(torch.ones((), dtype=torch.bool, device=device))
+            continue
+        lo, hi = torch.aminmax(torch.cat(parts) if len(parts) > 1 else parts[0])
+        flags.append(torch.isfinite(lo) & torch.isfinite(hi))
+    return torch.stack(flags)
+
+
+def _stacked_rows(ws: Sequence[torch.Tensor], rows_per_member: int, scratch: "_Scratch") -> torch.Tensor:
+    """The K members' tensors as float32 rows of one scratch buffer, [K * rows, n]."""
+    n = ws[0].numel()
+    x = scratch.get(0, len(ws) * n).view(len(ws) * rows_per_member, n // rows_per_member)
+    for k, w in enumerate(ws):
+        x[k * rows_per_member : (k + 1) * rows_per_member].copy_(w.detach().reshape(rows_per_member, -1))
+    return x
 
 
 class _Scratch:
-    """Two flat float buffers reused for every tensor of one graft."""
+    """Flat buffers reused for every tensor of one graft (grown to the largest one)."""
 
     def __init__(self, device):
         self.device = device
@@ -555,39 +591,46 @@ def graft_members(
     scion_of = [(k - 1) % K for k in range(K)]
     scratch = _Scratch(device)
 
-    # finiteness of every member, on the device; receivers of a non-finite scion keep their own
-    plan_names = [name for name, _ in plan]
-    finite = torch.stack([_all_finite(s, plan_names, device) for s in states])  # [K] bool
+    # information of every anchor of every member, [A, K] (NaN or inf where a layer is not
+    # finite), and per-filter information for the filter level; the K members of a layer are
+    # rows of one scratch buffer, binned and counted together
+    total = max(states[0][name].numel() for name in anchors) * K
+    ibuf = scratch.get(2, total, torch.int32) if device.type == "cpu" else None
+    info_rows, per_filter = [], {}
+    for name in anchors:
+        ws = [s[name] for s in states]
+        n = ws[0].numel()
+        if criterion == "entropy":
+            x = scratch.get(0, K * n).view(K, n)
+            info_rows.append(_member_entropies(ws, bins, x, None if ibuf is None else ibuf[: K * n]))
+        else:
+            info_rows.append(torch.stack([_l1(w) for w in ws]))
+        if level == "filter":
+            F = ws[0].shape[0]
+            if n == 0:
+                per_filter[name] = torch.zeros(K, F, dtype=torch.float32, device=device)
+            elif criterion == "entropy":
+                x = _stacked_rows(ws, F, scratch)
+                per_filter[name] = _entropy_rows(x, bins, x, None if ibuf is None else ibuf[: K * n]).view(K, F)
+            else:
+                per_filter[name] = torch.stack([_l1(w.reshape(F, -1), dim=1) for w in ws])
+    info_table = torch.stack(info_rows)  # [A, K]
+
+    # finiteness of every member, on the device: its anchors' information and its other entries;
+    # receivers of a non-finite scion keep their own weights
+    others = [name for name, anchor in plan if name != anchor]
+    finite = torch.isfinite(info_table).all(dim=0) & _entries_finite(states, others, device)  # [K]
     keep = ~finite.roll(1, 0)  # keep[k] = not finite[k-1]
 
-    # information of every anchor of every member: [A, K]; per-filter alphas for the filter level
-    max_anchor = max(states[0][name].numel() for name in anchors)
     if level == "layer":
-        if criterion == "entropy":
-            fbuf = scratch.get(0, max_anchor)
-            ibuf = scratch.get(2, max_anchor, torch.int32) if device.type == "cpu" else None
-            info_table = torch.stack([
-                torch.stack([
-                    _entropy(s[name], bins, fbuf[: s[name].numel()], None if ibuf is None else ibuf[: s[name].numel()])
-                    for s in states
-                ])
-                for name in anchors
-            ])
-        else:
-            info_table = torch.stack([torch.stack([_l1(s[name]) for s in states]) for name in anchors])
         alpha_table = adaptive_alpha(info_table, info_table.roll(1, 1), A, c)  # [A, K]
         alpha_table = torch.where(keep, torch.ones_like(alpha_table), alpha_table)
         alphas = {name: alpha_table[i] for i, name in enumerate(anchors)}  # [K] each
     else:
-        info_table = torch.stack([
-            torch.stack([layer_information(s[name], criterion, bins) for s in states]) for name in anchors
-        ])
         alphas = {}
         for name in anchors:
-            per_filter = torch.stack([
-                _row_information(s[name].reshape(s[name].shape[0], -1), criterion, bins) for s in states
-            ])  # [K, F]
-            alpha = adaptive_alpha(per_filter, per_filter.roll(1, 0), A, c)
+            pf = per_filter[name]  # [K, F]
+            alpha = adaptive_alpha(pf, pf.roll(1, 0), A, c)
             alphas[name] = torch.where(keep.unsqueeze(1), torch.ones_like(alpha), alpha)
         alpha_table = torch.stack([alphas[name].mean(dim=1) for name in anchors])
 

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import create_classifier, get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
+from .cifar_resnet import CIFAR10_MEAN, CIFAR10_STD, init_cifar_weights
 
 __all__ = ['CifarMobileNetV2', 'InvertedResidual', 'CIFAR_MBV2_SETTINGS']
 
@@ -141,17 +141,7 @@ class CifarMobileNetV2(nn.Module):
 
     @torch.jit.ignore
     def init_weights(self) -> None:
-        """Kaiming-normal (fan_out, relu) convs and unit/zero BN, as in the CIFAR literature.
-
-        The linear head keeps PyTorch's default init, so a head made by ``reset_classifier``
-        starts the same way as the one built here.
-        """
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_cifar_weights(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:

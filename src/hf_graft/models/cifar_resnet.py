@@ -29,6 +29,20 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
+
+def init_cifar_weights(model: nn.Module) -> None:
+    """Kaiming-normal (fan_out, relu) convs and unit/zero BN, the usual CIFAR-network init.
+
+    The linear head keeps PyTorch's default init, so a head made by ``reset_classifier``
+    starts the same way as the one built with the model.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers plus a shortcut (identity, or 1x1 conv + BN projection: option B)."""
 
@@ -111,17 +125,7 @@ class CifarResNet(nn.Module):
 
     @torch.jit.ignore
     def init_weights(self) -> None:
-        """Kaiming-normal (fan_out, relu) convs and unit/zero BN, the usual CIFAR ResNet init.
-
-        The linear head keeps PyTorch's default init, so a head made by ``reset_classifier``
-        starts the same way as the one built here.
-        """
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_cifar_weights(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:

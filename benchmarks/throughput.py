@@ -163,7 +163,7 @@ def run_trainer(args, data, transform, seed: int, workdir: str) -> list[float]:
         graft_source="external" if graft else "none", num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size, learning_rate=0.1, lr_scheduler_type="cosine",
         eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
-        dataloader_num_workers=args.num_workers, dataloader_pin_memory=False, seed=seed,
+        dataloader_num_workers=args.num_workers, dataloader_pin_memory=args.cuda, seed=seed,
         data_order="independent" if args.K > 1 else "shared", bf16=args.bf16, use_cpu=not args.cuda,
     )
     spec = PopulationSpec(student_model=args.model, num_students=args.K, num_classes=data.num_classes)

@@ -110,3 +110,23 @@ def test_two_gpus_nccl_members_identical_after_every_graft(tmp_path):
         assert r0[run]["final_digests"] == r1[run]["final_digests"]
     for epoch in ("0", "1", "2"):
         assert not set(r0["full"]["seen"][epoch]) & set(r1["full"]["seen"][epoch])
+
+
+def test_fsdp2_sharded_graft_equals_the_whole_graft(tmp_path):
+    """Issue 6 item 2: FSDP2 (`fully_shard`, CPU/gloo, 2 processes) members are grafted shard by
+    shard with information from all-reduced histograms; the result equals grafting whole copies."""
+    out = tmp_path / "fsdp.jsonl"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER.with_name("_fsdp_worker.py")), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=WORKER.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["rank"])
+    assert [r["rank"] for r in rows] == [0, 1] and all(r["world"] == 2 for r in rows)
+    for r in rows:
+        assert r["kinds"] == ["DTensor"]  # the parameters really were sharded...
+        assert r["local_numel"] < r["full_numel"]  # ...and each process held only part of them
+        assert r["max_weight_diff"] == 0.0 and r["alpha_diff"] == 0.0 and r["info_diff"] == 0.0
+        assert r["filters_sharded"] == r["filters_whole"]
+    assert rows[0]["alphas"] == rows[1]["alphas"]
+    assert len({round(a, 4) for a in rows[0]["alphas"][0]}) > 3  # the alphas are not all alike

@@ -700,11 +700,15 @@ _GLOO_WORKER = textwrap.dedent(
         "whole_l1": [g.layer_information(w, "l1").item() for w in layers],
         "local_numel": [p.numel() for p in local],
     }
-    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
     mesh = init_device_mesh("cpu", (2,))
     dts = [distribute_tensor(w, mesh, [Shard(0)]) for w in layers]  # FSDP2's placement (uneven dim 0)
     result["dtensor_local_rows"] = [d.to_local().shape[0] for d in dts]
     result["dtensor_entropy"] = g.sharded_information(dts).tolist()
+    # a replicated DTensor is whole on each rank: counted once, also next to sharded ones
+    mixed = [distribute_tensor(layers[1], mesh, [Replicate()]), dts[0]]
+    result["mixed_l1"] = g.sharded_information(mixed, criterion="l1").tolist()
+    result["mixed_entropy"] = g.sharded_information(mixed).tolist()
     with open(out, "w") as f:
         json.dump(result, f)
     dist.barrier()
@@ -744,3 +748,6 @@ def test_sharded_information_on_two_gloo_processes(tmp_path):
         assert r["dtensor_entropy"] == [pytest.approx(v, abs=1e-6) for v in r["whole_entropy"]]
         assert r["l1"] == [pytest.approx(v, rel=1e-6) for v in r["whole_l1"]]
         assert r["entropy"][2] == 0.0  # the constant layer
+        assert r["mixed_l1"] == [pytest.approx(r["whole_l1"][1], rel=1e-6), pytest.approx(r["whole_l1"][0], rel=1e-6)]
+        assert r["mixed_entropy"] == [pytest.approx(r["whole_entropy"][1], abs=1e-6),
+                                      pytest.approx(r["whole_entropy"][0], abs=1e-6)]

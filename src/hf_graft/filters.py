@@ -234,7 +234,12 @@ def _conv_weights(source: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, t
         state = dict(source)
     else:
         raise TypeError(f"expected an nn.Module or a state dict, got {type(source).__name__}")
-    return {name: t.detach() for name, t in state.items() if isinstance(t, torch.Tensor) and _is_conv_weight(name, t)}
+    # FSDP2-sharded weights (DTensors) are gathered one layer at a time, on every process
+    return {
+        name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+        for name, t in state.items()
+        if isinstance(t, torch.Tensor) and _is_conv_weight(name, t)
+    }
 
 
 def _filter_l1(weights: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -4,7 +4,7 @@ Pure torch, no Trainer imports. Everything runs on the device and in the dtype t
 in; information is computed in float32 (mixing in float32, or float64 for float64 weights).
 
 `graft_members` does no host synchronisation at all: a layer's histogram comes from a
-device-side `aminmax` and one counting kernel over the pre-scaled bin indices (`bincount` on CPU,
+device-side min/max and one counting kernel over the pre-scaled bin indices (`bincount` on CPU,
 `histc` over a fixed range elsewhere), the guard against non-finite scions is a device-side
 `torch.where`, and the report keeps its numbers on the device until it is first read, when they
 are copied to the host in one transfer. Large temporaries live in scratch buffers reused for
@@ -233,6 +233,10 @@ def _default_all_reduce(group=None) -> ReduceFn:
     return reduce
 
 
+def _is_dtensor(t) -> bool:
+    return hasattr(t, "placements") and hasattr(t, "to_local")
+
+
 def _local_piece(shard: torch.Tensor):
     """(local tensor, needs reduction) for a plain tensor or a DTensor (FSDP2's sharded parameter)."""
     to_local = getattr(shard, "to_local", None)
@@ -240,6 +244,22 @@ def _local_piece(shard: torch.Tensor):
         return shard.detach(), True
     sharded = any(p.is_shard() for p in shard.placements)
     return to_local().detach(), sharded
+
+
+def _dtensor_group(shards: Sequence[torch.Tensor]):
+    """The process group a DTensor is sharded over (its mesh dimension with a Shard placement),
+    so that an HSDP layer, replicated over the other mesh dimension, is not counted twice."""
+    for t in shards:
+        placements = getattr(t, "placements", None)
+        mesh = getattr(t, "device_mesh", None)
+        if placements is None or mesh is None:
+            continue
+        dims = [i for i, p in enumerate(placements) if p.is_shard()]
+        if len(dims) > 1:
+            raise ValueError(f"sharded_information: a DTensor sharded over {len(dims)} mesh dimensions; pass group=")
+        if dims:
+            return mesh.get_group(dims[0])
+    return None
 
 
 def sharded_information(
@@ -262,8 +282,9 @@ def sharded_information(
     Communication: entropy does two all-reduces for all N layers together (MAX of (-min, max),
     then SUM of counts, element counts and non-finite flags), l1 does one (SUM). `all_reduce(t,
     op)` (op in "min", "max", "sum") performs a reduction across processes and returns the
-    result; by default `torch.distributed.all_reduce` over `group` when a process group is
-    initialised, and no reduction otherwise.
+    result; by default `torch.distributed.all_reduce` over `group` (for DTensors, by default the
+    group of the mesh dimension they are sharded over) when a process group is initialised, and
+    no reduction otherwise.
     """
     _check_criterion(criterion)
     _check_bins(bins)
@@ -273,6 +294,8 @@ def sharded_information(
     if not any(needs for _, needs in pieces):
         return torch.stack([layer_information(p, criterion, bins) for p, _ in pieces])
     if all_reduce is None:
+        if group is None:
+            group = _dtensor_group(local_shards)
         all_reduce = _default_all_reduce(group)
     # replicated DTensors are whole on every process: count them once (on any one process the
     # reduction would multiply them by the world size), so reduce only the sharded ones
@@ -582,6 +605,15 @@ def graft_members(
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     K = len(members)
     states = [_live_state(m) for m in members]
+    # FSDP2: parameters are DTensors sharded along dim 0. Every process grafts its own shards;
+    # the layers' information comes from all-reduced histograms (`sharded_information`), so no
+    # weight is ever gathered. Members must be sharded alike (same wrapping, same mesh).
+    dtensor_states = states if any(_is_dtensor(t) for t in states[0].values()) else None
+    if dtensor_states is not None:
+        if level != "layer":
+            raise ValueError("graft_members: level='filter' is not supported on FSDP-sharded members; use 'layer'")
+        group = _dtensor_group(list(states[0].values()))
+        states = [{n: _local_piece(t)[0] for n, t in st.items()} for st in states]
     _check_members(states)
     plan = anchor_plan(states[0])
     anchors = [name for name, anchor in plan if name == anchor]
@@ -597,7 +629,7 @@ def graft_members(
     total = max(states[0][name].numel() for name in anchors) * K
     ibuf = scratch.get(2, total, torch.int32) if device.type == "cpu" else None
     info_rows, per_filter = [], {}
-    for name in anchors:
+    for name in anchors if dtensor_states is None else ():
         ws = [s[name] for s in states]
         n = ws[0].numel()
         if criterion == "entropy":
@@ -614,12 +646,19 @@ def graft_members(
                 per_filter[name] = _entropy_rows(x, bins, x, None if ibuf is None else ibuf[: K * n]).view(K, F)
             else:
                 per_filter[name] = torch.stack([_l1(w.reshape(F, -1), dim=1) for w in ws])
-    info_table = torch.stack(info_rows)  # [A, K]
+    if dtensor_states is None:
+        info_table = torch.stack(info_rows)  # [A, K]
+    else:  # every layer of every member in the same two collectives
+        pieces = [dtensor_states[k][name] for name in anchors for k in range(K)]
+        info_table = sharded_information(pieces, criterion=criterion, bins=bins, group=group).view(len(anchors), K)
 
     # finiteness of every member, on the device: its anchors' information and its other entries;
     # receivers of a non-finite scion keep their own weights
     others = [name for name, anchor in plan if name != anchor]
     finite = torch.isfinite(info_table).all(dim=0) & _entries_finite(states, others, device)  # [K]
+    if dtensor_states is not None:  # a shard elsewhere may hold the non-finite value: agree on it
+        bad = _default_all_reduce(group)((~finite).float(), "max")
+        finite = bad < 0.5
     keep = ~finite.roll(1, 0)  # keep[k] = not finite[k-1]
 
     if level == "layer":

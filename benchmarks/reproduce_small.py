@@ -272,8 +272,8 @@ def summarize(runs: list[dict]) -> list[dict]:
         }
         if alphas and method != "ensemble2":
             t = torch.tensor(alphas)
-            row["alpha"] = (f"mean {t.mean():.3f}, |a-0.5|>0.15: {100 * float(((t - 0.5).abs() > 0.15).float().mean()):.0f}%, "
-                            f"range {t.min():.2f}..{t.max():.2f}")
+            row["alpha"] = (f"mean {t.mean():.3f}, share with abs(alpha - 0.5) > 0.15: "
+                            f"{100 * float(((t - 0.5).abs() > 0.15).float().mean()):.0f}%, range {t.min():.2f}..{t.max():.2f}")
         if first and method != "ensemble2":
             row["first_graft"] = (
                 f"{statistics.mean(x for d in first for x in d['before']):.1f} -> "
@@ -308,12 +308,14 @@ def environment() -> str:
             f"torch threads {torch.get_num_threads()}; no GPU")
 
 
-def write_markdown(path: Path, runs: list[dict], args, command: str, finished: bool) -> None:
+def write_markdown(path: Path, runs: list[dict], args, command: str, finished: bool, notes: str = "",
+                   missing: list | None = None) -> None:
     rows = summarize(runs)
     lines = [
         "# Small-scale reproduction: CIFAR-10, cifar_resnet20",
         "",
-        f"Status: {'complete' if finished else 'PARTIAL (written after every run; the run was still going or was stopped)'}.",
+        f"Status: {'complete' if finished else 'PARTIAL (written after every run; the run was still going or was stopped)'}."
+        + (f" Planned but not run: {', '.join(f'{m} (seed {s})' for m, s in missing)}." if missing else ""),
         "",
         f"Command: `{command}`",
         "",
@@ -347,7 +349,20 @@ def write_markdown(path: Path, runs: list[dict], args, command: str, finished: b
         ]
         for r in diag_rows:
             lines.append(f"| {r['method']} | {r.get('first_graft', '')} | {r.get('later_grafts', '')} | {r.get('alpha', '')} |")
-    lines += ["", "Per-run member top-1 (eval after each epoch) is in the runs.jsonl of the work dir.", ""]
+    curves = [r for r in runs if r["eval_curves"]]
+    if curves:
+        lines += ["", "Top-1 after each epoch (mean over the run's members; evaluation precedes the graft at "
+                  "that boundary):", "", "| method | seed | " + " | ".join(f"ep{e + 1}" for e in range(args.epochs)) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in range(args.epochs)) + " |"]
+        for r in curves:
+            per_member = list(r["eval_curves"].values())
+            epochs = min(len(c) for c in per_member)
+            mean = [statistics.mean(c[e] for c in per_member) for e in range(min(epochs, args.epochs))]
+            lines.append(f"| {r['method']} | {r['seed']} | " + " | ".join(f"{v:.1f}" for v in mean) + " |")
+    lines += ["", "Per-run member top-1 after every epoch, filter ratios, alphas and graft diagnostics are in the "
+              "work dir's runs.jsonl.", ""]
+    if notes:
+        lines += [notes.rstrip(), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 
@@ -378,6 +393,10 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", default="/tmp/hf_graft_repro")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "reproduce_small.md"))
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (< 1 minute), writes no results file")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: rewrite the results file from the work dir's runs.jsonl")
+    parser.add_argument("--notes", default=None, help="markdown file appended to the results file (findings)")
+    parser.add_argument("--command", default=None, help="the command to quote in the results file (--report-only)")
     args = parser.parse_args(argv)
     command = "HF_HUB_OFFLINE=1 python benchmarks/reproduce_small.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
@@ -409,6 +428,12 @@ def main(argv=None) -> int:
     runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     done = {(r["method"], r["seed"]) for r in runs}
     results_path = Path(args.results)
+    notes = Path(args.notes).read_text() if args.notes else ""
+    if args.report_only:
+        missing = [p for p in plan if p not in done]
+        write_markdown(results_path, runs, args, args.command or command, finished=not missing, notes=notes,
+                       missing=missing)
+        plan = []
     for method, seed in plan:
         if (method, seed) in done:
             continue
@@ -421,8 +446,8 @@ def main(argv=None) -> int:
               f"ensemble {record['ensemble_top1']:.1f} ({record['wall_s']:.0f} s)", flush=True)
         if not args.quick:
             write_markdown(results_path, runs, args, command, finished=False)
-    if not args.quick:
-        write_markdown(results_path, runs, args, command, finished=True)
+    if not args.quick and not args.report_only:
+        write_markdown(results_path, runs, args, command, finished=True, notes=notes)
     rows = print_table(runs)
     summary = " | ".join(f"{r['method']} {r['top1']}" for r in rows)
     print(f"RESULT top-1 (mean over seeds x members): {summary}")

@@ -17,6 +17,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10"
+if not CIFAR.is_dir():  # a checkout elsewhere (e.g. a CI clone): the workplace copy
+    CIFAR = Path("/work/shared/data/cifar10")
 needs_cifar = pytest.mark.skipif(not CIFAR.is_dir(), reason=f"{CIFAR} (local CIFAR-10 copy) is not present")
 
 
@@ -58,8 +60,6 @@ def test_reproduce_small_quick(tmp_path):
 
 
 def test_graft_cost_quick():
-    script = REPO / "benchmarks" / "graft_cost.py"
-    if not script.is_file():
-        pytest.skip("benchmarks/graft_cost.py is not in this checkout")
     lines = _run("graft_cost.py")
-    assert re.search(r"\d+(\.\d+)?", lines[-1]) and "ratio" in lines[-1].lower(), lines[-1]
+    assert lines[-1].startswith("RATIO reference / hf_graft graft time"), lines[-1]
+    assert re.search(r"\d+(\.\d+)?", lines[-1]), lines[-1]

@@ -25,12 +25,15 @@ Results are appended run by run to `<work-dir>/runs.jsonl` (a rerun with the sam
 runs already there) and the markdown table is rewritten after every run, so a partial table
 survives an interrupted run.
 
-Full-size command (the one that produced benchmarks/results/reproduce_small.md; ~75 min on 2
-shared CPU cores):
+Full-size command (the one that produced benchmarks/results/reproduce_small.md; about 2 hours on 2
+shared CPU cores, ~40 minutes of it the cifar_mobilenetv2 runs, which --no-mnv2 skips):
 
     HF_HUB_OFFLINE=1 nohup python benchmarks/reproduce_small.py \
         --train-samples 2000 --eval-samples 1000 --epochs 8 --seeds 0 1 --knob-seeds 0 \
         --work-dir /tmp/hf_graft_repro > /tmp/hf_graft_repro.log 2>&1 &
+
+The results file's findings section was added afterwards from the same work dir with
+`--report-only --notes FINDINGS.md` (no training; the table is recomputed from runs.jsonl).
 
 Quick smoke run (< 1 minute; used by tests/test_benchmarks.py):
 
@@ -312,7 +315,7 @@ def write_markdown(path: Path, runs: list[dict], args, command: str, finished: b
                    missing: list | None = None) -> None:
     rows = summarize(runs)
     lines = [
-        "# Small-scale reproduction: CIFAR-10, cifar_resnet20",
+        "# Small-scale reproduction of filter grafting: CIFAR-10, cifar_resnet20 (and cifar_mobilenetv2)",
         "",
         f"Status: {'complete' if finished else 'PARTIAL (written after every run; the run was still going or was stopped)'}."
         + (f" Planned but not run: {', '.join(f'{m} (seed {s})' for m, s in missing)}." if missing else ""),
@@ -360,7 +363,7 @@ def write_markdown(path: Path, runs: list[dict], args, command: str, finished: b
             mean = [statistics.mean(c[e] for c in per_member) for e in range(min(epochs, args.epochs))]
             lines.append(f"| {r['method']} | {r['seed']} | " + " | ".join(f"{v:.1f}" for v in mean) + " |")
     lines += ["", "Per-run member top-1 after every epoch, filter ratios, alphas and graft diagnostics are in the "
-              "work dir's runs.jsonl.", ""]
+              "work dir's runs.jsonl (not committed).", ""]
     if notes:
         lines += [notes.rstrip(), ""]
     path.parent.mkdir(parents=True, exist_ok=True)

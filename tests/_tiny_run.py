@@ -1,8 +1,8 @@
 """A tiny GraftingTrainer on builtin:digits for the resume / precision tests.
 
-Unlike conftest's `make_trainer`, the population is built with `config.student_model_kwargs`
-(e.g. dropout, so that the forward pass draws from the global RNG as real recipes do), and the
-trainer class can be swapped for a recording subclass.
+The population is built with `config.student_model_kwargs` (e.g. dropout, so that the forward
+pass draws from the global RNG as real recipes do), and the trainer class can be swapped for a
+recording subclass. conftest's `make_trainer` fixture is this with its own defaults.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from hf_graft.population import PopulationSpec, StudentPopulation
 from hf_graft.trainer import GraftingTrainer
 
 
-def build_trainer(digits, output_dir, *, trainer_cls=GraftingTrainer, callbacks=None, max_train_samples=None,
-                  **overrides) -> GraftingTrainer:
+def build_trainer(digits, output_dir, *, trainer_cls=GraftingTrainer, callbacks=None, teachers=None,
+                  max_train_samples=None, **overrides) -> GraftingTrainer:
     """Defaults: cifar_resnet20 at 16 px, K = 2, batch 16 (64 images: 4 steps an epoch), 3 epochs,
     eval every epoch, CPU, no dataloader workers, no checkpoints."""
     data_args, data = digits
@@ -44,7 +44,7 @@ def build_trainer(digits, output_dir, *, trainer_cls=GraftingTrainer, callbacks=
         data.label_column,
     )
     return trainer_cls(model=population, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                       callbacks=callbacks)
+                       callbacks=callbacks, teachers=teachers)
 
 
 def population_state(trainer: GraftingTrainer) -> dict[str, torch.Tensor]:

@@ -44,37 +44,14 @@ def make_trainer(tmp_path, digits_small):
     Defaults: 2 epochs of 4 steps (batch 16), CPU, no workers, no checkpoints, a log entry every step.
     `max_train_samples` (a multiple of the batch size) trains on fewer images.
     """
-    import hf_graft  # noqa: F401
-    from hf_graft.config import GraftingConfig
-    from hf_graft.trainer import GraftingTrainer
-    from hf_graft.data import MemberOrderDataset, build_transform, resolve_student_data_config
-    from hf_graft.population import PopulationSpec, StudentPopulation
-
-    data_args, data = digits_small
+    from _tiny_run import build_trainer
 
     def build(*, callbacks=None, teachers=None, max_train_samples=None, **overrides):
-        kwargs = dict(
-            output_dir=str(tmp_path / "run"), num_train_epochs=2, per_device_train_batch_size=16,
-            per_device_eval_batch_size=64, use_cpu=True, dataloader_num_workers=0, save_strategy="no",
-            logging_steps=1, seed=0, report_to="none", disable_tqdm=True, student_model=TINY_STUDENT,
-        )
+        kwargs = dict(num_train_epochs=2, learning_rate=0.1, lr_spread=["none"], filter_thresholds=[0.01, 0.1],
+                      student_model=TINY_STUDENT)
         kwargs.update(overrides)
-        config = GraftingConfig(**kwargs)
-        spec = PopulationSpec(config.student_model, config.num_students, data.num_classes,
-                              student_model_kwargs=config.student_model_kwargs, label_names=data.label_names)
-        population = StudentPopulation.from_spec(spec, seed=config.seed, shared_init=config.shared_init)
-        spec.data_config = resolve_student_data_config(population.members[0], data_args.input_size)
-        train = data.train if max_train_samples is None else data.train.select(range(max_train_samples))
-        order = config.data_order if config.num_students > 1 else "shared"
-        train_dataset = MemberOrderDataset(
-            train, build_transform(spec.data_config, data_args, is_training=True), data.image_column,
-            data.label_column, num_members=config.num_students, order=order, seed=config.seed,
-        )
-        eval_dataset = MemberOrderDataset(
-            data.eval, build_transform(spec.data_config, data_args, is_training=False), data.image_column,
-            data.label_column,
-        )
-        return GraftingTrainer(model=population, args=config, train_dataset=train_dataset,
-                               eval_dataset=eval_dataset, callbacks=callbacks, teachers=teachers)
+        output_dir = kwargs.pop("output_dir", tmp_path / "run")
+        return build_trainer(digits_small, output_dir, callbacks=callbacks, teachers=teachers,
+                             max_train_samples=max_train_samples, **kwargs)
 
     return build

@@ -376,7 +376,6 @@ def plot_reports(
     items = list(reports.items()) if isinstance(reports, Mapping) else list(reports)
     if not items:
         raise ValueError("plot_reports needs at least one report")
-    names = [name for name, _ in items]
     n_models = len(items)
     n_layers = max(len(r.layers) for _, r in items)
     same_layers = all([la.name for la in r.layers] == [la.name for la in items[0][1].layers] for _, r in items)

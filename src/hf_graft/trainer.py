@@ -13,7 +13,7 @@ import os
 import random
 import shutil
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch

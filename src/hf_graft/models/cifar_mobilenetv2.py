@@ -14,16 +14,16 @@ convs, linear bottleneck.  Depthwise convs are ``nn.Conv2d(..., groups=channels)
 Modules are declared in forward order (conv, then its BN) so that ``state_dict()`` lists each
 BatchNorm right after the conv it normalises; the grafting code relies on that order.
 """
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from timm.layers import create_classifier, get_device_dtype
+from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .cifar_resnet import CIFAR10_MEAN, CIFAR10_STD, init_cifar_weights
+from ._base import CifarClassifierBase
+from .cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
 
 __all__ = ['CifarMobileNetV2', 'InvertedResidual', 'CIFAR_MBV2_SETTINGS']
 
@@ -78,7 +78,7 @@ class InvertedResidual(nn.Module):
         return out + x if self.has_residual else out
 
 
-class CifarMobileNetV2(nn.Module):
+class CifarMobileNetV2(CifarClassifierBase):
     """MobileNetV2 for 32x32 inputs with the timm classifier interface.
 
     Args:
@@ -90,6 +90,8 @@ class CifarMobileNetV2(nn.Module):
         settings: inverted-residual table, see ``CIFAR_MBV2_SETTINGS``.
         stem_stride: stride of the stem conv (1 for CIFAR, 2 for ImageNet).
     """
+
+    classifier_name = 'classifier'
 
     def __init__(
             self,
@@ -140,36 +142,12 @@ class CifarMobileNetV2(nn.Module):
         self.init_weights()
 
     @torch.jit.ignore
-    def init_weights(self) -> None:
-        init_cifar_weights(self)
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """Parameter groups for timm's layer-wise LR decay helpers."""
         return dict(
             stem=r'^conv_stem|bn1',
             blocks=r'^blocks\.(\d+)' if coarse else r'^blocks\.(\d+)\.(\d+)',
         )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
-        return 'classifier' if name_only else self.classifier
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the head (e.g. to fine-tune on another label set); keeps pooling if None."""
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        dd = get_device_dtype(self)
-        self.global_pool, self.classifier = create_classifier(
-            self.num_features, num_classes, pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-        self.global_pool.train(self.training)
-        self.classifier.train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv_stem(x)))
@@ -180,14 +158,6 @@ class CifarMobileNetV2(nn.Module):
             x = self.blocks(x)
         return self.act2(self.bn2(self.conv_head(x)))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 default_cfgs = generate_default_cfgs({

@@ -13,14 +13,15 @@ parameters more than option A (ResNet-56: 855,770 instead of 853,018 for 10 clas
 Modules are declared in forward order (conv, then its BN, ...) so that ``state_dict()`` lists
 each BatchNorm right after the conv it normalises; the grafting code relies on that order.
 """
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from timm.layers import create_classifier, get_device_dtype
+from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from ._base import CifarClassifierBase
 
 __all__ = ['CifarResNet', 'BasicBlock', 'CIFAR10_MEAN', 'CIFAR10_STD']
 
@@ -29,19 +30,6 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
-
-def init_cifar_weights(model: nn.Module) -> None:
-    """Kaiming-normal (fan_out, relu) convs and unit/zero BN, the usual CIFAR-network init.
-
-    The linear head keeps PyTorch's default init, so a head made by ``reset_classifier``
-    starts the same way as the one built with the model.
-    """
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers plus a shortcut (identity, or 1x1 conv + BN projection: option B)."""
@@ -70,7 +58,7 @@ class BasicBlock(nn.Module):
         return self.act2(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(CifarClassifierBase):
     """ResNet-(6n+2) for 32x32 inputs, with the timm classifier interface.
 
     Args:
@@ -124,32 +112,9 @@ class CifarResNet(nn.Module):
         self.init_weights()
 
     @torch.jit.ignore
-    def init_weights(self) -> None:
-        init_cifar_weights(self)
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """Parameter groups for timm's layer-wise LR decay helpers."""
         return dict(stem=r'^conv1|bn1', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
-        return 'fc' if name_only else self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the head (e.g. to fine-tune on another label set); keeps pooling if None."""
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        dd = get_device_dtype(self)
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-        self.global_pool.train(self.training)
-        self.fc.train(self.training)
 
     def _stages(self) -> List[nn.Module]:
         return [self.layer1, self.layer2, self.layer3]
@@ -163,14 +128,6 @@ class CifarResNet(nn.Module):
                 x = stage(x)
         return x
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:

@@ -1,0 +1,66 @@
+"""What the CIFAR architectures share: timm's classifier-head interface and the CIFAR init."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import create_classifier, get_device_dtype
+
+__all__ = ["CifarClassifierBase", "init_cifar_weights"]
+
+
+def init_cifar_weights(model: nn.Module) -> None:
+    """Kaiming-normal (fan_out, relu) convs and unit/zero BN, the usual CIFAR-network init.
+
+    The linear head keeps PyTorch's default init, so a head made by ``reset_classifier``
+    starts the same way as the one built with the model.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class CifarClassifierBase(nn.Module):
+    """timm's head interface (get/reset_classifier, forward_head, grad checkpointing) for a model
+    with ``num_features``, ``global_pool``, ``drop_rate`` and a linear head named ``classifier_name``."""
+
+    classifier_name = 'fc'
+
+    @torch.jit.ignore
+    def init_weights(self) -> None:
+        init_cifar_weights(self)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return self.classifier_name if name_only else getattr(self, self.classifier_name)
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the head (e.g. to fine-tune on another label set); keeps pooling if None."""
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        dd = get_device_dtype(self)
+        self.global_pool, head = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        setattr(self, self.classifier_name, head)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        head.train(self.training)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else getattr(self, self.classifier_name)(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

@@ -28,7 +28,7 @@ from hf_graft.trainer import GraftingTrainer  # noqa: E402
 from hf_graft.config import DataArguments  # noqa: E402
 from hf_graft.data import (  # noqa: E402
     MemberOrderDataset,
-    build_transform,
+    population_datasets,
     load_image_data,
     resolve_student_data_config,
 )
@@ -90,13 +90,9 @@ def train_once(data_args, data, output_dir: str, epochs: int, resume: str | None
                           label_names=data.label_names)
     population = StudentPopulation.from_spec(spec, seed=config.seed)
     spec.data_config = resolve_student_data_config(population.members[0], data_args.input_size)
-    train_dataset = RecordingDataset(
-        data.train, build_transform(spec.data_config, data_args, is_training=True), data.image_column,
-        data.label_column, num_members=2, order="independent", seed=config.seed,
-    )
-    eval_dataset = MemberOrderDataset(
-        data.eval, build_transform(spec.data_config, data_args, is_training=False), data.image_column,
-        data.label_column,
+    train_dataset, eval_dataset = population_datasets(
+        data, data_args, spec.data_config, num_members=2, order="independent", seed=config.seed,
+        train_cls=RecordingDataset,
     )
     trainer = DigestTrainer(model=population, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset)
     trainer.graft_digests = []

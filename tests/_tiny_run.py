@@ -7,11 +7,13 @@ recording subclass. conftest's `make_trainer` fixture is this with its own defau
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 import hf_graft  # noqa: F401  (registers the cifar_* models in timm)
 from hf_graft.config import GraftingConfig
-from hf_graft.data import MemberOrderDataset, build_transform, resolve_student_data_config
+from hf_graft.data import population_datasets, resolve_student_data_config
 from hf_graft.population import PopulationSpec, StudentPopulation
 from hf_graft.trainer import GraftingTrainer
 
@@ -33,15 +35,10 @@ def build_trainer(digits, output_dir, *, trainer_cls=GraftingTrainer, callbacks=
                           student_model_kwargs=config.student_model_kwargs, label_names=data.label_names)
     population = StudentPopulation.from_spec(spec, seed=config.seed, shared_init=config.shared_init)
     spec.data_config = resolve_student_data_config(population.members[0], data_args.input_size)
-    train = data.train if max_train_samples is None else data.train.select(range(max_train_samples))
-    order = config.data_order if config.num_students > 1 else "shared"
-    train_dataset = MemberOrderDataset(
-        train, build_transform(spec.data_config, data_args, is_training=True), data.image_column,
-        data.label_column, num_members=config.num_students, order=order, seed=config.seed,
-    )
-    eval_dataset = MemberOrderDataset(
-        data.eval, build_transform(spec.data_config, data_args, is_training=False), data.image_column,
-        data.label_column,
+    if max_train_samples is not None:
+        data = dataclasses.replace(data, train=data.train.select(range(max_train_samples)))
+    train_dataset, eval_dataset = population_datasets(
+        data, data_args, spec.data_config, num_members=config.num_students, order=config.data_order, seed=config.seed,
     )
     return trainer_cls(model=population, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
                        callbacks=callbacks, teachers=teachers)

@@ -163,21 +163,16 @@ def test_parquet_folder_with_string_labels_and_no_eval_split(tmp_path):
 
 # ----------------------------------------------------------------------------- errors
 def test_one_line_errors_for_bad_data_arguments(tmp_path):
-    with pytest.raises(ValueError) as err:
-        load_image_data(DataArguments(dataset_name="builtin:digits", image_column="pixels"))
-    _one_line(err, "DataArguments.image_column")
-    with pytest.raises(ValueError) as err:
-        load_image_data(DataArguments(dataset_name="builtin:digits", label_column="target"))
-    _one_line(err, "DataArguments.label_column")
-    with pytest.raises(ValueError) as err:
-        load_image_data(DataArguments(dataset_name="builtin:digits", train_split="training"))
-    _one_line(err, "DataArguments.train_split")
-    with pytest.raises(ValueError) as err:
-        load_image_data(DataArguments(dataset_name="builtin:digits", eval_split="dev"))
-    _one_line(err, "DataArguments.eval_split")
-    with pytest.raises(ValueError) as err:
-        load_image_data(DataArguments(dataset_name="builtin:mnist"))
-    _one_line(err, "DataArguments.dataset_name")
+    for field, kwargs in [
+        ("image_column", dict(dataset_name="builtin:digits", image_column="pixels")),
+        ("label_column", dict(dataset_name="builtin:digits", label_column="target")),
+        ("train_split", dict(dataset_name="builtin:digits", train_split="training")),
+        ("eval_split", dict(dataset_name="builtin:digits", eval_split="dev")),
+        ("dataset_name", dict(dataset_name="builtin:mnist")),
+    ]:
+        with pytest.raises(ValueError) as err:
+            load_image_data(DataArguments(**kwargs))
+        _one_line(err, f"DataArguments.{field}")
     with pytest.raises(FileNotFoundError) as err:
         load_image_data(DataArguments(dataset_name=str(tmp_path / "no_such_dataset")))
     _one_line(err, "DataArguments.dataset_name")

@@ -57,6 +57,14 @@ def make_net(scale: float = 1.0, seed: int = 0, pointwise=None) -> TinyConvNet:
     return net
 
 
+def _assert_split_stats(stats: dict, want: dict) -> None:
+    """`invalid_stats(t)` against `_expected(...)`: count, ratio and the two mean l1 norms."""
+    assert stats["count"] == want["count"]
+    assert stats["ratio"] == pytest.approx(want["ratio"])
+    assert _approx(stats["mean_l1_valid"], want["valid"])
+    assert _approx(stats["mean_l1_invalid"], want["invalid"])
+
+
 def _expected(l1_values, reference_values, t):
     l1 = np.asarray(l1_values, dtype=np.float64)
     invalid = np.asarray(reference_values) < t
@@ -95,11 +103,7 @@ def test_invalid_counts_ratios_and_means_on_hand_set_filters():
 
     for t in THRESHOLDS:
         stats = report.invalid_stats(t)
-        want = _expected(every, every, t)
-        assert stats["count"] == want["count"]
-        assert stats["ratio"] == pytest.approx(want["ratio"])
-        assert _approx(stats["mean_l1_valid"], want["valid"])
-        assert _approx(stats["mean_l1_invalid"], want["invalid"])
+        _assert_split_stats(stats, _expected(every, every, t))
         assert "own_count" not in stats
 
     # hand check of one threshold: invalid at 0.1 are 0, 0.05 | 0, 0.005 | 0.05, 0, 0.0005
@@ -162,11 +166,7 @@ def test_reference_fixes_the_split_and_means_come_from_the_analysed_model():
         assert report.has_reference and report.reference_name == "base"
         for t in THRESHOLDS:
             stats = report.invalid_stats(t)
-            want = _expected(own_every, ref_every, t)
-            assert stats["count"] == want["count"]
-            assert stats["ratio"] == pytest.approx(want["ratio"])
-            assert _approx(stats["mean_l1_valid"], want["valid"])
-            assert _approx(stats["mean_l1_invalid"], want["invalid"])
+            _assert_split_stats(stats, _expected(own_every, ref_every, t))
             assert stats["own_count"] == int((np.asarray(own_every) < t).sum())
         # at t = 0.1 the reference says 7 invalid; the analysed model has none of its own
         stats = report.invalid_stats(0.1)

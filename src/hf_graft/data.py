@@ -20,6 +20,7 @@ __all__ = [
     "EpochShuffleSampler",
     "ImageData",
     "MemberOrderDataset",
+    "population_datasets",
     "build_transform",
     "load_builtin_digits",
     "load_image_data",
@@ -398,3 +399,25 @@ class MemberOrderDataset(TorchDataset):
             "pixel_values": torch.stack([e[0] for e in examples]),
             "labels": torch.tensor([e[1] for e in examples]),
         }
+
+
+def population_datasets(
+    data: ImageData,
+    data_args: DataArguments,
+    data_config: dict[str, Any],
+    *,
+    num_members: int,
+    order: str,
+    seed: int,
+    train_cls: type = MemberOrderDataset,
+) -> tuple[MemberOrderDataset, MemberOrderDataset]:
+    """(train, eval) datasets of a population: timm transforms for `data_config`, the training set
+    in `order` for each of `num_members` members (one member: shared), the eval set shared."""
+    train = train_cls(
+        data.train, build_transform(data_config, data_args, is_training=True), data.image_column, data.label_column,
+        num_members=num_members, order=order if num_members > 1 else "shared", seed=seed,
+    )
+    evaluation = MemberOrderDataset(
+        data.eval, build_transform(data_config, data_args, is_training=False), data.image_column, data.label_column,
+    )
+    return train, evaluation

@@ -20,7 +20,7 @@ def _stack_teachers(teacher_logits: torch.Tensor | Sequence[torch.Tensor]) -> to
     else:
         if len(teacher_logits) == 0:
             raise ValueError("teacher_logits: need at least one teacher's logits")
-        stacked = torch.stack([t.detach().float() for t in teacher_logits])
+        stacked = torch.stack(list(teacher_logits))
     if stacked.ndim != 3:
         raise ValueError(
             f"teacher_logits: expected M tensors [B, C] or one [M, B, C] tensor, got shape {tuple(stacked.shape)}"
@@ -44,9 +44,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits, temperature: float = 2
     are detached, so the gradient reaches the student only. Computed in float32 (softmax and
     log_softmax subtract the max, so large logits cannot overflow), whatever autocast is active.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    pbar = averaged_teacher_probs(teacher_logits, temperature)
+    pbar = averaged_teacher_probs(teacher_logits, temperature)  # checks temperature > 0
     if pbar.shape != student_logits.shape:
         raise ValueError(
             f"teacher_logits give probabilities of shape {tuple(pbar.shape)}, "

@@ -104,7 +104,7 @@ def build_trainer(data_args: DataArguments, config: GraftingConfig):
     """
     import timm  # noqa: F401  (import before hf_graft.models registers into it)
 
-    from .data import MemberOrderDataset, build_transform, load_image_data, resolve_student_data_config
+    from .data import load_image_data, population_datasets, resolve_student_data_config
     from .population import PopulationSpec, StudentPopulation
     from .trainer import GraftingTrainer
 
@@ -121,14 +121,9 @@ def build_trainer(data_args: DataArguments, config: GraftingConfig):
             spec, seed=config.seed, pretrained=config.student_pretrained, shared_init=config.shared_init
         )
         spec.data_config = resolve_student_data_config(population.members[0], data_args.input_size)
-        order = config.data_order if config.num_students > 1 else "shared"
-        train_dataset = MemberOrderDataset(
-            data.train, build_transform(spec.data_config, data_args, is_training=True), data.image_column,
-            data.label_column, num_members=config.num_students, order=order, seed=config.seed,
-        )
-        eval_dataset = MemberOrderDataset(
-            data.eval, build_transform(spec.data_config, data_args, is_training=False), data.image_column,
-            data.label_column,
+        train_dataset, eval_dataset = population_datasets(
+            data, data_args, spec.data_config, num_members=config.num_students, order=config.data_order,
+            seed=config.seed,
         )
         trainer = GraftingTrainer(model=population, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset)
     except (ValueError, FileNotFoundError, RuntimeError, TypeError, KeyError) as err:
@@ -171,7 +166,7 @@ def run_training(data_args: DataArguments, config: GraftingConfig) -> dict[str, 
         f"member{k}": filter_report(member, thresholds=config.filter_thresholds, bins=config.graft_bins).summary()
         for k, member in enumerate(trainer.population.members)
     }
-    results = {k: v for k, v in metrics.items()}
+    results = metrics
 
     student_dir = None
     if config.export_student and trainer.is_world_process_zero():

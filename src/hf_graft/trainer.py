@@ -115,8 +115,6 @@ class GraftingCallback(TrainerCallback, ExportableState):
         saved = state.stateful_callbacks.get(type(self).__name__) if state.stateful_callbacks else None
         if isinstance(saved, dict):
             self.grafts_done = int(saved.get("attributes", {}).get("grafts_done", self.grafts_done))
-        elif state.global_step == 0:
-            self.grafts_done = 0
 
     def _grafts_due(self, args: GraftingConfig, state) -> int:
         """How many grafts must have happened before the work that starts now."""

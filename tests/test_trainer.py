@@ -16,7 +16,7 @@ from torch.utils.data import default_collate
 from transformers import TrainerCallback
 
 from hf_graft.config import GraftingConfig
-from hf_graft.grafting import adaptive_alpha, layer_information
+from hf_graft.grafting import adaptive_alpha, anchor_plan, layer_information
 from hf_graft.trainer import population_metrics
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -406,3 +406,45 @@ def test_grafting_config_rejects_nonsense_with_one_line(kwargs, field):
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(f"GraftingConfig.{field}:"), message
+
+
+# ----------------------------------------------------------------------------- graft events
+class GraftEventRecorder(TrainerCallback):
+    """Copies of the population right before and right after every graft, as a user callback sees them."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_graft_begin(self, args, state, control, *, model, graft_index, **kwargs):
+        self.events.append({"index": graft_index, "step": state.global_step,
+                            "before": {n: t.detach().clone() for n, t in model.state_dict().items()}})
+
+    def on_graft_end(self, args, state, control, *, model, graft_index, report=None, **kwargs):
+        assert self.events[-1]["index"] == graft_index
+        self.events[-1].update(report=report, after={n: t.detach().clone() for n, t in model.state_dict().items()})
+
+
+@pytest.mark.parametrize("recalibration", [0, 2])
+def test_graft_events_see_the_weights_before_and_after_each_graft(make_trainer, recalibration):
+    recorder = GraftEventRecorder()
+    trainer = make_trainer(num_students=2, num_train_epochs=3, eval_strategy="no", max_train_samples=32,
+                           bn_recalibration_batches=recalibration, callbacks=[recorder])
+    trainer.train()
+    assert [(e["index"], e["step"]) for e in recorder.events] == [(0, 2), (1, 4)]  # 2 steps an epoch
+    for event, report in zip(recorder.events, trainer.graft_reports):
+        assert event["report"] is report
+        before, after = event["before"], event["after"]
+        alphas = report.members[0].alphas  # member 0 takes member 1 (K = 2)
+        own = {n[len("members.0."):]: t for n, t in before.items() if n.startswith("members.0.")}
+        mixed, statistics = 0, []
+        for name, anchor in anchor_plan(own):
+            w0, w1, alpha = before[f"members.0.{name}"], before[f"members.1.{name}"], alphas[anchor]
+            expected = alpha * w0 + (1 - alpha) * w1
+            if name.endswith(("running_mean", "running_var")):
+                statistics.append(torch.allclose(after[f"members.0.{name}"], expected, atol=1e-6))
+            else:
+                torch.testing.assert_close(after[f"members.0.{name}"], expected)
+                mixed += 1
+        assert mixed > 40 and statistics
+        # without recalibration the statistics are mixed like the weights; with it, re-estimated from data
+        assert all(statistics) if not recalibration else not any(statistics)

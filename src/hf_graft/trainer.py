@@ -29,7 +29,14 @@ from .filters import filter_report
 from .grafting import GraftReport, graft_internal, graft_members, graft_noise
 from .population import PopulationSpec, StudentPopulation
 
-__all__ = ["GraftingCallback", "GraftingTrainer", "population_metrics", "load_teacher"]
+__all__ = [
+    "BatchNormRecalibrationCallback",
+    "GraftingCallback",
+    "GraftingTrainer",
+    "load_teacher",
+    "population_metrics",
+    "recalibrate_batchnorm",
+]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -195,6 +202,7 @@ class GraftingTrainer(Trainer):
         self._member_loss_count = 0
         self._member_grad_norms: torch.Tensor | None = None
         select = args.select_student
+        recalibration = [BatchNormRecalibrationCallback(args.bn_recalibration_batches)] if args.bn_recalibration_batches else []
         super().__init__(
             model=model,
             args=args,
@@ -202,7 +210,8 @@ class GraftingTrainer(Trainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             compute_metrics=compute_metrics or (lambda p: self._compute_metrics(p, select)),
-            callbacks=[self.graft_callback, *(callbacks or [])],
+            # recalibration first, so that users' `on_graft_end` sees the statistics the run continues with
+            callbacks=[self.graft_callback, *recalibration, *(callbacks or [])],
             **kwargs,
         )
         self._place_teachers()
@@ -321,7 +330,12 @@ class GraftingTrainer(Trainer):
     # ------------------------------------------------------------------ grafting
     @torch.no_grad()
     def graft(self, step: int) -> GraftReport | None:
-        """One graft of the population (the `step`-th, 0-based), logged through the Trainer."""
+        """One graft of the population (the `step`-th, 0-based), logged through the Trainer.
+
+        Callbacks that define `on_graft_begin` / `on_graft_end` are called right before the weights
+        are mixed and right after (with the `GraftReport` of an external graft, else None), with
+        `model` the unwrapped population and `graft_index` the 0-based count of this graft.
+        """
         args: GraftingConfig = self.args
         population = self.population
         members = list(population.members)
@@ -330,6 +344,7 @@ class GraftingTrainer(Trainer):
         # every process must graft the same weights: DDP keeps parameters identical, but BatchNorm
         # running statistics are updated locally after DDP's broadcast in each forward
         self.sync_buffers()
+        self._call_graft_event("on_graft_begin", step)
         if args.graft_source == "external":
             report = graft_members(
                 members, criterion=args.graft_criterion, bins=args.graft_bins, A=args.graft_A, c=args.graft_c,
@@ -350,45 +365,21 @@ class GraftingTrainer(Trainer):
             for k, member in enumerate(members):
                 counts = graft_internal(member, threshold=args.graft_invalid_threshold)
                 logs[f"graft/member{k}_filters_grafted"] = float(sum(counts.values()))
-        if args.bn_recalibration_batches > 0:
-            self._recalibrate_batchnorm(args.bn_recalibration_batches, seed=args.seed + step)
+        self._call_graft_event("on_graft_end", step, report=report)
         logs.update({f"graft/{name}": value for name, value in self.filter_metrics().items()})
         logs["graft/count"] = float(step + 1)
         self.log(logs)
         return report
 
-    @torch.no_grad()
-    def _recalibrate_batchnorm(self, num_batches: int, seed: int) -> None:
-        """Re-estimate BatchNorm running statistics of the mixed weights on a few training batches.
+    def _call_graft_event(self, event: str, graft_index: int, **kwargs) -> None:
+        """The Trainer's CallbackHandler only dispatches its own events: call ours on every callback
+        that defines them, in the handler's order."""
+        for callback in self.callback_handler.callbacks:
+            handler = getattr(callback, event, None)
+            if handler is not None:
+                handler(self.args, self.state, self.control, model=self.population, graft_index=graft_index,
+                        train_dataset=self.train_dataset, **kwargs)
 
-        Linear mixing of two networks' running means and variances is not the statistics of the mixed
-        network; this pass (cumulative average, train-mode BN, no gradients) replaces them.
-        """
-        population = self.population
-        bns = [m for m in population.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        if not bns:
-            return
-        saved = [(m, m.momentum) for m in bns]
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average over the recalibration batches
-        was_training = population.training
-        population.train()
-        generator = torch.Generator().manual_seed(seed)
-        dataset = self.train_dataset
-        batch = self.args.per_device_train_batch_size
-        order = torch.randperm(len(dataset), generator=generator)[: num_batches * batch].tolist()
-        # forked RNG: the global stream (dropout, augmentation) continues as if no recalibration ran,
-        # which keeps a run resumed at this epoch boundary identical to an uninterrupted one
-        devices = [self.args.device.index or 0] if self.args.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            for start in range(0, len(order), batch):
-                items = default_collate([dataset[i] for i in order[start:start + batch]])
-                population(pixel_values=items["pixel_values"].to(self.args.device))
-        for m, momentum in saved:
-            m.momentum = momentum
-        population.train(was_training)
 
     # ------------------------------------------------------------------ evaluation and logging
     def _compute_metrics(self, prediction: EvalPrediction, select_student: str) -> dict[str, float]:
@@ -574,6 +565,53 @@ class GraftingTrainer(Trainer):
                 best_model_checkpoint=self.state.best_model_checkpoint,
                 use_mtime=True,
             )
+
+
+# ----------------------------------------------------------------------------- BatchNorm recalibration
+class BatchNormRecalibrationCallback(TrainerCallback):
+    """After every graft, re-estimate the BatchNorm running statistics of the mixed weights on
+    `num_batches` training batches (`GraftingConfig.bn_recalibration_batches`).
+
+    Linear mixing of two networks' running means and variances is not the statistics of the mixed
+    network; this pass (cumulative average, train-mode BN, no gradients) replaces them.
+    """
+
+    def __init__(self, num_batches: int):
+        self.num_batches = num_batches
+
+    def on_graft_end(self, args, state, control, *, model, graft_index, train_dataset, **kwargs):
+        recalibrate_batchnorm(model, train_dataset, num_batches=self.num_batches,
+                              batch_size=args.per_device_train_batch_size, device=args.device,
+                              seed=args.seed + graft_index)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(population: nn.Module, dataset, *, num_batches: int, batch_size: int,
+                          device: torch.device, seed: int) -> None:
+    """Reset and re-estimate every BatchNorm's running statistics of `population` on `num_batches`
+    batches of `dataset` drawn by `seed`, leaving the global random streams untouched."""
+    bns = [m for m in population.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    saved = [(m, m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the recalibration batches
+    was_training = population.training
+    population.train()
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=generator)[: num_batches * batch_size].tolist()
+    # forked RNG: the global stream (dropout, augmentation) continues as if no recalibration ran,
+    # which keeps a run resumed at this epoch boundary identical to an uninterrupted one
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for start in range(0, len(order), batch_size):
+            items = default_collate([dataset[i] for i in order[start:start + batch_size]])
+            population(pixel_values=items["pixel_values"].to(device))
+    for m, momentum in saved:
+        m.momentum = momentum
+    population.train(was_training)
 
 
 # ----------------------------------------------------------------------------- checkpoint helpers

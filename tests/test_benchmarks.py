@@ -7,6 +7,7 @@ under a minute.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -47,16 +48,36 @@ def test_throughput_quick(tmp_path):
 
 @needs_cifar
 def test_reproduce_small_quick(tmp_path):
-    lines = _run("reproduce_small.py", "--work-dir", str(tmp_path / "repro"))
+    lines = _run("reproduce_small.py", "--work-dir", str(tmp_path / "repro"), timeout=240)
     last = lines[-1]
     assert last.startswith("RESULT top-1"), last
-    # both quick methods ran and report a top-1 in percent
+    # both quick methods ran on both seeds and report a top-1 in percent, graft2 with its paired interval
     values = dict(re.findall(r"(baseline|graft2) (\d+\.\d+)", last))
     assert set(values) == {"baseline", "graft2"}, last
     assert all(0.0 <= float(v) <= 100.0 for v in values.values())
-    # the quick run leaves the results file of the full run alone
-    runs = (tmp_path / "repro_quick" / "runs.jsonl").read_text().splitlines()
-    assert len(runs) == 2
+    assert re.search(r"vs baseline [+-]\d+\.\d, 95% t \[[+-]\d+\.\d, [+-]\d+\.\d\]", last), last
+    work = tmp_path / "repro_quick"
+    runs = [json.loads(line) for line in (work / "runs.jsonl").read_text().splitlines()]
+    assert sorted((r["method"], r["seed"]) for r in runs) == [("baseline", 0), ("baseline", 1), ("graft2", 0), ("graft2", 1)]
+    # the graft diagnostics callback measured the one graft of each grafting run: before, after, BN re-estimated
+    for r in runs:
+        assert len(r["graft_diagnostics"]) == (1 if r["method"] == "graft2" else 0)
+        for d in r["graft_diagnostics"]:
+            assert d["graft"] == 1 and all(len(d[k]) == 2 for k in ("before", "after", "after_bn_recal"))
+        assert all(len(curve) == 2 for curve in r["eval_curves"].values())  # one evaluation per epoch
+    # the table reads the paired difference; --report-only rewrites the same file from the work dir alone
+    table = (work / "reproduce_small.md").read_text()
+    assert re.search(r"\| graft2 \| 0,1 \| .* \| [+-]\d+\.\d \| \[.*\] \| (interval contains 0|higher|lower)", table)
+    rewritten = tmp_path / "again.md"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "reproduce_small.py"), "--report-only",
+                           "--work-dir", str(work), "--results", str(rewritten)],
+                          cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _without_environment(rewritten.read_text()) == _without_environment(table)
+
+
+def _without_environment(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if not line.startswith("Environment:"))
 
 
 def test_graft_cost_quick():

@@ -96,8 +96,9 @@ class SetupError(RuntimeError):
     """Data, model or teachers could not be prepared; raised before any training step."""
 
 
-def build_trainer(data_args: DataArguments, config: GraftingConfig):
-    """Load the data, build the population (and teachers) and the `GraftingTrainer`.
+def build_trainer(data_args: DataArguments, config: GraftingConfig, callbacks=None):
+    """Load the data, build the population (and teachers) and the `GraftingTrainer` (with the extra
+    `TrainerCallback`s `callbacks`, if any).
 
     Returns `(trainer, data, spec)`. Any failure here is a `SetupError` with a one-line message:
     nothing has been trained or written yet.
@@ -125,21 +126,23 @@ def build_trainer(data_args: DataArguments, config: GraftingConfig):
             data, data_args, spec.data_config, num_members=config.num_students, order=config.data_order,
             seed=config.seed,
         )
-        trainer = GraftingTrainer(model=population, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset)
+        trainer = GraftingTrainer(model=population, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                                  callbacks=callbacks)
     except (ValueError, FileNotFoundError, RuntimeError, TypeError, KeyError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SetupError(message) from err
     return trainer, data, spec
 
 
-def run_training(data_args: DataArguments, config: GraftingConfig) -> dict[str, Any]:
-    """Load data, build the population, train, evaluate, export the selected student."""
+def run_training(data_args: DataArguments, config: GraftingConfig, callbacks=None) -> dict[str, Any]:
+    """Load data, build the population, train, evaluate, export the selected student; `callbacks` are
+    extra `TrainerCallback`s (they may define the graft events `on_graft_begin` / `on_graft_end`)."""
     from transformers.trainer_utils import get_last_checkpoint
 
     from .export import build_model_card, save_student, select_member
     from .filters import filter_report
 
-    trainer, data, spec = build_trainer(data_args, config)
+    trainer, data, spec = build_trainer(data_args, config, callbacks=callbacks)
 
     resume = config.resume_from_checkpoint
     if resume in ("true", "True", "last"):

@@ -31,7 +31,7 @@ finished runs), the plan to `<work-dir>/plan.json`, and the results file is rewr
 Command (see benchmarks/README.md for the budget and what it can support):
 
     HF_HUB_OFFLINE=1 python benchmarks/reproduce_small.py --train-samples 1500 --eval-samples 1000 \
-        --epochs 6 --seeds 0 1 2 --work-dir /tmp/hf_graft_repro
+        --epochs 6 --seeds 0 1 2 3 4 --work-dir /tmp/hf_graft_repro
 
 Quick smoke run (2 methods x 2 seeds on a few images; used by tests/test_benchmarks.py):
 

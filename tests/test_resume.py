@@ -187,7 +187,7 @@ def test_training_batches_depend_only_on_seed_and_epoch(tmp_path, digits_small, 
 
 def test_publishing_a_checkpoint_replaces_an_older_copy_of_the_same_step(tmp_path):
     """A second save of one step (e.g. a resumed run saving again) swaps the folders whole."""
-    from hf_graft.trainer import _publish_dir
+    from hf_graft.checkpointing import publish_dir
 
     final, staging = tmp_path / "checkpoint-8", tmp_path / "tmp-checkpoint-8"
     final.mkdir()
@@ -195,7 +195,7 @@ def test_publishing_a_checkpoint_replaces_an_older_copy_of_the_same_step(tmp_pat
     (final / "stale.pt").write_text("old")
     staging.mkdir()
     (staging / "model.safetensors").write_text("new")
-    _publish_dir(str(staging), str(final))
+    publish_dir(str(staging), str(final))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-8"]
     assert sorted(p.name for p in final.iterdir()) == ["model.safetensors"]
     assert (final / "model.safetensors").read_text() == "new"

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 import hf_graft  # noqa: F401
-from hf_graft.grafting import cosine_lr_multipliers
+from hf_graft.schedule import cosine_lr_multipliers
 from hf_graft.train import RecipeError, main, parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,8 @@ from typing import Any, Optional, Union
 
 from transformers import TrainingArguments
 
-from .grafting import CRITERIA, LEVELS, cosine_lr_multipliers
+from .grafting import CRITERIA, LEVELS
+from .schedule import cosine_lr_multipliers
 
 __all__ = ["DataArguments", "GraftingConfig", "GRAFT_SOURCES", "DATA_ORDERS", "TRAIN_AUGMENTATIONS"]
 

@@ -257,7 +257,7 @@ def _filter_l1(weights: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 def _layer_entropies(weights: Mapping[str, torch.Tensor], bins: int) -> dict[str, float]:
     # the lead's implementation of SPEC section 1; there must be only one
-    from .grafting import layer_information
+    from .information import layer_information
 
     if not weights:
         return {}

@@ -23,17 +23,19 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import EvalPrediction
 
+from .checkpointing import STAGING_PREFIX, publish_dir
 from .config import GraftingConfig
 from .data import EpochShuffleSampler, MemberOrderDataset
 from .filters import filter_report
 from .grafting import GraftReport, graft_internal, graft_members, graft_noise
+from .model_sources import load_teacher
 from .population import PopulationSpec, StudentPopulation
+from .schedule import step_decay
 
 __all__ = [
     "BatchNormRecalibrationCallback",
     "GraftingCallback",
     "GraftingTrainer",
-    "load_teacher",
     "population_metrics",
     "recalibrate_batchnorm",
 ]
@@ -68,39 +70,6 @@ def population_metrics(logits: torch.Tensor, labels: torch.Tensor, select_studen
     metrics["top1"] = metrics[f"member{selected}_top1"]
     metrics["top5"] = metrics[f"member{selected}_top5"]
     return metrics
-
-
-# ----------------------------------------------------------------------------- teachers
-def load_teacher(name: str, model_kwargs: dict | None = None) -> nn.Module:
-    """A frozen teacher from a timm name, an 'hf-hub:'/'local-dir:' id or a folder hf_graft exported."""
-    import timm
-
-    kwargs = dict(model_kwargs or {})
-    if os.path.isdir(name):
-        if os.path.isfile(os.path.join(name, "graft_population.json")):
-            raise ValueError(
-                f"GraftingConfig.teacher_models: {name!r} is a training checkpoint (a whole population); "
-                "export one member first (hf-graft export) or point at output_dir/student"
-            )
-        if not os.path.isfile(os.path.join(name, "config.json")):
-            raise ValueError(f"GraftingConfig.teacher_models: folder {name!r} has no config.json")
-        model = timm.create_model(f"local-dir:{os.path.abspath(name)}", pretrained=True, **kwargs)
-    elif name.startswith(("hf-hub:", "local-dir:")):
-        model = timm.create_model(name, pretrained=True, **kwargs)
-    elif timm.is_model(name):
-        try:
-            model = timm.create_model(name, pretrained=True, **kwargs)
-        except Exception as err:
-            raise ValueError(
-                f"GraftingConfig.teacher_models: no trained weights for {name!r} available here "
-                f"({type(err).__name__}); use a local folder of a trained model"
-            ) from err
-    else:
-        raise ValueError(
-            f"GraftingConfig.teacher_models: {name!r} is neither a timm model name, an hf-hub:/local-dir: id, "
-            "nor an existing folder"
-        )
-    return model.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- callback
@@ -287,14 +256,8 @@ class GraftingTrainer(Trainer):
                 steps_per_epoch = max(1, len(self.get_train_dataloader()) // self.args.gradient_accumulation_steps)
             milestones = sorted(round(e * steps_per_epoch) for e in self.args.lr_decay_epochs)
             warmup = self.args.get_warmup_steps(num_training_steps)
-            gamma = self.args.lr_decay_gamma
-
-            def step_decay(step: int) -> float:
-                if step < warmup:
-                    return (step + 1) / (warmup + 1)
-                return gamma ** sum(step >= m for m in milestones)
-
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, step_decay)
+            decay = step_decay(milestones, warmup=warmup, gamma=self.args.lr_decay_gamma)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
@@ -549,11 +512,11 @@ class GraftingTrainer(Trainer):
 
         self.accelerator.wait_for_everyone()  # every process has written its files
         if args.process_index == 0:
-            _publish_dir(staging_dir, final_dir)
+            publish_dir(staging_dir, final_dir)
         self.accelerator.wait_for_everyone()
         # nodes that do not share process 0's file system publish their own copy, one after it
         if args.process_index != 0 and args.local_process_index == 0 and os.path.isdir(staging_dir):
-            _publish_dir(staging_dir, final_dir)
+            publish_dir(staging_dir, final_dir)
         self.accelerator.wait_for_everyone()
 
         if args.push_to_hub:
@@ -614,7 +577,7 @@ def recalibrate_batchnorm(population: nn.Module, dataset, *, num_batches: int, b
     population.train(was_training)
 
 
-# ----------------------------------------------------------------------------- checkpoint helpers
+# ----------------------------------------------------------------------------- random streams
 @contextlib.contextmanager
 def _preserved_rng(device: torch.device):
     """Restore the python, numpy and torch (CPU and the training CUDA device) RNG states on exit."""
@@ -626,48 +589,6 @@ def _preserved_rng(device: torch.device):
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
-
-
-STAGING_PREFIX = "tmp-"  # `tmp-checkpoint-N`: matched by neither get_last_checkpoint nor rotation
-
-
-def _fsync_tree(folder: str) -> None:
-    """Flush every file of `folder`, then the folder itself, to stable storage."""
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # platforms without directory file descriptors
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _publish_dir(staging_dir: str, final_dir: str) -> None:
-    """Rename a complete staging folder to its final name (replacing an older copy of that name)."""
-    _fsync_tree(staging_dir)
-    replaced = None
-    if os.path.isdir(final_dir):
-        replaced = staging_dir + "-replaced"
-        shutil.rmtree(replaced, ignore_errors=True)
-        os.rename(final_dir, replaced)
-    os.rename(staging_dir, final_dir)
-    _fsync_dir(os.path.dirname(os.path.abspath(final_dir)))
-    if replaced is not None:
-        shutil.rmtree(replaced, ignore_errors=True)
 
 
 class _SamplerEpochCallback(TrainerCallback):

@@ -1,4 +1,4 @@
-"""Exact resume and atomic checkpoints of GraftingTrainer (issue 6, items 3 and 4).
+"""Exact resume and atomic checkpoints of GraftingTrainer.
 
 One uninterrupted reference run (3 epochs x 4 steps, K = 2, a checkpoint every 2 steps, grafts at
 the start of epochs 1 and 2, i.e. at global steps 4 and 8, right after the checkpoints of those
@@ -74,7 +74,7 @@ def test_crash_while_saving_keeps_previous_checkpoint_and_resume_mid_epoch_is_ex
     with pytest.raises(RuntimeError, match="simulated kill"):
         crashing.train()
 
-    staging = out / "tmp-checkpoint-8"
+    staging = out / "tmp-checkpoint-8" / "checkpoint-8"
     assert (staging / "model.safetensors").is_file() and (staging / "optimizer.pt").is_file()
     assert not (staging / "rng_state.pth").exists()  # the save really stopped half-way
     assert not (out / "checkpoint-8").exists()

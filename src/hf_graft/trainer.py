@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
-import shutil
 from collections import defaultdict
 from typing import Sequence
 
@@ -23,7 +21,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import EvalPrediction
 
-from .checkpointing import STAGING_PREFIX, publish_dir
+from .checkpointing import AtomicCheckpoints
 from .config import GraftingConfig
 from .data import EpochShuffleSampler, MemberOrderDataset
 from .filters import filter_report
@@ -122,7 +120,7 @@ class GraftingCallback(TrainerCallback, ExportableState):
 
 
 # ----------------------------------------------------------------------------- trainer
-class GraftingTrainer(Trainer):
+class GraftingTrainer(AtomicCheckpoints, Trainer):
     """Trains K students with the Trainer, grafting them in a ring at epoch boundaries.
 
     `model` is a `StudentPopulation`, or a `PopulationSpec` from which one is built with
@@ -460,74 +458,6 @@ class GraftingTrainer(Trainer):
             if isinstance(callback, GraftingCallback) and callback.trainer is None:
                 callback.trainer = self
                 self.graft_callback = callback
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """Write `checkpoint-N` atomically.
-
-        transformers' own `_save_checkpoint` writes straight into `checkpoint-N`, so a process killed
-        while saving leaves a half-written folder that `get_last_checkpoint` then picks. Here every
-        process writes its part (model, optimizer, scheduler, scaler, its RNG state, trainer state)
-        into `tmp-checkpoint-N`; once all have finished, the folder is flushed to disk and renamed
-        to `checkpoint-N` in one `os.rename`. A killed save leaves only `tmp-checkpoint-N`, which
-        neither `get_last_checkpoint` nor the rotation of `save_total_limit` match, and which the
-        next save of that step removes. `best_model_checkpoint` and rotation follow the final name.
-        """
-        from transformers.trainer import TRAINER_STATE_NAME
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
-
-        args = self.args
-        if self.hp_search_backend is None and trial is None:
-            self.store_flos()
-        run_dir = self._get_output_dir(trial=trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        final_dir = os.path.join(run_dir, name)
-        staging_dir = os.path.join(run_dir, STAGING_PREFIX + name)
-        if args.local_process_index == 0:  # one process per node (nodes may not share a file system)
-            shutil.rmtree(staging_dir, ignore_errors=True)  # left over by a save that was killed
-            os.makedirs(staging_dir, exist_ok=True)
-        self.accelerator.wait_for_everyone()
-
-        self.save_model(staging_dir, _internal_call=True)
-        if not args.save_only_model:
-            self._save_optimizer_and_scheduler(staging_dir)
-            self._save_scaler(staging_dir)
-            self._save_rng_state(staging_dir)
-
-        if (
-            args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
-            and self.state.best_global_step
-        ):
-            best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
-            if self.state.best_global_step == self.state.global_step or os.path.isdir(best_dir):
-                self.state.best_model_checkpoint = best_dir
-        if args.should_save:
-            for callback in [*self.callback_handler.callbacks, self.control]:
-                if isinstance(callback, ExportableState):
-                    key = type(callback).__name__
-                    if isinstance(self.state.stateful_callbacks.get(key), list):
-                        self.state.stateful_callbacks[key].append(callback.state())
-                    else:
-                        self.state.stateful_callbacks[key] = callback.state()
-            self.state.save_to_json(os.path.join(staging_dir, TRAINER_STATE_NAME))
-
-        self.accelerator.wait_for_everyone()  # every process has written its files
-        if args.process_index == 0:
-            publish_dir(staging_dir, final_dir)
-        self.accelerator.wait_for_everyone()
-        # nodes that do not share process 0's file system publish their own copy, one after it
-        if args.process_index != 0 and args.local_process_index == 0 and os.path.isdir(staging_dir):
-            publish_dir(staging_dir, final_dir)
-        self.accelerator.wait_for_everyone()
-
-        if args.push_to_hub:
-            self._push_from_checkpoint(final_dir)
-        if args.should_save:
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
 
 
 # ----------------------------------------------------------------------------- BatchNorm recalibration

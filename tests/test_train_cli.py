@@ -22,10 +22,13 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _parse_in(tmp_path: Path, recipe: Path, *overrides: str):
-    """Parse a recipe from inside tmp_path, where the teacher folders it names are created (empty)."""
+    """Parse a recipe from inside tmp_path, where the teacher folders it names are created (with the
+    two files that make a folder a model folder; their content is read only when training starts)."""
     content = yaml.safe_load(recipe.read_text())
     for folder in content.get("teacher_models") or []:
         (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "model.safetensors"):
+            (tmp_path / folder / name).touch()
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:

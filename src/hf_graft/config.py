@@ -37,30 +37,6 @@ def _as_dict(owner: str, name: str, value: Any) -> dict:
     return parsed
 
 
-def _check_model_name(owner: str, name: str, value: str, folder_ok: bool = False) -> None:
-    """Fail at parse time, not after the data is loaded, on a model nobody can build."""
-    import os
-
-    import timm
-
-    from . import models  # noqa: F401  (the cifar_* architectures)
-
-    if value.startswith("hf-hub:"):
-        return  # resolved (from the local cache when offline) when the model is created
-    if value.startswith("local-dir:"):
-        if not os.path.isdir(value[len("local-dir:"):]):
-            _fail(owner, name, value, "an existing folder after 'local-dir:'")
-        return
-    if folder_ok and os.path.isdir(value):
-        return
-    if folder_ok and ("/" in value or os.sep in value):
-        _fail(owner, name, value, "an existing folder (this one does not exist: train and export the teacher first), "
-              "a timm model name, an 'hf-hub:' id, or 'local-dir:FOLDER'")
-    if not timm.is_model(value):
-        allowed = "a timm model name (timm.list_models()), an 'hf-hub:' id, or 'local-dir:FOLDER'"
-        _fail(owner, name, value, allowed + (", or a folder exported by hf_graft" if folder_ok else ""))
-
-
 @dataclass
 class DataArguments:
     """Which images to train and evaluate on, and how they are transformed."""
@@ -231,11 +207,13 @@ class GraftingConfig(TrainingArguments):
         owner = "GraftingConfig"
         self.student_model_kwargs = _as_dict(owner, "student_model_kwargs", self.student_model_kwargs)
         self.teacher_model_kwargs = _as_dict(owner, "teacher_model_kwargs", self.teacher_model_kwargs)
+        from .model_sources import check_model_name  # names fail here, before any data is loaded
+
         if not self.student_model:
             _fail(owner, "student_model", self.student_model, "a timm model name or an 'hf-hub:'/'local-dir:' id")
-        _check_model_name(owner, "student_model", self.student_model)
+        self.student_model = check_model_name(owner, "student_model", self.student_model).timm_name
         for name in self.teacher_models or []:
-            _check_model_name(owner, "teacher_models", name, folder_ok=True)
+            check_model_name(owner, "teacher_models", name)
         if self.num_students < 1:
             _fail(owner, "num_students", self.num_students, "an integer >= 1 (>= 2 to graft among students)")
         if self.graft_source not in GRAFT_SOURCES:

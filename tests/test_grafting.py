@@ -1,4 +1,4 @@
-"""The grafting math (SPEC sections 1-5) against hand-computed values and a plain reference loop.
+"""The grafting math (docs/method.md §2-§5, §8) against hand-computed values and a plain reference loop.
 
 The reference below is written the straightforward way, independently of hf_graft.grafting:
 a loop over the state dict in order, `torch.histc` for the histogram, Python floats for the
@@ -130,7 +130,7 @@ def test_l1_hand_values():
 
 @pytest.mark.parametrize("method", COUNT_METHODS)
 def test_bin_counts_equal_torch_histc_exactly(method):
-    """Every counting kernel gives exactly torch.histc's histogram (the SPEC's reference)."""
+    """Every counting kernel gives exactly torch.histc's histogram (the reference binning, docs/method.md §2)."""
     g = torch.Generator().manual_seed(0)
     cases = [torch.randn(n, generator=g) * s for n, s in [(1000, 1.0), (4097, 1e-3), (33, 50.0)]]
     cases += [torch.tensor([0.0, 1.0, 2.0, 3.0, 10.0]), torch.full((9,), 3.0), torch.rand(50, generator=g).round()]
@@ -253,7 +253,7 @@ def test_in_parallel_semantics_with_plain_average():
 
 def test_anchor_rule_on_timm_model():
     """BatchNorm weight/bias/running stats take the alpha of the conv before them; the classifier
-    bias takes the classifier weight's; num_batches_tracked is not mixed (SPEC section 3)."""
+    bias takes the classifier weight's; num_batches_tracked is not mixed (docs/method.md §3)."""
     members = make_members("resnet10t", 2, seed0=10)
     pre = [snapshot(m) for m in members]
     report = graft_members(members)
@@ -435,8 +435,8 @@ def test_bf16_members_stay_bf16_and_information_is_float32():
 def test_graft_members_reads_nothing_back_to_the_host(monkeypatch):
     """graft_members itself makes no host read at all (no .item(), .tolist(), .cpu(), bool() of a
     tensor...): on a GPU it only queues kernels. The report copies its numbers to the host in
-    exactly one transfer when it is first read (a Trainer logs it right away; one sync per graft
-    is what the issue allows), and never again."""
+    exactly one transfer when it is first read (a Trainer logs it right away: one sync per graft),
+    and never again."""
     members = make_members("cifar_resnet20", 3, seed0=17)
     pre = [snapshot(m) for m in members]
     calls = {"cpu": 0}

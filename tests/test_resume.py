@@ -137,7 +137,11 @@ def test_save_total_limit_and_load_best_model_at_end(tmp_path, digits_small, sin
     for step, best, folders in listing.kept_after_save:
         assert folders == sorted({f"checkpoint-{step}", os.path.basename(best)}), (step, folders)
     # at the end, save_total_limit=1 keeps the best checkpoint only (transformers' rule)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [f"checkpoint-{best_step}"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_dir()) == [f"checkpoint-{best_step}"]
+    # the run's results are those of the population it ends with, the best one: its logged evaluation, reused
+    assert len([e for e in trainer.state.log_history if "eval_ensemble_top1" in e]) == 3
+    results = json.loads((tmp_path / "run" / "all_results.json").read_text())
+    assert results["eval_ensemble_top1"] == max(values) and results["epoch"] == evals[values.index(max(values))]["epoch"]
     # the population in memory is the best checkpoint's, every member of it
     saved = load_file(str(best_dir / "model.safetensors"))
     state = population_state(trainer)

@@ -100,7 +100,7 @@ class GraftingConfig(TrainingArguments):
     """Training arguments for a population of grafted timm students (and grafting+ teachers).
 
     Every field of `transformers.TrainingArguments` is available; the ones below configure the
-    population, the graft (SPEC sections 1-5), distillation (section 6) and the exported student.
+    population, the graft (docs/method.md §2-§8), distillation (§9) and the exported student.
     """
 
     # --- the students

@@ -58,7 +58,7 @@ def _is_anchor(t: torch.Tensor) -> bool:
 
 
 def anchor_plan(state: dict[str, torch.Tensor]) -> list[tuple[str, str | None]]:
-    """(entry name, anchor name) for every entry to mix, in state-dict order (SPEC section 3).
+    """(entry name, anchor name) for every entry to mix, in state-dict order (docs/method.md §3).
 
     Anchors (floating tensors with ndim >= 2) map to themselves; other floating entries take the
     nearest preceding anchor (entries before the first anchor take the first anchor); integer
@@ -262,61 +262,32 @@ def _mix_ring(ws: list[torch.Tensor], betas: list[torch.Tensor], keep: torch.Ten
         ws[k].copy_(torch.lerp(pre[k], end, betas[k].to(compute)))
 
 
-@torch.no_grad()
-def graft_members(
-    members: Sequence[nn.Module],
-    *,
-    criterion: str = "entropy",
-    bins: int = 10,
-    A: float = 0.4,
-    c: float = 500.0,
-    level: str = "layer",
-) -> GraftReport:
-    """Graft a ring of K >= 2 same-architecture members in place: member k takes member (k-1) mod K.
-
-    All K grafts read the weights as they were before this call (in-parallel semantics). Tensors
-    are mixed `W_k' = alpha_k W_k + (1 - alpha_k) W_{k-1}` with one alpha per anchor (SPEC 3), or
-    one alpha per output filter with `level="filter"` (the authors' filter-level variant; 1-D
-    entries whose length matches the anchor's filter count take the per-filter alphas, others
-    their mean). A member whose weights are not all finite is never used as a scion: its
-    receiver keeps its own weights (alpha = 1), and the report says so. A non-finite member
-    still receives from its own (finite) scion; its non-finite layers get alpha NaN.
-
-    No host synchronisation: the returned report copies its numbers to the host when first read.
-    """
-    if len(members) < 2:
-        raise ValueError(f"graft_members needs K >= 2 members, got {len(members)}")
-    _check_criterion(criterion)
-    _check_bins(bins)
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-    K = len(members)
+def _graft_states(members: Sequence[nn.Module], level: str):
+    """The members' live state dicts (local pieces for FSDP2 DTensors), checked alike; and, for
+    sharded members, the DTensor states and the process group they are sharded over."""
     states = [_live_state(m) for m in members]
     # FSDP2: parameters are DTensors sharded along dim 0. Every process grafts its own shards;
     # the layers' information comes from all-reduced histograms (`sharded_information`), so no
     # weight is ever gathered. Members must be sharded alike (same wrapping, same mesh).
-    dtensor_states = states if any(_is_dtensor(t) for t in states[0].values()) else None
-    if dtensor_states is not None:
+    dtensor_states, group = None, None
+    if any(_is_dtensor(t) for t in states[0].values()):
         if level != "layer":
             raise ValueError("graft_members: level='filter' is not supported on FSDP-sharded members; use 'layer'")
-        group = _dtensor_group(list(states[0].values()))
+        dtensor_states, group = states, _dtensor_group(list(states[0].values()))
         states = [{n: _local_piece(t)[0] for n, t in st.items()} for st in states]
     _check_members(states)
-    plan = anchor_plan(states[0])
-    anchors = [name for name, anchor in plan if name == anchor]
-    if not anchors:
-        raise ValueError("members have no floating tensor with ndim >= 2 (conv/linear weight) to graft by")
-    device = states[0][anchors[0]].device
-    scion_of = [(k - 1) % K for k in range(K)]
-    scratch = _Scratch(device)
+    return states, dtensor_states, group
 
-    # information of every anchor of every member, [A, K] (NaN or inf where a layer is not
-    # finite), and per-filter information for the filter level; the K members of a layer are
-    # rows of one scratch buffer, binned and counted together
+
+def _information_tables(states, anchors, *, criterion: str, bins: int, level: str, scratch: "_Scratch"):
+    """Information of every anchor of every member, [A, K] (NaN or inf where a layer is not finite),
+    and for the filter level each anchor's per-filter information, {name: [K, F]}. The K members of
+    a layer are rows of one scratch buffer, binned and counted together."""
+    K, device = len(states), scratch.device
     total = max(states[0][name].numel() for name in anchors) * K
     ibuf = scratch.get(2, total, torch.int32) if device.type == "cpu" else None
     info_rows, per_filter = [], {}
-    for name in anchors if dtensor_states is None else ():
+    for name in anchors:
         ws = [s[name] for s in states]
         n = ws[0].numel()
         if criterion == "entropy":
@@ -333,34 +304,26 @@ def graft_members(
                 per_filter[name] = _entropy_rows(x, bins, x, None if ibuf is None else ibuf[: K * n]).view(K, F)
             else:
                 per_filter[name] = torch.stack([_l1(w.reshape(F, -1), dim=1) for w in ws])
-    if dtensor_states is None:
-        info_table = torch.stack(info_rows)  # [A, K]
-    else:  # every layer of every member in the same two collectives
-        pieces = [dtensor_states[k][name] for name in anchors for k in range(K)]
-        info_table = sharded_information(pieces, criterion=criterion, bins=bins, group=group).view(len(anchors), K)
+    return torch.stack(info_rows), per_filter
 
-    # finiteness of every member, on the device: its anchors' information and its other entries;
-    # receivers of a non-finite scion keep their own weights
-    others = [name for name, anchor in plan if name != anchor]
-    finite = torch.isfinite(info_table).all(dim=0) & _entries_finite(states, others, device)  # [K]
-    if dtensor_states is not None:  # a shard elsewhere may hold the non-finite value: agree on it
-        bad = _default_all_reduce(group)((~finite).float(), "max")
-        finite = bad < 0.5
-    keep = ~finite.roll(1, 0)  # keep[k] = not finite[k-1]
 
+def _alphas(info_table, per_filter, anchors, keep, *, level: str, A: float, c: float):
+    """Each anchor's alphas ({name: [K]}, or [K, F] per filter) for member k against its scion k - 1
+    (alpha 1 where the scion is not finite), and the [A, K] table the report shows."""
     if level == "layer":
         alpha_table = adaptive_alpha(info_table, info_table.roll(1, 1), A, c)  # [A, K]
         alpha_table = torch.where(keep, torch.ones_like(alpha_table), alpha_table)
-        alphas = {name: alpha_table[i] for i, name in enumerate(anchors)}  # [K] each
-    else:
-        alphas = {}
-        for name in anchors:
-            pf = per_filter[name]  # [K, F]
-            alpha = adaptive_alpha(pf, pf.roll(1, 0), A, c)
-            alphas[name] = torch.where(keep.unsqueeze(1), torch.ones_like(alpha), alpha)
-        alpha_table = torch.stack([alphas[name].mean(dim=1) for name in anchors])
+        return {name: alpha_table[i] for i, name in enumerate(anchors)}, alpha_table
+    alphas = {}
+    for name in anchors:
+        pf = per_filter[name]  # [K, F]
+        alpha = adaptive_alpha(pf, pf.roll(1, 0), A, c)
+        alphas[name] = torch.where(keep.unsqueeze(1), torch.ones_like(alpha), alpha)
+    return alphas, torch.stack([alphas[name].mean(dim=1) for name in anchors])
 
-    # mix every entry with its anchor's alpha, in place
+
+def _mix_entries(states, plan, alphas, keep, scratch: "_Scratch") -> None:
+    """Mix every planned entry of every member with its anchor's alphas, in place."""
     betas_of = {name: 1.0 - a for name, a in alphas.items()}
     for name, anchor in plan:
         ws = [s[name] for s in states]
@@ -374,16 +337,70 @@ def graft_members(
             per_member = list(beta.mean(dim=1).unbind(0))
         _mix_ring(ws, per_member, keep, scratch)
 
+
+@torch.no_grad()
+def graft_members(
+    members: Sequence[nn.Module],
+    *,
+    criterion: str = "entropy",
+    bins: int = 10,
+    A: float = 0.4,
+    c: float = 500.0,
+    level: str = "layer",
+) -> GraftReport:
+    """Graft a ring of K >= 2 same-architecture members in place: member k takes member (k-1) mod K.
+
+    All K grafts read the weights as they were before this call (in-parallel semantics). Tensors
+    are mixed `W_k' = alpha_k W_k + (1 - alpha_k) W_{k-1}` with one alpha per anchor, or one alpha
+    per output filter with `level="filter"` (the authors' filter-level variant; 1-D entries whose
+    length matches the anchor's filter count take the per-filter alphas, others their mean); see
+    docs/method.md §3-§5. A member whose weights are not all finite is never used as a scion: its
+    receiver keeps its own weights (alpha = 1), and the report says so. A non-finite member still
+    receives from its own (finite) scion; its non-finite layers get alpha NaN.
+
+    No host synchronisation: the returned report copies its numbers to the host when first read.
+    """
+    if len(members) < 2:
+        raise ValueError(f"graft_members needs K >= 2 members, got {len(members)}")
+    _check_criterion(criterion)
+    _check_bins(bins)
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    K = len(members)
+    states, dtensor_states, group = _graft_states(members, level)
+    plan = anchor_plan(states[0])
+    anchors = [name for name, anchor in plan if name == anchor]
+    if not anchors:
+        raise ValueError("members have no floating tensor with ndim >= 2 (conv/linear weight) to graft by")
+    scratch = _Scratch(states[0][anchors[0]].device)
+    if dtensor_states is None:
+        info_table, per_filter = _information_tables(states, anchors, criterion=criterion, bins=bins, level=level,
+                                                     scratch=scratch)
+    else:  # every layer of every member in the same two collectives
+        pieces = [dtensor_states[k][name] for name in anchors for k in range(K)]
+        info_table = sharded_information(pieces, criterion=criterion, bins=bins, group=group).view(len(anchors), K)
+        per_filter = {}
+
+    # finiteness of every member, on the device: its anchors' information and its other entries;
+    # receivers of a non-finite scion keep their own weights
+    others = [name for name, anchor in plan if name != anchor]
+    finite = torch.isfinite(info_table).all(dim=0) & _entries_finite(states, others, scratch.device)  # [K]
+    if dtensor_states is not None:  # a shard elsewhere may hold the non-finite value: agree on it
+        finite = _default_all_reduce(group)((~finite).float(), "max") < 0.5
+    keep = ~finite.roll(1, 0)  # keep[k] = not finite[k-1]
+
+    alphas, alpha_table = _alphas(info_table, per_filter, anchors, keep, level=level, A=A, c=c)
+    _mix_entries(states, plan, alphas, keep, scratch)
     return GraftReport(
         criterion=criterion, source="external",
         _pending=dict(anchors=anchors, alpha_table=alpha_table, info_table=info_table, finite=finite,
-                      scion_of=scion_of),
+                      scion_of=[(k - 1) % K for k in range(K)]),
     )
 
 
 # ----------------------------------------------------------------------------- other scion sources
 def _conv_filters(state: dict[str, torch.Tensor]) -> Iterable[tuple[str, torch.Tensor]]:
-    # filters are slices along the output channel of conv weights (SPEC section 7)
+    # filters are slices along the output channel of conv weights (docs/method.md §10)
     for name, t in state.items():
         if t.is_floating_point() and t.ndim == 4:
             yield name, t

@@ -1,11 +1,21 @@
-"""What a finished run reports: which member is the student, and why."""
+"""What a finished run reports: which member is the student and why, each member's numbers, and
+the closing summary. Plain functions of the final metrics (`GraftingTrainer.train` calls them once)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-__all__ = ["format_number", "select_member"]
+__all__ = [
+    "ensemble_metrics",
+    "filter_summaries",
+    "format_number",
+    "member_metrics",
+    "select_member",
+    "summary_lines",
+]
+
+TOPK = ("top1", "top5")
 
 
 def _lower_is_better(metric: str) -> bool:
@@ -70,3 +80,61 @@ def format_number(value: Any) -> str:
     if math.isnan(value) or math.isinf(value):
         return str(value)
     return f"{value:.4f}".rstrip("0").rstrip(".") if value != 0 else "0"
+
+
+def member_metrics(metrics: Mapping[str, Any], num_members: int, prefix: str = "eval") -> dict[int, dict[str, float]]:
+    """{k: {"top1": ..., "top5": ...}} from flat `{prefix}_member{k}_top1` metrics (those present)."""
+    return {
+        k: {name: metrics[f"{prefix}_member{k}_{name}"] for name in TOPK if f"{prefix}_member{k}_{name}" in metrics}
+        for k in range(num_members)
+    }
+
+
+def ensemble_metrics(metrics: Mapping[str, Any], prefix: str = "eval") -> dict[str, float]:
+    return {name: metrics[f"{prefix}_ensemble_{name}"] for name in TOPK if f"{prefix}_ensemble_{name}" in metrics}
+
+
+def filter_summaries(metrics: Mapping[str, Any], members: Sequence, *, thresholds: Sequence[float], bins: int,
+                     prefix: str = "eval") -> dict[str, dict[str, float]]:
+    """Each member's filter health (`FilterReport.summary`: invalid-filter ratios and total entropy):
+    taken from the evaluation's metrics when it logged them, computed from the weights otherwise."""
+    from .filters import filter_report, threshold_key
+
+    names = [f"invalid_ratio@{threshold_key(t)}" for t in thresholds] + ["total_entropy"]
+    summaries = {}
+    for k, member in enumerate(members):
+        keys = [f"{prefix}_member{k}_{name}" for name in names]
+        if all(key in metrics for key in keys):
+            summaries[f"member{k}"] = {name: metrics[key] for name, key in zip(names, keys)}
+        else:
+            summaries[f"member{k}"] = filter_report(member, thresholds=thresholds, bins=bins).summary()
+    return summaries
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{seconds:.1f} s" if seconds < 60 else f"{minutes} min {rest:02d} s"
+
+
+def summary_lines(results: Mapping[str, Any], num_members: int) -> list[str]:
+    """The closing lines of a run: where the student is, which member and why, each member's and the
+    ensemble's top-1, and the wall time."""
+    selected = results.get("selected_member")
+    folder = results.get("student_dir")
+    if selected is None:
+        lines = [f"no student selected: {results.get('selection_reason')}"]
+    elif folder:
+        lines = [f"student: member {selected}, written to {folder}"]
+    else:
+        lines = [f"student: member {selected} (not written: export_student is false)"]
+    if selected is not None:
+        lines.append(f"selected because {results.get('selection_reason')}")
+    scores = [f"member {k} {format_number(v['top1'])}" for k, v in member_metrics(results, num_members).items() if "top1" in v]
+    ensemble = ensemble_metrics(results).get("top1")
+    if ensemble is not None and num_members > 1:
+        scores.append(f"ensemble {format_number(ensemble)}")
+    if scores:
+        lines.append("eval top-1 (%): " + ", ".join(scores))
+    if "wall_time_s" in results:
+        lines.append(f"wall time: {_duration(results['wall_time_s'])}")
+    return lines

@@ -32,7 +32,9 @@ folder into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -202,12 +204,25 @@ def _state_dict_for_file(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Raise a library's logger to WARNING for the duration."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(max(logging.WARNING, logger.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _verify_folder(folder: Path, model: nn.Module, config: dict[str, Any]) -> None:
     """Rebuild the student the way each loader does and check it gives the original's logits."""
     import timm
     from safetensors.torch import load_file
 
-    via_timm = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    with _quiet("timm"):  # its "Loading pretrained weights from <staging folder>" says nothing to the user
+        via_timm = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     # what TimmWrapperForImageClassification does: registry defaults + num_classes + model_args
     via_transformers = timm.create_model(
         config["architecture"], pretrained=False, num_classes=config["num_classes"], **config["model_args"]

@@ -8,9 +8,13 @@ the Trainer's optimizer, clipping, evaluation, logging and checkpointing.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
 import random
+import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -23,12 +27,16 @@ from transformers.trainer_utils import EvalPrediction
 
 from .checkpointing import AtomicCheckpoints
 from .config import GraftingConfig
-from .data import EpochShuffleSampler, MemberOrderDataset
+from .data import EpochShuffleSampler, MemberOrderDataset, resolve_student_data_config
 from .filters import filter_report
 from .grafting import GraftReport, graft_internal, graft_members, graft_noise
+from .hub import push_student
+from .model_card import build_model_card
 from .model_sources import load_teacher
 from .population import PopulationSpec, StudentPopulation
+from .results import ensemble_metrics, filter_summaries, member_metrics, select_member, summary_lines
 from .schedule import step_decay
+from .student_folder import save_student
 
 __all__ = [
     "BatchNormRecalibrationCallback",
@@ -37,6 +45,8 @@ __all__ = [
     "population_metrics",
     "recalibrate_batchnorm",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -183,6 +193,8 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         )
         self._place_teachers()
         self._epoch_sampler: EpochShuffleSampler | None = None
+        self.results: dict | None = None  # the end of the run (see `train`)
+        self.student_dir: Path | None = None
         self.add_callback(_SamplerEpochCallback(self))
 
     # ------------------------------------------------------------------ teachers
@@ -396,6 +408,106 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save and self.population.spec is not None:
             self.population.spec.save(output_dir)
+
+    # ------------------------------------------------------------------ the end of a run: results, student, Hub
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        """`Trainer.train`, then the end of the run: the evaluation of the final weights, the selected
+        member and the filter statistics, computed once (`self.results`, also written to
+        `output_dir/all_results.json`); with `export_student`, the student folder (`save_student`);
+        and a closing summary through the `hf_graft.trainer` logger."""
+        started = time.perf_counter()
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        self.results = self.run_results(output.metrics)
+        if self.args.export_student:
+            if self.results["selected_member"] is None:
+                logger.warning("no student written: %s", self.results["selection_reason"])
+            else:
+                self.save_student()
+        self.results["wall_time_s"] = round(time.perf_counter() - started, 2)
+        if self.is_world_process_zero():
+            self.save_metrics("all", self.results, combined=False)
+            self.save_state()
+            for line in summary_lines(self.results, self.args.num_students):
+                logger.info(line)
+        self.accelerator.wait_for_everyone()
+        return output
+
+    def run_results(self, train_metrics: dict | None = None) -> dict:
+        """The metrics of the weights the run ends with, the selected member and why, the settings and
+        every member's filter health. The evaluation is the one already logged for these weights (the
+        last one, or the best checkpoint's after `load_best_model_at_end`) when there is one."""
+        args: GraftingConfig = self.args
+        results = dict(train_metrics or {})
+        if self.eval_dataset is not None:
+            results.update(self._final_evaluation())
+        members = member_metrics(results, args.num_students)
+        if self.eval_dataset is None and args.select_student == "best":
+            selected, reason = None, "no eval_dataset to choose the best member by (select_student: best)"
+        else:
+            selected, reason = select_member(members, args.select_student, num_members=args.num_students)
+        results.update(selected_member=selected, selection_reason=reason, grafting=args.grafting_settings())
+        if args.kd_settings():
+            results["distillation"] = args.kd_settings()
+        results["filters"] = filter_summaries(results, self.population.members, thresholds=args.filter_thresholds,
+                                              bins=args.graft_bins)
+        return results
+
+    def _final_evaluation(self) -> dict:
+        step = self.state.global_step
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            step = self.state.best_global_step  # the weights now loaded are that checkpoint's
+        for entry in reversed(self.state.log_history):
+            if entry.get("step") == step and "eval_runtime" in entry:
+                return {key: value for key, value in entry.items() if key != "step"}
+        return self.evaluate()
+
+    def save_student(self, output_dir: str | os.PathLike | None = None) -> Path:
+        """Write the selected member (default: `output_dir/student`) as a folder that timm and
+        transformers both load, with its model card, checked by reloading it both ways before it
+        replaces an earlier export (see `student_folder.save_student`). Uses `self.results` (the end
+        of `train()`), computing them if `train()` has not run."""
+        results = self.results if self.results is not None else self.run_results()
+        k = results["selected_member"]
+        if k is None:
+            raise ValueError(f"GraftingTrainer.save_student: {results['selection_reason']}")
+        folder = Path(output_dir) if output_dir is not None else Path(self.args.output_dir) / "student"
+        if self.is_world_process_zero():
+            args, spec, member = self.args, self.population.spec, self.population.members[k]
+            data_config = spec.data_config if spec is not None and spec.data_config else resolve_student_data_config(member)
+            architecture = args.student_model
+            if architecture.startswith(("hf-hub:", "local-dir:")):  # the registry name behind the id
+                architecture = member.pretrained_cfg.get("architecture", architecture)
+            label_names = spec.label_names if spec is not None else None
+            card = build_model_card(
+                architecture=architecture, label_names=label_names,
+                dataset_name=spec.dataset_name if spec is not None else None,
+                member_metrics=member_metrics(results, args.num_students), ensemble_metrics=ensemble_metrics(results),
+                selected_member=k, selection_reason=results["selection_reason"],
+                grafting_settings=args.grafting_settings(), kd_settings=args.kd_settings(),
+                repo_id=args.hub_model_id if args.push_student_to_hub else None, data_config=data_config,
+            )
+            save_student(member, folder, architecture=architecture, model_kwargs=args.student_model_kwargs,
+                         label_names=label_names, data_config=data_config, card=card)
+        results["student_dir"] = str(folder)
+        self.student_dir = folder
+        return folder
+
+    def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
+                    revision: str | None = None, **kwargs) -> str | None:
+        """Upload only the student folder (its three files) to `hub_model_id`, never the population, the
+        optimizer or a checkpoint; writes the folder first if `train()` did not. A failed upload raises
+        `PushToHubError` with one line naming the repo (the token removed); the local folder stays.
+        Returns the repo URL (on the main process; None on the others)."""
+        if not self.args.hub_model_id:
+            raise ValueError("GraftingConfig.hub_model_id: required to push the student to the Hub")
+        folder = self.student_dir if self.student_dir is not None else self.save_student()
+        if not self.is_world_process_zero():
+            return None
+        url = push_student(folder, self.args.hub_model_id, token=token or self.args.hub_token,
+                           private=self.args.hub_private_repo,
+                           commit_message=commit_message or "Upload filter-grafted student (hf_graft)")
+        logger.info("pushed the student to %s", url)
+        return url
 
     # ------------------------------------------------------------------ processes, checkpoints, resume
     @torch.no_grad()

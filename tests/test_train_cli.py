@@ -138,7 +138,8 @@ def test_bad_values_fail_with_one_line_naming_the_field(overrides, message, tmp_
         ("num_students: null\n", "bad.yaml: num_students: got null (a blank value); allowed: an integer"),
         ("output_dir:\n", "bad.yaml: output_dir: got null (a blank value); allowed: a string"),
         ("use_cpu: maybe\n", "bad.yaml: use_cpu: got 'maybe'; allowed: true or false"),
-        ("filter_thresholds: [0.1, low]\n", "bad.yaml: filter_thresholds: got [0.1, 'low']; allowed: a list of numbers"),
+        ("filter_thresholds: [0.1, low]\n",
+         "bad.yaml: filter_thresholds: got [0.1, 'low']; allowed: a list of numbers"),
         ("student_model_kwargs: [1, 2]\n", "bad.yaml: student_model_kwargs: got [1, 2]; allowed: a mapping or a string"),
         ("", "bad.yaml: empty recipe; a recipe is a flat mapping of field: value"),
         ("# only a comment\n", "bad.yaml: empty recipe"),
@@ -158,7 +159,8 @@ def test_a_wrong_type_or_missing_value_is_one_line_naming_the_key(tmp_path, caps
 
 
 def test_command_line_type_errors_are_one_line(tmp_path, capsys):
-    with pytest.raises(RecipeError, match=r"^command line: argument --num_students(/--num-students)?: invalid int value: 'two'"):
+    expected = r"^command line: argument --num_students(/--num-students)?: invalid int value: 'two'"
+    with pytest.raises(RecipeError, match=expected):
         parse_recipe(ROOT / "recipes/quickstart.yaml", ["--num_students", "two"])
     assert main([str(ROOT / "recipes/quickstart.yaml"), "--num_students", "two"]) == 2
     err = capsys.readouterr().err

@@ -106,7 +106,8 @@ class GraftingConfig(TrainingArguments):
     # --- the students
     student_model: str = field(
         default="cifar_resnet20",
-        metadata={"help": "timm architecture name, or an 'hf-hub:' / 'local-dir:' id, for every student."},
+        metadata={"help": "timm architecture name, an 'hf-hub:' id, or a model folder ('local-dir:' too), "
+                  "for every student."},
     )
     student_model_kwargs: Optional[Union[dict, str]] = field(
         default=None, metadata={"help": "Extra timm.create_model kwargs (mapping or JSON), e.g. drop_rate."}
@@ -265,7 +266,7 @@ class GraftingConfig(TrainingArguments):
         if self.teacher_models is not None and len(self.teacher_models) == 0:
             self.teacher_models = None
         # Trainer's own push would upload the whole population checkpoint: hf_graft pushes only the
-        # selected student folder at the end of training instead (see export.push_student).
+        # selected student folder instead (GraftingTrainer.push_to_hub).
         self.push_student_to_hub = bool(self.push_to_hub)
         self.push_to_hub = False
         super().__post_init__()

@@ -89,7 +89,8 @@ def resolve_model_source(spec: str) -> ModelSource:
         if (folder / POPULATION_META_FILE).is_file():
             return ModelSource(spec, "checkpoint", str(folder), member)
         if member is not None:
-            raise ModelSourceError(spec, f"'#memberK' needs a training checkpoint folder (one with {POPULATION_META_FILE})")
+            raise ModelSourceError(
+                spec, f"'#memberK' needs a training checkpoint folder (one with {POPULATION_META_FILE})")
         if (folder / "config.json").is_file() and any((folder / f).is_file() for f in MODEL_WEIGHT_FILES):
             return ModelSource(spec, "folder", str(folder))
         raise ModelSourceError(spec, f"folder holds neither {POPULATION_META_FILE} nor config.json + model.safetensors")

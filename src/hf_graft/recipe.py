@@ -153,7 +153,9 @@ def _recipe_defaults(recipe: str | os.PathLike, fields: dict[str, Any]) -> dict[
     return defaults
 
 
-def parse_recipe(recipe: str | os.PathLike | None, overrides: Sequence[str] = ()) -> tuple[DataArguments, GraftingConfig]:
+def parse_recipe(
+    recipe: str | os.PathLike | None, overrides: Sequence[str] = ()
+) -> tuple[DataArguments, GraftingConfig]:
     """Recipe YAML (flat keys, as in TRL / alignment-handbook recipes) + `--key value` overrides.
 
     Unknown keys and values of the wrong type fail here, in one line naming the field, before any
@@ -167,11 +169,13 @@ def parse_recipe(recipe: str | os.PathLike | None, overrides: Sequence[str] = ()
         if token.startswith("--"):
             key = token[2:].split("=", 1)[0]
             if key not in fields and key.replace("-", "_") not in fields and not key.startswith("no_"):
-                raise RecipeError(f"command line: unknown option --{key} (not a field of DataArguments or GraftingConfig)")
+                raise RecipeError(
+                    f"command line: unknown option --{key} (not a field of DataArguments or GraftingConfig)")
     parser = _RecipeParser((DataArguments, GraftingConfig))
     if recipe is not None:
         parser.set_defaults(**_recipe_defaults(recipe, fields))
-    data_args, config, remaining = parser.parse_args_into_dataclasses(args=list(overrides), return_remaining_strings=True)
+    data_args, config, remaining = parser.parse_args_into_dataclasses(
+        args=list(overrides), return_remaining_strings=True)
     if remaining:
         raise RecipeError(f"command line: could not use {' '.join(remaining)!r}")
     return data_args, config

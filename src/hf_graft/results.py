@@ -129,7 +129,8 @@ def summary_lines(results: Mapping[str, Any], num_members: int) -> list[str]:
         lines = [f"student: member {selected} (not written: export_student is false)"]
     if selected is not None:
         lines.append(f"selected because {results.get('selection_reason')}")
-    scores = [f"member {k} {format_number(v['top1'])}" for k, v in member_metrics(results, num_members).items() if "top1" in v]
+    members = member_metrics(results, num_members)
+    scores = [f"member {k} {format_number(v['top1'])}" for k, v in members.items() if "top1" in v]
     ensemble = ensemble_metrics(results).get("top1")
     if ensemble is not None and num_members > 1:
         scores.append(f"ensemble {format_number(ensemble)}")

@@ -473,7 +473,8 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         folder = Path(output_dir) if output_dir is not None else Path(self.args.output_dir) / "student"
         if self.is_world_process_zero():
             args, spec, member = self.args, self.population.spec, self.population.members[k]
-            data_config = spec.data_config if spec is not None and spec.data_config else resolve_student_data_config(member)
+            data_config = spec.data_config if spec is not None and spec.data_config else None
+            data_config = data_config or resolve_student_data_config(member)
             architecture = args.student_model
             if architecture.startswith(("hf-hub:", "local-dir:")):  # the registry name behind the id
                 architecture = member.pretrained_cfg.get("architecture", architecture)

@@ -1,4 +1,5 @@
-"""Learning-rate schedules of a population: the members' initial-rate spread and the paper's step decay."""
+"""Learning-rate schedules of a population: the members' initial-rate spread and the paper's step
+decay (docs/method.md §7, §11)."""
 
 from __future__ import annotations
 

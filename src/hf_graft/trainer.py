@@ -1,8 +1,9 @@
 """GraftingTrainer: a `transformers.Trainer` for a population of grafted students (thin glue).
 
 The math lives in `grafting.py` (the graft), `distill.py` (the KD loss) and `population.py`
-(the K members as one module); this file only decides *when* things happen and wires them into
-the Trainer's optimizer, clipping, evaluation, logging and checkpointing.
+(the K members as one module), as docs/method.md describes it; this file only decides *when*
+things happen (docs/method.md §6) and wires them into the Trainer's optimizer, clipping,
+evaluation, logging and checkpointing, and it ends a run: results, the student, the Hub.
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ def population_metrics(logits: torch.Tensor, labels: torch.Tensor, select_studen
 
 # ----------------------------------------------------------------------------- callback
 class GraftingCallback(TrainerCallback, ExportableState):
-    """Decides when to graft; its counter is saved in checkpoints so a resumed run grafts exactly
-    where an uninterrupted one would (and never twice at one boundary)."""
+    """Decides when to graft (docs/method.md §6); its counter is saved in checkpoints so a resumed
+    run grafts exactly where an uninterrupted one would (and never twice at one boundary)."""
 
     def __init__(self, trainer: "GraftingTrainer" | None = None, grafts_done: int = 0):
         self.trainer = trainer

@@ -1,4 +1,4 @@
-"""Cost of one population graft (issue 8, item 2): `hf_graft.grafting.graft_members` against a
+"""Cost of one population graft: `hf_graft.grafting.graft_members` against a
 straightforward reference, on the same machine, in one process.
 
 The reference does what the authors' public code does, written plainly:

@@ -1,4 +1,4 @@
-"""Throughput of GraftingTrainer against a plain hand-written PyTorch loop (issue 8, item 1).
+"""Throughput of GraftingTrainer against a plain hand-written PyTorch loop.
 
 Trains the same K `cifar_resnet20` students (same seeds, same CIFAR-10 subset, same timm
 transforms, same batch size, same DataLoader settings) twice per repeat, in one process:
@@ -58,19 +58,19 @@ def cpu_seconds() -> float:
 
 # ----------------------------------------------------------------------------- data
 def load_data(args):
-    """The CIFAR subset and the timm transform, loaded once and shared by both sides."""
-    import timm
-
-    from hf_graft.config import DataArguments
-    from hf_graft.data import build_transform, load_image_data, resolve_student_data_config
+    """The CIFAR subset (loaded once, shared by both sides) and, for the plain loop, the training
+    transform GraftingTrainer's datasets use (timm's, for the student's data config)."""
+    from hf_graft.builder import student_data_config
+    from hf_graft.config import DataArguments, GraftingConfig
+    from hf_graft.data import build_transform, load_image_data
 
     data_args = DataArguments(dataset_name=args.dataset, eval_split="test", max_train_samples=args.train_samples,
                               max_eval_samples=16)
     data = load_image_data(data_args, seed=0)
-    probe = timm.create_model(args.model, num_classes=data.num_classes)
-    data_config = resolve_student_data_config(probe, None)
-    transform = build_transform(data_config, data_args, is_training=True)
-    return data, transform
+    probe = GraftingConfig(output_dir=args.workdir, student_model=args.model, num_students=args.K,
+                           graft_source="none", use_cpu=True)
+    transform = build_transform(student_data_config(probe, data.num_classes), data_args, is_training=True)
+    return data_args, data, transform
 
 
 class PlainDataset(torch.utils.data.Dataset):
@@ -139,12 +139,12 @@ def run_plain(args, data, transform, seed: int) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- (a) GraftingTrainer
-def run_trainer(args, data, transform, seed: int, workdir: str) -> list[float]:
+def run_trainer(args, data_args, data, seed: int, workdir: str) -> list[float]:
+    """GraftingTrainer on a run built as the command line builds it (`build_population_and_datasets`)."""
     from transformers import TrainerCallback
 
+    from hf_graft.builder import build_population_and_datasets
     from hf_graft.config import GraftingConfig
-    from hf_graft.data import MemberOrderDataset
-    from hf_graft.population import PopulationSpec, StudentPopulation
     from hf_graft.trainer import GraftingTrainer
 
     class EpochTimer(TrainerCallback):
@@ -165,12 +165,11 @@ def run_trainer(args, data, transform, seed: int, workdir: str) -> list[float]:
         eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=args.num_workers, dataloader_pin_memory=args.cuda, seed=seed,
         data_order="independent" if args.K > 1 else "shared", bf16=args.bf16, use_cpu=not args.cuda,
+        export_student=False,
     )
-    spec = PopulationSpec(student_model=args.model, num_students=args.K, num_classes=data.num_classes)
-    population = StudentPopulation.from_spec(spec, seed=seed)
-    dataset = MemberOrderDataset(data.train, transform, data.image_column, data.label_column,
-                                 num_members=args.K, order=config.data_order, seed=seed)
+    population, dataset, _ = build_population_and_datasets(config, data_args, data=data)
     timer = EpochTimer()
+    # no eval_dataset: the end of the run evaluates nothing and the timed work is training alone
     trainer = GraftingTrainer(model=population, args=config, train_dataset=dataset, callbacks=[timer])
     trainer.train()
     return timer.times
@@ -231,7 +230,7 @@ def main(argv=None) -> int:
     import hf_graft  # noqa: F401
 
     transformers.logging.set_verbosity_error()
-    data, transform = load_data(args)
+    data_args, data, transform = load_data(args)
     images = len(data.train)
     print(f"throughput: {args.model}, K={args.K}, batch {args.batch_size}, {images} images x {args.epochs} epoch(s), "
           f"{args.repeats} repeats, {args.num_workers} loader worker(s), torch threads {torch.get_num_threads()}, "
@@ -242,7 +241,7 @@ def main(argv=None) -> int:
         order = ("trainer", "plain") if r % 2 == 0 else ("plain", "trainer")
         for side in order:
             if side == "trainer":
-                t = run_trainer(args, data, transform, seed=r, workdir=os.path.join(args.workdir, f"r{r}"))
+                t = run_trainer(args, data_args, data, seed=r, workdir=os.path.join(args.workdir, f"r{r}"))
                 trainer_times += t
             else:
                 t = run_plain(args, data, transform, seed=r)
@@ -262,7 +261,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(os.cpu_count() or 1)
         gpu_trainer, gpu_timm = [], []
         for r in range(args.repeats):
-            gpu_trainer += run_trainer(gpu_args, data, transform, seed=r, workdir=os.path.join(args.workdir, f"g{r}"))
+            gpu_trainer += run_trainer(gpu_args, data_args, data, seed=r, workdir=os.path.join(args.workdir, f"g{r}"))
             gpu_timm += run_timm_gpu_step(gpu_args, data, transform, seed=r)
         ips_a = images / statistics.median(w for w, _ in gpu_trainer)
         ips_b = images / statistics.median(w for w, _ in gpu_timm)

@@ -6,7 +6,8 @@ The run trains 3 epochs (grafts at the start of epochs 1 and 2) with a checkpoin
 then a second run resumes from the first one's checkpoint-6 (mid-epoch 1). Every rank writes
 OUT_DIR/rank{r}.json with: the world it ran in, for both runs a sha256 digest of every member's
 weights (parameters and buffers) right before and after each graft and at the end, and the
-training examples it read in every epoch; and the evaluation metrics of the first run.
+training examples it read in every epoch; and the end-of-run results of the first run (its final
+evaluation, the selected member, the student folder that process 0 wrote).
 """
 
 from __future__ import annotations
@@ -23,16 +24,10 @@ import torch
 torch.set_num_threads(1)
 
 import hf_graft  # noqa: E402,F401  (registers the cifar_* models in timm)
-from hf_graft.config import GraftingConfig  # noqa: E402
+from hf_graft.builder import build_population_and_datasets  # noqa: E402
+from hf_graft.config import DataArguments, GraftingConfig  # noqa: E402
+from hf_graft.data import MemberOrderDataset, load_image_data  # noqa: E402
 from hf_graft.trainer import GraftingTrainer  # noqa: E402
-from hf_graft.config import DataArguments  # noqa: E402
-from hf_graft.data import (  # noqa: E402
-    MemberOrderDataset,
-    population_datasets,
-    load_image_data,
-    resolve_student_data_config,
-)
-from hf_graft.population import PopulationSpec, StudentPopulation  # noqa: E402
 
 
 def member_digests(population) -> list[str]:
@@ -86,14 +81,8 @@ def train_once(data_args, data, output_dir: str, epochs: int, resume: str | None
         eval_strategy="epoch", logging_steps=1, seed=0, report_to="none", disable_tqdm=True, learning_rate=0.05,
         lr_spread=["cosine"], filter_thresholds=[0.1], student_model_kwargs={"drop_rate": 0.2},
     )
-    spec = PopulationSpec(config.student_model, 2, data.num_classes, student_model_kwargs=config.student_model_kwargs,
-                          label_names=data.label_names)
-    population = StudentPopulation.from_spec(spec, seed=config.seed)
-    spec.data_config = resolve_student_data_config(population.members[0], data_args.input_size)
-    train_dataset, eval_dataset = population_datasets(
-        data, data_args, spec.data_config, num_members=2, order="independent", seed=config.seed,
-        train_cls=RecordingDataset,
-    )
+    population, train_dataset, eval_dataset = build_population_and_datasets(
+        config, data_args, data=data, train_dataset_cls=RecordingDataset)
     trainer = DigestTrainer(model=population, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset)
     trainer.graft_digests = []
     initial = member_digests(trainer.population)
@@ -115,7 +104,7 @@ def main(out_dir: str, epochs: int = 3) -> None:
     data_args = DataArguments(dataset_name="builtin:digits", max_train_samples=64, max_eval_samples=32, input_size=16)
     data = load_image_data(data_args, seed=0)
     trainer, full = train_once(data_args, data, os.path.join(out_dir, "run"), epochs)
-    metrics = trainer.evaluate()
+    metrics = trainer.results  # the end of the run, on every rank: final evaluation, selection, student
     config = trainer.args
     # a second run resumed mid-epoch 1 (after global step 6) from the first run's checkpoint
     _, resumed = train_once(data_args, data, os.path.join(out_dir, "resumed"), epochs,
@@ -128,6 +117,7 @@ def main(out_dir: str, epochs: int = 3) -> None:
         "distributed_type": str(trainer.accelerator.distributed_type),
         "num_train": len(trainer.train_dataset),
         "eval_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        "student_dir": metrics.get("student_dir"),
         "full": full,
         "resumed": resumed,
     }

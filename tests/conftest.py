@@ -29,7 +29,7 @@ def single_thread():
 
 @pytest.fixture(scope="session")
 def digits_small():
-    """builtin:digits, 64 training and 64 held-out images (real data, loaded once per session)."""
+    """builtin:digits, 64 training and 64 held-out images (real data, loaded once per test run)."""
     from hf_graft.config import DataArguments
     from hf_graft.data import load_image_data
 

@@ -1,4 +1,4 @@
-"""kd_loss (SPEC section 6, paper eqs. 8-12) against a hand-written reference and its known limits."""
+"""kd_loss (docs/method.md §9, paper eqs. 8-12) against a hand-written reference and its known limits."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Two-process (CPU, gloo, DDP) GraftingTrainer run: issue 6, item 1, and a distributed resume.
+"""Two-process (CPU, gloo, DDP) GraftingTrainer runs, a distributed resume, and FSDP2 grafting.
 
 `torchrun --standalone --nproc_per_node 2 tests/_dist_worker.py OUT` trains a K = 2 population of
 cifar_resnet20 (16 px, 64 digits, 8 per process and step, 3 epochs: grafts at global steps 4 and 8),
@@ -91,11 +91,14 @@ def test_resume_mid_epoch_with_two_processes_is_exact(ranks):
     assert not [p for p in (out / "run").iterdir() if p.name.startswith("tmp-")]
 
 
-def test_ranks_report_the_same_evaluation(ranks):
-    _, (r0, r1) = ranks
+def test_ranks_report_the_same_end_of_run(ranks):
+    out, (r0, r1) = ranks
     m0, m1 = r0["eval_metrics"], r1["eval_metrics"]
-    for key in ("eval_member0_top1", "eval_member1_top1", "eval_ensemble_top1", "eval_loss"):
+    for key in ("eval_member0_top1", "eval_member1_top1", "eval_ensemble_top1", "eval_loss", "selected_member"):
         assert m0[key] == m1[key]
+    # process 0 wrote the selected member once; the other process waited for it
+    assert r0["student_dir"] == r1["student_dir"] == str(out / "run" / "student")
+    assert sorted(p.name for p in (out / "run" / "student").iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
@@ -113,7 +116,7 @@ def test_two_gpus_nccl_members_identical_after_every_graft(tmp_path):
 
 
 def test_fsdp2_sharded_graft_equals_the_whole_graft(tmp_path):
-    """Issue 6 item 2: FSDP2 (`fully_shard`, CPU/gloo, 2 processes) members are grafted shard by
+    """FSDP2 (`fully_shard`, CPU/gloo, 2 processes): members are grafted shard by
     shard with information from all-reduced histograms; the result equals grafting whole copies."""
     out = tmp_path / "fsdp.jsonl"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")

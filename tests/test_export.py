@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import hf_graft  # noqa: F401  (registers cifar_* architectures)
-from hf_graft import export
+from hf_graft import export, student_folder
 from hf_graft.export import (
     EXPORT_FILES,
     PAPER_BIBTEX,
@@ -208,7 +208,7 @@ def test_failure_after_writing_keeps_the_previous_folder(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("simulated crash after the files were written")
 
-    monkeypatch.setattr(export, "_verify_folder", fail)
+    monkeypatch.setattr(student_folder, "_verify_folder", fail)
     with pytest.raises(RuntimeError, match="simulated crash"):
         save_student(_tiny_model(seed=5), out, architecture=TINY_ARCH, label_names=LABELS, data_config=DATA_CONFIG)
     assert _snapshot(out) == before
@@ -249,7 +249,7 @@ def test_failed_final_rename_restores_the_previous_folder(tmp_path, monkeypatch)
             raise OSError("simulated rename failure")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(export.os, "replace", replace)
+    monkeypatch.setattr(student_folder.os, "replace", replace)
     with pytest.raises(OSError, match="simulated rename"):
         save_student(_tiny_model(seed=5), out, architecture=TINY_ARCH, label_names=LABELS, data_config=DATA_CONFIG)
     monkeypatch.undo()

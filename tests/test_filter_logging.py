@@ -1,4 +1,4 @@
-"""Filter health during training (issue 7 item 3): logged at every graft and evaluation, and the
+"""Filter health during training (docs/method.md §10): logged at every graft and evaluation, and the
 per-member alpha histogram reaches TensorBoard."""
 
 from __future__ import annotations

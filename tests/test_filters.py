@@ -1,4 +1,4 @@
-"""Filter statistics (SPEC 7): invalid filters, reference-fixed splits, entropy, the analyse CLI."""
+"""Filter statistics (docs/method.md §10): invalid filters, reference-fixed splits, entropy, the analyse CLI."""
 
 from __future__ import annotations
 

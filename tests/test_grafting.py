@@ -1,4 +1,4 @@
-"""The grafting math (SPEC sections 1-5) against hand-computed values and a plain reference loop.
+"""The grafting math (docs/method.md §2-§5, §8) against hand-computed values and a plain reference loop.
 
 The reference below is written the straightforward way, independently of hf_graft.grafting:
 a loop over the state dict in order, `torch.histc` for the histogram, Python floats for the
@@ -23,22 +23,10 @@ import torch
 import torch.nn as nn
 
 import hf_graft  # noqa: F401  (registers cifar_resnet20 in timm)
-from hf_graft.grafting import (
-    COUNT_METHODS,
-    GraftReport,
-    _row_bin_counts,
-    _scaled,
-    adaptive_alpha,
-    anchor_plan,
-    batched_entropy,
-    cosine_lr_multipliers,
-    graft_internal,
-    graft_members,
-    graft_noise,
-    layer_information,
-    sharded_information,
-    sharded_layer_information,
-)
+from hf_graft.grafting import GraftReport, adaptive_alpha, anchor_plan, graft_internal, graft_members, graft_noise
+from hf_graft.information import COUNT_METHODS, _row_bin_counts, _scaled, batched_entropy, layer_information
+from hf_graft.schedule import cosine_lr_multipliers
+from hf_graft.sharded import sharded_information, sharded_layer_information
 
 
 # ----------------------------------------------------------------------------- reference
@@ -142,7 +130,7 @@ def test_l1_hand_values():
 
 @pytest.mark.parametrize("method", COUNT_METHODS)
 def test_bin_counts_equal_torch_histc_exactly(method):
-    """Every counting kernel gives exactly torch.histc's histogram (the SPEC's reference)."""
+    """Every counting kernel gives exactly torch.histc's histogram (the reference binning, docs/method.md §2)."""
     g = torch.Generator().manual_seed(0)
     cases = [torch.randn(n, generator=g) * s for n, s in [(1000, 1.0), (4097, 1e-3), (33, 50.0)]]
     cases += [torch.tensor([0.0, 1.0, 2.0, 3.0, 10.0]), torch.full((9,), 3.0), torch.rand(50, generator=g).round()]
@@ -265,7 +253,7 @@ def test_in_parallel_semantics_with_plain_average():
 
 def test_anchor_rule_on_timm_model():
     """BatchNorm weight/bias/running stats take the alpha of the conv before them; the classifier
-    bias takes the classifier weight's; num_batches_tracked is not mixed (SPEC section 3)."""
+    bias takes the classifier weight's; num_batches_tracked is not mixed (docs/method.md §3)."""
     members = make_members("resnet10t", 2, seed0=10)
     pre = [snapshot(m) for m in members]
     report = graft_members(members)
@@ -447,8 +435,8 @@ def test_bf16_members_stay_bf16_and_information_is_float32():
 def test_graft_members_reads_nothing_back_to_the_host(monkeypatch):
     """graft_members itself makes no host read at all (no .item(), .tolist(), .cpu(), bool() of a
     tensor...): on a GPU it only queues kernels. The report copies its numbers to the host in
-    exactly one transfer when it is first read (a Trainer logs it right away; one sync per graft
-    is what the issue allows), and never again."""
+    exactly one transfer when it is first read (a Trainer logs it right away: one sync per graft),
+    and never again."""
     members = make_members("cifar_resnet20", 3, seed0=17)
     pre = [snapshot(m) for m in members]
     calls = {"cpu": 0}
@@ -651,7 +639,7 @@ def test_sharded_information_equals_whole_tensor(world):
 
 
 def test_sharded_counts_equal_whole_histogram_exactly():
-    from hf_graft.grafting import _sharded_histograms
+    from hf_graft.sharded import _sharded_histograms
 
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(37, 5, 3, 3, generator=gen)
@@ -680,14 +668,16 @@ def test_sharded_information_non_finite_and_single_process():
 
 _GLOO_WORKER = textwrap.dedent(
     """
-    import importlib.util, json, os, sys
+    import importlib, json, os, sys, types
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)
     path, rank, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    spec = importlib.util.spec_from_file_location("grafting_under_test", path)
-    g = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(g)  # grafting.py is pure torch: no need to import timm here
+    # sharded.py and information.py are pure torch: load them without the package's __init__ (timm)
+    package = types.ModuleType("package_under_test")
+    package.__path__ = [os.path.dirname(path)]
+    sys.modules["package_under_test"] = package
+    g = importlib.import_module("package_under_test.sharded")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.manual_seed(0)
     layers = [torch.randn(5, 3, 3, 3), torch.randn(7, 20), torch.full((3, 4), 2.0)]
@@ -728,12 +718,12 @@ def _free_port() -> int:
                     reason="torch.distributed with the gloo backend is not available in this torch build")
 def test_sharded_information_on_two_gloo_processes(tmp_path):
     """Two real processes, each holding its uneven piece (plain tensors and FSDP2-style DTensors)."""
-    import hf_graft.grafting as grafting
+    import hf_graft.sharded as sharded
 
     port = str(_free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
-        subprocess.Popen([sys.executable, "-c", _GLOO_WORKER, grafting.__file__, str(r), port, str(tmp_path / f"{r}.json")],
+        subprocess.Popen([sys.executable, "-c", _GLOO_WORKER, sharded.__file__, str(r), port, str(tmp_path / f"{r}.json")],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for r in range(2)
     ]

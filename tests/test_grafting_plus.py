@@ -1,4 +1,4 @@
-"""Grafting+ (issue 4): a teacher trained and exported inside the test, then a population of students
+"""Grafting+ (docs/method.md §9): a teacher trained and exported inside the test, then a population of students
 distilled from it. Teachers stay frozen, outside the optimizer and the checkpoints; each student gets
 the teacher's outputs for its own batch; per-member CE and KD are logged; bad teachers fail early."""
 
@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from hf_graft.config import GraftingConfig
 from hf_graft.export import save_student
-from hf_graft.trainer import load_teacher
+from hf_graft.model_sources import load_teacher
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

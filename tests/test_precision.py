@@ -1,4 +1,4 @@
-"""Mixed precision, torch.compile and gradient accumulation with grafting (issue 6, item 5).
+"""Mixed precision, torch.compile and gradient accumulation with grafting.
 
 CPU runs use bf16 autocast (what Accelerate does for `bf16: true` on a CPU). fp16 autocast with a
 loss scaler, bf16 autocast on CUDA and compile with inductor need a GPU: those tests skip here

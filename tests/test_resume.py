@@ -1,4 +1,4 @@
-"""Exact resume and atomic checkpoints of GraftingTrainer (issue 6, items 3 and 4).
+"""Exact resume and atomic checkpoints of GraftingTrainer.
 
 One uninterrupted reference run (3 epochs x 4 steps, K = 2, a checkpoint every 2 steps, grafts at
 the start of epochs 1 and 2, i.e. at global steps 4 and 8, right after the checkpoints of those
@@ -74,7 +74,7 @@ def test_crash_while_saving_keeps_previous_checkpoint_and_resume_mid_epoch_is_ex
     with pytest.raises(RuntimeError, match="simulated kill"):
         crashing.train()
 
-    staging = out / "tmp-checkpoint-8"
+    staging = out / "tmp-checkpoint-8" / "checkpoint-8"
     assert (staging / "model.safetensors").is_file() and (staging / "optimizer.pt").is_file()
     assert not (staging / "rng_state.pth").exists()  # the save really stopped half-way
     assert not (out / "checkpoint-8").exists()
@@ -137,7 +137,11 @@ def test_save_total_limit_and_load_best_model_at_end(tmp_path, digits_small, sin
     for step, best, folders in listing.kept_after_save:
         assert folders == sorted({f"checkpoint-{step}", os.path.basename(best)}), (step, folders)
     # at the end, save_total_limit=1 keeps the best checkpoint only (transformers' rule)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [f"checkpoint-{best_step}"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_dir()) == [f"checkpoint-{best_step}"]
+    # the run's results are those of the population it ends with, the best one: its logged evaluation, reused
+    assert len([e for e in trainer.state.log_history if "eval_ensemble_top1" in e]) == 3
+    results = json.loads((tmp_path / "run" / "all_results.json").read_text())
+    assert results["eval_ensemble_top1"] == max(values) and results["epoch"] == evals[values.index(max(values))]["epoch"]
     # the population in memory is the best checkpoint's, every member of it
     saved = load_file(str(best_dir / "model.safetensors"))
     state = population_state(trainer)
@@ -187,7 +191,7 @@ def test_training_batches_depend_only_on_seed_and_epoch(tmp_path, digits_small, 
 
 def test_publishing_a_checkpoint_replaces_an_older_copy_of_the_same_step(tmp_path):
     """A second save of one step (e.g. a resumed run saving again) swaps the folders whole."""
-    from hf_graft.trainer import _publish_dir
+    from hf_graft.checkpointing import publish_dir
 
     final, staging = tmp_path / "checkpoint-8", tmp_path / "tmp-checkpoint-8"
     final.mkdir()
@@ -195,7 +199,7 @@ def test_publishing_a_checkpoint_replaces_an_older_copy_of_the_same_step(tmp_pat
     (final / "stale.pt").write_text("old")
     staging.mkdir()
     (staging / "model.safetensors").write_text("new")
-    _publish_dir(str(staging), str(final))
+    publish_dir(str(staging), str(final))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-8"]
     assert sorted(p.name for p in final.iterdir()) == ["model.safetensors"]
     assert (final / "model.safetensors").read_text() == "new"

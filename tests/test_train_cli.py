@@ -13,7 +13,7 @@ import torch
 import yaml
 
 import hf_graft  # noqa: F401
-from hf_graft.grafting import cosine_lr_multipliers
+from hf_graft.schedule import cosine_lr_multipliers
 from hf_graft.train import RecipeError, main, parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,10 +22,13 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _parse_in(tmp_path: Path, recipe: Path, *overrides: str):
-    """Parse a recipe from inside tmp_path, where the teacher folders it names are created (empty)."""
+    """Parse a recipe from inside tmp_path, where the teacher folders it names are created (with the
+    two files that make a folder a model folder; their content is read only when training starts)."""
     content = yaml.safe_load(recipe.read_text())
     for folder in content.get("teacher_models") or []:
         (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "model.safetensors"):
+            (tmp_path / folder / name).touch()
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
@@ -126,6 +129,58 @@ def test_bad_values_fail_with_one_line_naming_the_field(overrides, message, tmp_
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('num_students: "two"\n', "bad.yaml: num_students: got 'two'; allowed: an integer"),
+        ("num_students: 2.5\n", "bad.yaml: num_students: got 2.5; allowed: an integer"),
+        ("num_students:\n", "bad.yaml: num_students: got null (a blank value); allowed: an integer"),
+        ("num_students: null\n", "bad.yaml: num_students: got null (a blank value); allowed: an integer"),
+        ("output_dir:\n", "bad.yaml: output_dir: got null (a blank value); allowed: a string"),
+        ("use_cpu: maybe\n", "bad.yaml: use_cpu: got 'maybe'; allowed: true or false"),
+        ("filter_thresholds: [0.1, low]\n",
+         "bad.yaml: filter_thresholds: got [0.1, 'low']; allowed: a list of numbers"),
+        ("student_model_kwargs: [1, 2]\n", "bad.yaml: student_model_kwargs: got [1, 2]; allowed: a mapping or a string"),
+        ("", "bad.yaml: empty recipe; a recipe is a flat mapping of field: value"),
+        ("# only a comment\n", "bad.yaml: empty recipe"),
+        ("- num_students\n", "bad.yaml: a recipe is a flat mapping of field: value"),
+    ],
+)
+def test_a_wrong_type_or_missing_value_is_one_line_naming_the_key(tmp_path, capsys, content, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(content)
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(recipe)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert main([str(recipe), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "usage" not in err  # no argparse usage dump
+    assert not (tmp_path / "o").exists()
+
+
+def test_command_line_type_errors_are_one_line(tmp_path, capsys):
+    expected = r"^command line: argument --num_students(/--num-students)?: invalid int value: 'two'"
+    with pytest.raises(RecipeError, match=expected):
+        parse_recipe(ROOT / "recipes/quickstart.yaml", ["--num_students", "two"])
+    assert main([str(ROOT / "recipes/quickstart.yaml"), "--num_students", "two"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--num_students" in err and "'two'" in err
+
+
+def test_recipe_values_are_read_like_the_command_line(tmp_path):
+    """YAML leaves 1e-3 a string and the command line reads it as a number; null keeps a field's
+    meaning where it has one (save_total_limit: keep every checkpoint)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rate: 1e-3\nnum_train_epochs: 2\nsave_total_limit: null\nlr_spread: cosine\n"
+                      "student_model_kwargs: {drop_rate: 0.1}\nuse_cpu: true\noutput_dir: out/x\n")
+    data_args, config = parse_recipe(recipe, ["--num_students", "3"])
+    assert config.learning_rate == 1e-3 and config.num_train_epochs == 2.0 and config.save_total_limit is None
+    assert config.lr_spread == ["cosine"] and config.num_students == 3
+    assert config.student_model_kwargs == {"drop_rate": 0.1} and config.output_dir == "out/x"
+    _, again = parse_recipe(recipe, ["--learning_rate", "0.5"])
+    assert again.learning_rate == 0.5  # the command line wins
+
+
 def test_missing_dataset_fails_before_training_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "o"
     code = main([str(ROOT / "recipes/quickstart.yaml"), "--dataset_name", str(tmp_path / "nowhere"), "--output_dir", str(out)])
@@ -184,8 +239,18 @@ def test_quickstart_end_to_end_from_the_console_script(tmp_path):
     grafts = [entry for entry in state["log_history"] if "graft/count" in entry]
     assert [e["graft/count"] for e in grafts] == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert all("graft/member1_invalid_ratio@0.1" in e and "graft/member0_alpha_mean" in e for e in grafts)
+    # one evaluation per epoch: the last one is also the run's final evaluation
     evals = [e for e in state["log_history"] if "eval_member0_top1" in e]
-    assert len(evals) == 7 and all("eval_member0_total_entropy" in e for e in evals)
+    assert len(evals) == 6 and all("eval_member0_total_entropy" in e for e in evals)
+    assert results["eval_member0_top1"] == evals[-1]["eval_member0_top1"]
+    # the run ends with where the student is, which member and why, the top-1s and the wall time
+    closing = [line.split(" hf_graft.trainer: ", 1)[1] for line in proc.stderr.splitlines()
+               if " hf_graft.trainer: " in line]
+    assert closing[0] == f"student: member {selected}, written to {out / 'student'}"
+    assert closing[1].startswith(f"selected because member {selected} has the highest eval top1")
+    assert closing[2].startswith("eval top-1 (%): member 0 ") and closing[3].startswith("wall time: ")
+    assert proc.stderr.rstrip().splitlines()[-1].endswith(closing[3])
+    assert ".tmp-" not in proc.stderr + proc.stdout
 
     # the exported student: timm, transformers, pipeline agree
     import timm

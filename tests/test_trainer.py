@@ -49,7 +49,7 @@ def _member(state: dict, k: int) -> dict[str, torch.Tensor]:
 
 
 def _anchor_of(state: dict) -> dict[str, str]:
-    """SPEC section 3 written out: conv/linear weights are anchors, other float entries take the
+    """docs/method.md §3 written out: conv/linear weights are anchors, other float entries take the
     nearest preceding anchor, integer buffers are not mixed."""
     anchors, current = {}, None
     first = next(n for n, t in state.items() if t.is_floating_point() and t.ndim >= 2)
@@ -123,7 +123,7 @@ def test_two_epoch_run_grafts_once_at_the_epoch_boundary_after_eval_and_checkpoi
     pre, post = recorder.end[STEPS_PER_EPOCH], recorder.begin[STEPS_PER_EPOCH]
     assert _max_change(pre, post) > 1e-2  # the graft really moved the weights
     _assert_graft(pre, post, trainer.graft_reports[0], num_members=2)
-    # K = 2: both members are the same network right after the graft (SPEC section 4)
+    # K = 2: both members are the same network right after the graft (docs/method.md §5)
     m0, m1 = _member(post, 0), _member(post, 1)
     for name in m0:
         torch.testing.assert_close(m0[name], m1[name], rtol=1e-5, atol=1e-6)
@@ -448,3 +448,107 @@ def test_graft_events_see_the_weights_before_and_after_each_graft(make_trainer, 
         assert mixed > 40 and statistics
         # without recalibration the statistics are mixed like the weights; with it, re-estimated from data
         assert all(statistics) if not recalibration else not any(statistics)
+
+
+# ----------------------------------------------------------------------------- the end of a run
+class EvaluationCounter(TrainerCallback):
+    """The global step of every evaluation, and how many filter reports existed at each."""
+
+    def __init__(self, reports: list):
+        self.steps, self.reports_at, self._reports = [], [], reports
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+        self.reports_at.append(len(self._reports))
+
+
+@pytest.mark.parametrize("eval_strategy", ["epoch", "no"])
+def test_the_end_of_a_run_evaluates_selects_and_measures_once(make_trainer, tmp_path, monkeypatch, caplog,
+                                                              eval_strategy):
+    """With eval_strategy epoch the last epoch's evaluation is the run's final one (2 evaluations for
+    2 epochs); without, the run evaluates once at the end. The member is selected once, and the filter
+    statistics of the results are the final evaluation's. The student, all_results.json and the
+    closing summary (the `hf_graft.trainer` logger) come out of `train()` itself."""
+    import json
+    import logging
+
+    import timm
+
+    import hf_graft.filters
+    import hf_graft.trainer as trainer_module
+
+    reports, selections = [], []
+    original_report, original_select = hf_graft.filters.filter_report, trainer_module.select_member
+
+    def counting_report(*args, **kwargs):
+        reports.append(1)
+        return original_report(*args, **kwargs)
+
+    def counting_select(*args, **kwargs):
+        selections.append(1)
+        return original_select(*args, **kwargs)
+
+    monkeypatch.setattr(hf_graft.filters, "filter_report", counting_report)
+    monkeypatch.setattr(trainer_module, "filter_report", counting_report)
+    monkeypatch.setattr(trainer_module, "select_member", counting_select)
+    counter = EvaluationCounter(reports)
+    out = tmp_path / "run"
+    trainer = make_trainer(num_students=2, eval_strategy=eval_strategy, export_student=True, output_dir=str(out),
+                           callbacks=[counter], graft_source="none")
+    caplog.set_level(logging.INFO)
+    trainer.train()
+
+    total = 2 * STEPS_PER_EPOCH
+    assert counter.steps == ([STEPS_PER_EPOCH, total] if eval_strategy == "epoch" else [total])
+    assert counter.reports_at[-1] == len(reports)  # no filter statistics computed after the last evaluation
+    assert len(selections) == 1
+    evals = [e for e in trainer.state.log_history if "eval_runtime" in e]
+    assert len(evals) == len(counter.steps)
+    final = evals[-1]
+    results = trainer.results
+    top1 = [final["eval_member0_top1"], final["eval_member1_top1"]]
+    assert results["selected_member"] == int(np.argmax(top1)) == final["eval_selected_member"]
+    assert results["eval_ensemble_top1"] == final["eval_ensemble_top1"]
+    for k in range(2):
+        assert results["filters"][f"member{k}"] == {"invalid_ratio@0.01": final[f"eval_member{k}_invalid_ratio@0.01"],
+                                                    "invalid_ratio@0.1": final[f"eval_member{k}_invalid_ratio@0.1"],
+                                                    "total_entropy": final[f"eval_member{k}_total_entropy"]}
+    saved = json.loads((out / "all_results.json").read_text())
+    assert saved["selected_member"] == results["selected_member"] and saved["student_dir"] == str(out / "student")
+    assert saved["wall_time_s"] > 0 and saved["eval_member1_top1"] == top1[1]
+
+    # the student folder is the selected member, loadable by timm
+    student = timm.create_model(f"local-dir:{out / 'student'}", pretrained=True).eval()
+    member = trainer.population.members[results["selected_member"]].eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(student(x), member(x), rtol=1e-5, atol=1e-5)
+
+    # the run ends with a summary, and nothing about temporary folders
+    closing = [r.getMessage() for r in caplog.records if r.name == "hf_graft.trainer"]
+    selected = results["selected_member"]
+    assert closing[0] == f"student: member {selected}, written to {out / 'student'}"
+    assert closing[1].startswith(f"selected because member {selected} has the highest eval top1")
+    assert closing[2].startswith("eval top-1 (%): member 0 ") and "ensemble" in closing[2]
+    assert closing[3].startswith("wall time: ")
+    assert not [r for r in caplog.records if ".tmp-" in r.getMessage() or "tmp-checkpoint" in r.getMessage()]
+
+
+def test_push_to_hub_uploads_only_the_student(make_trainer, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi, RepoUrl
+
+    uploads = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: uploads.append(kw))
+    out = tmp_path / "run"
+    trainer = make_trainer(num_students=2, num_train_epochs=1, max_train_samples=32, output_dir=str(out),
+                           save_strategy="epoch", push_to_hub=True, hub_model_id="someone/grafted")
+    assert trainer.args.push_to_hub is False  # the Trainer's own push (the whole population) stays off
+    trainer.train()
+    assert trainer.student_dir is None and not (out / "student").exists()  # export_student is off here
+    url = trainer.push_to_hub()
+    assert url == "https://huggingface.co/someone/grafted"
+    (upload,) = uploads
+    assert Path(upload["folder_path"]) == out / "student" and upload["repo_id"] == "someone/grafted"
+    assert sorted(upload["allow_patterns"]) == ["README.md", "config.json", "model.safetensors"]
+    assert "hf-hub:someone/grafted" in (out / "student" / "README.md").read_text()  # the card names the repo

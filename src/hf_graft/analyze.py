@@ -3,7 +3,7 @@
     hf-graft analyze PATH [PATH ...] [--reference PATH] [--thresholds 0.001 0.01 0.1 1]
                      [--bins 10] [--json out.json] [--plot out.png] [--pretrained]
 
-PATH is one of
+PATH is one of (the model names of `hf_graft.model_sources`)
   * an exported student folder (config.json + model.safetensors / pytorch_model.bin, loadable by
     `timm.create_model("local-dir:" + PATH, pretrained=True)`); `local-dir:PATH` works too;
   * a training checkpoint folder (holds graft_population.json): every member is analysed, as
@@ -19,81 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from .filters import DEFAULT_THRESHOLDS, FilterReport, filter_report, plot_reports, threshold_key
-from .population import POPULATION_META_FILE
+from .model_sources import ACCEPTED, ModelSource, ModelSourceError, resolve_model_source
 
-__all__ = ["ModelSource", "build_parser", "load_models", "main", "resolve_source"]
+__all__ = ["build_parser", "load_models", "main"]
 
 PROG = "hf-graft analyze"
-EXPORT_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-ACCEPTED = (
-    "an exported student folder (config.json + model.safetensors), a training checkpoint folder "
-    f"(with {POPULATION_META_FILE}, optionally #memberK), a timm model name, or an hf-hub: id"
-)
-
-
-class SourceError(ValueError):
-    """A PATH argument that names nothing analyse can load."""
-
-
-@dataclass
-class ModelSource:
-    """What one PATH argument refers to; resolved without loading any weights."""
-
-    spec: str
-    kind: str  # "export" | "checkpoint" | "timm" | "hub"
-    location: str  # folder, model name or hub id
-    member: int | None = None  # checkpoint member picked with #memberK
-
-
-def _parse_member(text: str) -> int | None:
-    digits = text[len("member") :] if text.startswith("member") else text
-    return int(digits) if digits.isdigit() else None
-
-
-def resolve_source(spec: str) -> ModelSource:
-    """Classify a PATH argument, or raise SourceError with a one-line reason."""
-    if spec.startswith("hf-hub:"):
-        if len(spec) == len("hf-hub:"):
-            raise SourceError(f"{spec!r}: empty hf-hub id; expected {ACCEPTED}")
-        return ModelSource(spec, "hub", spec)
-    local = spec[len("local-dir:") :] if spec.startswith("local-dir:") else spec
-
-    base, member = local, None
-    if "#" in local:
-        head, _, tail = local.rpartition("#")
-        member = _parse_member(tail)
-        if member is None:
-            raise SourceError(f"{spec!r}: the part after '#' must be memberK (K an integer); expected {ACCEPTED}")
-        base = head
-
-    folder = Path(base)
-    if folder.is_dir():
-        if (folder / POPULATION_META_FILE).is_file():
-            return ModelSource(spec, "checkpoint", str(folder), member)
-        if member is not None:
-            raise SourceError(f"{spec!r}: '#memberK' needs a training checkpoint folder (one with {POPULATION_META_FILE})")
-        if (folder / "config.json").is_file() and any((folder / f).is_file() for f in EXPORT_WEIGHT_FILES):
-            return ModelSource(spec, "export", str(folder))
-        raise SourceError(
-            f"{spec!r}: folder holds neither {POPULATION_META_FILE} nor config.json + model.safetensors; expected {ACCEPTED}"
-        )
-    if folder.exists():
-        raise SourceError(f"{spec!r}: is a file, not a folder; expected {ACCEPTED}")
-    if spec.startswith("local-dir:") or member is not None or os.sep in spec:
-        raise SourceError(f"{spec!r}: no such folder; expected {ACCEPTED}")
-
-    import timm
-
-    if timm.is_model(spec):
-        return ModelSource(spec, "timm", spec)
-    raise SourceError(f"{spec!r}: not a folder, a known timm model name or an hf-hub: id; expected {ACCEPTED}")
 
 
 def load_models(source: ModelSource, *, pretrained: bool = False) -> list[tuple[str, object]]:
@@ -107,12 +42,8 @@ def load_models(source: ModelSource, *, pretrained: bool = False) -> list[tuple[
         _, models = load_checkpoint_members(source.location, members=members)
         indices = list(range(len(models))) if members is None else members
         return [(f"{source.location}#member{k}", m) for k, m in zip(indices, models)]
-    if source.kind == "export":
-        model = timm.create_model("local-dir:" + source.location, pretrained=True)
-    elif source.kind == "hub":
-        model = timm.create_model(source.location, pretrained=True)
-    else:
-        model = timm.create_model(source.location, pretrained=pretrained)
+    # exported folders and Hub ids carry trained weights; bare timm names only with --pretrained
+    model = timm.create_model(source.timm_name, pretrained=pretrained or source.kind != "timm")
     return [(source.spec, model.eval())]
 
 
@@ -202,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # resolve every argument before loading anything
     try:
-        sources = [resolve_source(spec) for spec in args.paths]
-        reference_source = resolve_source(args.reference) if args.reference else None
-    except SourceError as exc:
-        _error(str(exc))
+        sources = [resolve_model_source(spec) for spec in args.paths]
+        reference_source = resolve_model_source(args.reference) if args.reference else None
+    except ModelSourceError as exc:
+        _error(f"{exc}; expected {ACCEPTED}")
         return 2
 
     import torch

@@ -8,7 +8,8 @@ from typing import Any, Optional, Union
 
 from transformers import TrainingArguments
 
-from .grafting import CRITERIA, LEVELS, cosine_lr_multipliers
+from .grafting import CRITERIA, LEVELS
+from .schedule import cosine_lr_multipliers
 
 __all__ = ["DataArguments", "GraftingConfig", "GRAFT_SOURCES", "DATA_ORDERS", "TRAIN_AUGMENTATIONS"]
 
@@ -34,30 +35,6 @@ def _as_dict(owner: str, name: str, value: Any) -> dict:
     if not isinstance(parsed, dict):
         _fail(owner, name, value, "a mapping, or a JSON object string such as '{\"drop_rate\": 0.1}'")
     return parsed
-
-
-def _check_model_name(owner: str, name: str, value: str, folder_ok: bool = False) -> None:
-    """Fail at parse time, not after the data is loaded, on a model nobody can build."""
-    import os
-
-    import timm
-
-    from . import models  # noqa: F401  (the cifar_* architectures)
-
-    if value.startswith("hf-hub:"):
-        return  # resolved (from the local cache when offline) when the model is created
-    if value.startswith("local-dir:"):
-        if not os.path.isdir(value[len("local-dir:"):]):
-            _fail(owner, name, value, "an existing folder after 'local-dir:'")
-        return
-    if folder_ok and os.path.isdir(value):
-        return
-    if folder_ok and ("/" in value or os.sep in value):
-        _fail(owner, name, value, "an existing folder (this one does not exist: train and export the teacher first), "
-              "a timm model name, an 'hf-hub:' id, or 'local-dir:FOLDER'")
-    if not timm.is_model(value):
-        allowed = "a timm model name (timm.list_models()), an 'hf-hub:' id, or 'local-dir:FOLDER'"
-        _fail(owner, name, value, allowed + (", or a folder exported by hf_graft" if folder_ok else ""))
 
 
 @dataclass
@@ -123,13 +100,14 @@ class GraftingConfig(TrainingArguments):
     """Training arguments for a population of grafted timm students (and grafting+ teachers).
 
     Every field of `transformers.TrainingArguments` is available; the ones below configure the
-    population, the graft (SPEC sections 1-5), distillation (section 6) and the exported student.
+    population, the graft (docs/method.md §2-§8), distillation (§9) and the exported student.
     """
 
     # --- the students
     student_model: str = field(
         default="cifar_resnet20",
-        metadata={"help": "timm architecture name, or an 'hf-hub:' / 'local-dir:' id, for every student."},
+        metadata={"help": "timm architecture name, an 'hf-hub:' id, or a model folder ('local-dir:' too), "
+                  "for every student."},
     )
     student_model_kwargs: Optional[Union[dict, str]] = field(
         default=None, metadata={"help": "Extra timm.create_model kwargs (mapping or JSON), e.g. drop_rate."}
@@ -230,11 +208,13 @@ class GraftingConfig(TrainingArguments):
         owner = "GraftingConfig"
         self.student_model_kwargs = _as_dict(owner, "student_model_kwargs", self.student_model_kwargs)
         self.teacher_model_kwargs = _as_dict(owner, "teacher_model_kwargs", self.teacher_model_kwargs)
+        from .model_sources import check_model_name  # names fail here, before any data is loaded
+
         if not self.student_model:
             _fail(owner, "student_model", self.student_model, "a timm model name or an 'hf-hub:'/'local-dir:' id")
-        _check_model_name(owner, "student_model", self.student_model)
+        self.student_model = check_model_name(owner, "student_model", self.student_model).timm_name
         for name in self.teacher_models or []:
-            _check_model_name(owner, "teacher_models", name, folder_ok=True)
+            check_model_name(owner, "teacher_models", name)
         if self.num_students < 1:
             _fail(owner, "num_students", self.num_students, "an integer >= 1 (>= 2 to graft among students)")
         if self.graft_source not in GRAFT_SOURCES:
@@ -286,7 +266,7 @@ class GraftingConfig(TrainingArguments):
         if self.teacher_models is not None and len(self.teacher_models) == 0:
             self.teacher_models = None
         # Trainer's own push would upload the whole population checkpoint: hf_graft pushes only the
-        # selected student folder at the end of training instead (see export.push_student).
+        # selected student folder instead (GraftingTrainer.push_to_hub).
         self.push_student_to_hub = bool(self.push_to_hub)
         self.push_to_hub = False
         super().__post_init__()

@@ -1,6 +1,6 @@
 """The Cultivation (grafting+): distillation from the averaged softmax of frozen teachers.
 
-SPEC section 6 / paper eqs. 8-12. Pure torch: no Trainer imports.
+docs/method.md §9 / paper eqs. 8-12. Pure torch: no Trainer imports.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Reason: invalid filters and layer entropy of a trained network (SPEC 7; paper 4.2-4.3).
+"""The Reason: invalid filters and layer entropy of a trained network (docs/method.md §10; paper 4.2-4.3).
 
 A filter is the slice `W[j]` of a conv weight (a floating-point 4-D `*weight` tensor) along its
 output channel; it is *invalid* at threshold `t` when its l1 norm `sum |W[j]|` is below `t`.
@@ -256,8 +256,8 @@ def _filter_l1(weights: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 
 def _layer_entropies(weights: Mapping[str, torch.Tensor], bins: int) -> dict[str, float]:
-    # the lead's implementation of SPEC section 1; there must be only one
-    from .grafting import layer_information
+    # the same layer entropy the graft uses (docs/method.md §2): one implementation
+    from .information import layer_information
 
     if not weights:
         return {}

@@ -1,26 +1,26 @@
-"""The Method: information criteria, adaptive alpha and the in-parallel ring graft (SPEC 1-5).
+"""The graft: adaptive alpha, the anchor rule and the in-parallel ring graft, and the other
+scion sources (noise, internal filters). The method is written out in docs/method.md.
 
-Pure torch, no Trainer imports. Everything runs on the device and in the dtype the weights live
-in; information is computed in float32 (mixing in float32, or float64 for float64 weights).
-
-`graft_members` does no host synchronisation at all: a layer's histogram comes from a
-device-side min/max and one counting kernel over the pre-scaled bin indices (`bincount` on CPU,
-`histc` over a fixed range elsewhere), the guard against non-finite scions is a device-side
-`torch.where`, and the report keeps its numbers on the device until it is first read, when they
-are copied to the host in one transfer. Large temporaries live in scratch buffers reused for
-every tensor (no allocation, and no page faults, per layer).
-
-`sharded_information` computes the same information from the shards of a weight that is split
-across processes (FSDP), with two all-reduces for any number of layers and no gather.
+Pure torch, no Trainer imports. Mixing runs on the device and in float32 (float64 for float64
+weights). `graft_members` does no host synchronisation at all: the information of every layer
+comes from `information.py` (or, for FSDP shards, `sharded.py`), the guard against non-finite
+scions is a device-side `torch.where`, and the report keeps its numbers on the device until it is
+first read, when they are copied to the host in one transfer. Large temporaries live in scratch
+buffers reused for every tensor (no allocation, and no page faults, per layer).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
+
+from .information import CRITERIA, _check_bins, _check_criterion, _entropy_rows, _l1, _member_entropies
+from .information import batched_entropy, layer_information  # noqa: F401  (public import path)
+from .sharded import _default_all_reduce, _dtensor_group, _is_dtensor, _local_piece, sharded_information
+from .sharded import sharded_layer_information  # noqa: F401  (public import path)
 
 __all__ = [
     "CRITERIA",
@@ -30,7 +30,6 @@ __all__ = [
     "adaptive_alpha",
     "anchor_plan",
     "batched_entropy",
-    "cosine_lr_multipliers",
     "graft_internal",
     "graft_members",
     "graft_noise",
@@ -39,169 +38,7 @@ __all__ = [
     "sharded_layer_information",
 ]
 
-CRITERIA = ("entropy", "l1")
 LEVELS = ("layer", "filter")
-
-
-def _check_bins(bins: int) -> None:
-    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
-        raise ValueError(f"bins must be an integer >= 1, got {bins!r}")
-
-
-def _check_criterion(criterion: str) -> None:
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-
-
-# ----------------------------------------------------------------------------- histograms
-def _scaled(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int, out: torch.Tensor | None = None):
-    """(x - lo) * bins / (hi - lo) in float32, for the rows of a 2-D `x` ([R, n]; `lo`, `hi`
-    [R, 1]) or for a whole tensor (0-dim `lo`, `hi`; returned flat). The bin of a value is the
-    floor of this; a value equal to max gives `bins`, which goes to the last bin. These are the
-    float32 operations, in the same order, of `torch.histc`'s kernel, so the counts equal
-    `torch.histc` exactly; like histc, a constant row is binned over [v - 1, v + 1] (its entropy
-    is 0 either way). NaN stays NaN. `out` may be `x` itself when `x` is a float32 scratch."""
-    if lo.ndim == 0:
-        x = x.detach().reshape(-1)
-    constant = (hi == lo).float()
-    lo, hi = lo - constant, hi + constant
-    t = out if out is not None else torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    if x.dtype == torch.float32:
-        torch.sub(x.detach(), lo, out=t)
-    else:  # subtract in float32, not in the weight's dtype
-        t.copy_(x.detach())
-        t.sub_(lo)
-    width = hi - lo
-    return t.mul_(bins).div_(torch.where(width > 0, width, torch.ones_like(width)))
-
-
-COUNT_METHODS = ("bincount", "histc", "scatter")
-
-
-def _row_bin_counts(t: torch.Tensor, bins: int, method: str | None = None, index_out: torch.Tensor | None = None):
-    """float32 [R, bins] histogram of each row of `t` ([R, n], or 1-D for one row) from
-    `_scaled`: bin floor(t), `bins` goes to the last bin, NaN is not counted (its entropy is
-    replaced by NaN anyway). Overwrites `t`. All rows are counted by one kernel, in R * (bins + 2)
-    slots: slot 0 of a row takes its NaNs, slot bins + 1 its values equal to max.
-
-    The kernel follows the device: `bincount` on CPU (the fastest there); `histc` over a fixed
-    range elsewhere (it maps an integer v to v * N / N = v exactly while v * N < 2**24, and, its
-    range being given, reads nothing back to the host, unlike `bincount` on CUDA); a 1-D
-    `scatter_add` (deterministic on CUDA) where deterministic algorithms are on, since CUDA's
-    histc refuses to run then, or where the range is too large for exact float32 slots.
-    """
-    rows = t.view(1, -1) if t.ndim == 1 else t
-    R, S = rows.shape[0], bins + 2
-    N = R * S
-    # floor first: adding the slot offset to an unfloored value could round it up into the next bin
-    rows.floor_().nan_to_num_(nan=-1.0, posinf=-1.0, neginf=-1.0).clamp_(-1, bins)
-    if R == 1:
-        rows.add_(1.0)
-    else:
-        rows.add_(torch.arange(R, dtype=torch.float32, device=t.device).mul_(S).add_(1.0).unsqueeze(1))
-    if method is None:
-        if t.device.type == "cpu":
-            method = "bincount"
-        elif torch.are_deterministic_algorithms_enabled() or N * N >= 2**24:
-            method = "scatter"
-        else:
-            method = "histc"
-    flat = rows.reshape(-1)
-    if method == "bincount":
-        idx = index_out.view(-1).copy_(flat) if index_out is not None else flat.to(torch.int32)
-        c = torch.bincount(idx, minlength=N).float()
-    elif method == "histc":
-        c = torch.histc(flat, bins=N, min=0, max=N)
-    elif method == "scatter":
-        c = torch.zeros(N, dtype=torch.float32, device=t.device)
-        c.scatter_add_(0, flat.long(), torch.ones(1, dtype=torch.float32, device=t.device).expand(flat.numel()))
-    else:
-        raise ValueError(f"method must be one of {COUNT_METHODS}, got {method!r}")
-    c = c.view(R, S)
-    return torch.cat([c[:, 1:bins], c[:, bins:].sum(1, keepdim=True)], dim=1)
-
-
-def _entropy_from_counts(counts: torch.Tensor, n) -> torch.Tensor:
-    p = counts.float() / n
-    return torch.special.xlogy(p, p).neg_().sum(dim=-1)  # (-0 terms sum to +0)
-
-
-def _entropy_rows(x: torch.Tensor, bins: int, out: torch.Tensor | None = None,
-                  index_out: torch.Tensor | None = None) -> torch.Tensor:
-    """Entropy (float32 [R]) of the histogram of each row of `x` [R, n], over the row's own
-    [min, max]; NaN for a row with a non-finite value. `out` (float32 [R, n], may be `x`) and
-    `index_out` (int32, CPU) are scratch space."""
-    R, n = x.shape
-    if n == 0:
-        return torch.zeros(R, dtype=torch.float32, device=x.device)
-    # amin/amax (NaN propagates into both): aminmax along a dim is ~20x slower on CPU
-    lo, hi = x.detach().amin(dim=1, keepdim=True).float(), x.detach().amax(dim=1, keepdim=True).float()
-    finite = (torch.isfinite(lo) & torch.isfinite(hi)).squeeze(1)
-    counts = _row_bin_counts(_scaled(x, lo, hi, bins, out), bins, index_out=index_out)
-    h = _entropy_from_counts(counts, n)
-    return torch.where(finite, h, torch.full_like(h, math.nan))
-
-
-def _member_entropies(ws: Sequence[torch.Tensor], bins: int, out: torch.Tensor, index_out: torch.Tensor | None):
-    """Entropy (float32 [K]) of each of K same-shape tensors, as `_entropy_rows` of their stack,
-    without the stacking copy: each tensor is scaled straight into its row of `out` ([K, n])."""
-    K, n = len(ws), ws[0].numel()
-    if n == 0:
-        return torch.zeros(K, dtype=torch.float32, device=out.device)
-    flats = [w.detach().reshape(-1) for w in ws]
-    extremes = torch.stack([torch.stack(torch.aminmax(f)) for f in flats]).float()  # [K, 2], NaN propagates
-    lo, hi = extremes[:, :1], extremes[:, 1:]
-    finite = torch.isfinite(extremes).all(dim=1)
-    constant = (hi == lo).float()
-    lo, hi = lo - constant, hi + constant  # histc's range for a constant tensor
-    for k, f in enumerate(flats):
-        if f.dtype == torch.float32:
-            torch.sub(f, lo[k], out=out[k])
-        else:  # subtract in float32, not in the weight's dtype
-            out[k].copy_(f)
-            out[k].sub_(lo[k])
-    width = hi - lo
-    out.mul_(bins).div_(torch.where(width > 0, width, torch.ones_like(width)))
-    h = _entropy_from_counts(_row_bin_counts(out, bins, index_out=index_out), n)
-    return torch.where(finite, h, torch.full_like(h, math.nan))
-
-
-def batched_entropy(rows: torch.Tensor, bins: int = 10) -> torch.Tensor:
-    """Entropy (natural log) of the histogram of each row of a 2-D tensor, in float32.
-
-    Each row gets `bins` equal-width bins over its own [min, max], binned as `torch.histc` bins
-    that row (a value equal to max falls in the last bin). A constant row has entropy 0; a row
-    with a non-finite value has entropy NaN.
-    """
-    _check_bins(bins)
-    if rows.ndim != 2:
-        raise ValueError(f"batched_entropy expects a 2-D tensor, got shape {tuple(rows.shape)}")
-    return _entropy_rows(rows, bins)
-
-
-def _l1(x: torch.Tensor, dim=None) -> torch.Tensor:
-    """sum |x| (over `dim`, or all values) as float32, accumulated in float64: float32 norms
-    accumulate sequentially and drift by 1e-5 on a large layer; no |x| temporary is allocated."""
-    x = x.detach()
-    if x.device.type == "mps":  # no float64 there
-        return x.float().abs().sum(dim=dim) if dim is not None else x.float().abs().sum()
-    if dim is None:
-        return torch.linalg.vector_norm(x.reshape(-1), ord=1, dtype=torch.float64).float()
-    return torch.linalg.vector_norm(x, ord=1, dim=dim, dtype=torch.float64).float()
-
-
-def layer_information(weight: torch.Tensor, criterion: str = "entropy", bins: int = 10) -> torch.Tensor:
-    """Information of a whole layer as a 0-dim float32 tensor on the weight's device.
-
-    `entropy` (eq. 6): entropy (natural log) of the `bins`-bin histogram of all the layer's
-    values over [min, max], as `torch.histc` bins them; 0 for a constant tensor, NaN when a
-    value is not finite. `l1` (eq. 3): sum |w| (accumulated in float64, returned as float32).
-    """
-    _check_criterion(criterion)
-    _check_bins(bins)
-    if criterion == "entropy":
-        return _entropy_rows(weight.detach().reshape(1, -1), bins)[0]
-    return _l1(weight)
 
 
 def adaptive_alpha(info_self, info_other, A: float = 0.4, c: float = 500.0):
@@ -215,163 +52,13 @@ def adaptive_alpha(info_self, info_other, A: float = 0.4, c: float = 500.0):
     return A / math.pi * math.atan(c * (float(info_self) - float(info_other))) + 0.5
 
 
-# ----------------------------------------------------------------------------- sharded (FSDP)
-ReduceFn = Callable[[torch.Tensor, str], torch.Tensor]
-
-
-def _default_all_reduce(group=None) -> ReduceFn:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return lambda t, op: t  # one process: the local shard is the whole weight
-    ops = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
-
-    def reduce(t: torch.Tensor, op: str) -> torch.Tensor:
-        dist.all_reduce(t, op=ops[op], group=group)
-        return t
-
-    return reduce
-
-
-def _is_dtensor(t) -> bool:
-    return hasattr(t, "placements") and hasattr(t, "to_local")
-
-
-def _local_piece(shard: torch.Tensor):
-    """(local tensor, needs reduction) for a plain tensor or a DTensor (FSDP2's sharded parameter)."""
-    to_local = getattr(shard, "to_local", None)
-    if to_local is None or not hasattr(shard, "placements"):
-        return shard.detach(), True
-    sharded = any(p.is_shard() for p in shard.placements)
-    return to_local().detach(), sharded
-
-
-def _dtensor_group(shards: Sequence[torch.Tensor]):
-    """The process group a DTensor is sharded over (its mesh dimension with a Shard placement),
-    so that an HSDP layer, replicated over the other mesh dimension, is not counted twice."""
-    for t in shards:
-        placements = getattr(t, "placements", None)
-        mesh = getattr(t, "device_mesh", None)
-        if placements is None or mesh is None:
-            continue
-        dims = [i for i, p in enumerate(placements) if p.is_shard()]
-        if len(dims) > 1:
-            raise ValueError(f"sharded_information: a DTensor sharded over {len(dims)} mesh dimensions; pass group=")
-        if dims:
-            return mesh.get_group(dims[0])
-    return None
-
-
-def sharded_information(
-    local_shards: Sequence[torch.Tensor],
-    *,
-    criterion: str = "entropy",
-    bins: int = 10,
-    all_reduce: ReduceFn | None = None,
-    group=None,
-) -> torch.Tensor:
-    """Information of N layers, each split across processes, without gathering any weight.
-
-    `local_shards[i]` is this process's piece of layer i (any shape, possibly empty, without
-    padding; a DTensor sharded by FSDP2 is read through `to_local()`). Every process must call
-    this with its pieces of the same layers, in the same order. Returns a float32 [N] tensor,
-    the same on every process, equal to `layer_information` of the whole layers: the bin counts
-    are exactly the whole tensor's (same global [min, max], same per-value rule, summed), so the
-    entropy is too; l1 sums agree up to summation order.
-
-    Communication: entropy does two all-reduces for all N layers together (MAX of (-min, max),
-    then SUM of counts, element counts and non-finite flags), l1 does one (SUM). `all_reduce(t,
-    op)` (op in "min", "max", "sum") performs a reduction across processes and returns the
-    result; by default `torch.distributed.all_reduce` over `group` (for DTensors, by default the
-    group of the mesh dimension they are sharded over) when a process group is initialised, and
-    no reduction otherwise.
-    """
-    _check_criterion(criterion)
-    _check_bins(bins)
-    if len(local_shards) == 0:
-        return torch.zeros(0, dtype=torch.float32)
-    pieces = [_local_piece(s) for s in local_shards]
-    if not any(needs for _, needs in pieces):
-        return torch.stack([layer_information(p, criterion, bins) for p, _ in pieces])
-    if all_reduce is None:
-        if group is None:
-            group = _dtensor_group(local_shards)
-        all_reduce = _default_all_reduce(group)
-    # replicated DTensors are whole on every process: count them once (on any one process the
-    # reduction would multiply them by the world size), so reduce only the sharded ones
-    local = [p for p, _ in pieces]
-    weight_of = torch.tensor([1.0 if needs else 0.0 for _, needs in pieces], dtype=torch.float64)
-    device = local[0].device
-
-    if criterion == "l1":
-        sums = torch.stack([torch.linalg.vector_norm(p.reshape(-1), ord=1, dtype=torch.float64) for p in local])
-        replicated = sums * (1.0 - weight_of.to(device))
-        total = all_reduce(sums * weight_of.to(device), "sum") + replicated
-        return total.float()
-
-    counts, total, bad = _sharded_histograms(local, bins=bins, all_reduce=all_reduce, sharded=[n for _, n in pieces])
-    # float32 probabilities, as layer_information computes them for the whole tensor
-    h = _entropy_from_counts(counts.float(), total.clamp(min=1.0).float().unsqueeze(1))
-    h = torch.where(total > 0, h, torch.zeros_like(h))
-    return torch.where(bad > 0, torch.full_like(h, math.nan), h)
-
-
-def _sharded_histograms(local: Sequence[torch.Tensor], *, bins: int, all_reduce: ReduceFn,
-                        sharded: Sequence[bool] | None = None):
-    """Whole-layer histograms from local pieces: (counts [N, bins], numel [N], non-finite flags
-    [N]), float64, identical on every process. Pieces flagged not `sharded` are whole already."""
-    N = len(local)
-    device = local[0].device
-    w = torch.tensor([1.0 if s else 0.0 for s in (sharded or [True] * N)], dtype=torch.float64, device=device)
-    inf = torch.tensor(math.inf, dtype=torch.float32, device=device)
-    extremes, nonfinite, numel = [], [], []
-    for p in local:
-        if p.numel() == 0:  # an empty piece: neutral for MIN/MAX, finite
-            lo, hi = inf, -inf
-            nonfinite.append(torch.zeros((), dtype=torch.bool, device=device))
-        else:
-            lo, hi = torch.aminmax(p.reshape(-1))
-            lo, hi = lo.float(), hi.float()
-            nonfinite.append(~(torch.isfinite(lo) & torch.isfinite(hi)))
-        extremes.append(torch.stack([-lo, hi]))
-        numel.append(p.numel())
-    # a NaN in MAX may be dropped by the backend; the non-finite flags below carry it instead
-    ext = torch.nan_to_num(torch.stack(extremes), nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # [N, 2]
-    reduced = all_reduce(ext.clone(), "max")
-    ext = torch.where(w.bool().unsqueeze(1), reduced, ext)
-    lo_g, hi_g = -ext[:, 0], ext[:, 1]
-
-    stats = torch.zeros(N, bins + 2, dtype=torch.float64, device=device)
-    for i, p in enumerate(local):
-        if p.numel():
-            stats[i, :bins] = _row_bin_counts(_scaled(p, lo_g[i], hi_g[i], bins), bins)[0].double()
-    stats[:, bins] = torch.tensor(numel, dtype=torch.float64, device=device)
-    stats[:, bins + 1] = torch.stack(nonfinite).double()
-    w = w.unsqueeze(1)
-    stats = all_reduce((stats * w).contiguous(), "sum") + stats * (1.0 - w)
-    return stats[:, :bins], stats[:, bins], stats[:, bins + 1]
-
-
-def sharded_layer_information(
-    local_shard: torch.Tensor,
-    *,
-    criterion: str = "entropy",
-    bins: int = 10,
-    all_reduce: ReduceFn | None = None,
-    group=None,
-) -> torch.Tensor:
-    """`layer_information` of a weight split across processes, from this process's shard (0-dim
-    float32). See `sharded_information`, which does many layers with the same two collectives."""
-    return sharded_information([local_shard], criterion=criterion, bins=bins, all_reduce=all_reduce, group=group)[0]
-
-
 # ----------------------------------------------------------------------------- anchor rule
 def _is_anchor(t: torch.Tensor) -> bool:
     return t.is_floating_point() and t.ndim >= 2
 
 
 def anchor_plan(state: dict[str, torch.Tensor]) -> list[tuple[str, str | None]]:
-    """(entry name, anchor name) for every entry to mix, in state-dict order (SPEC section 3).
+    """(entry name, anchor name) for every entry to mix, in state-dict order (docs/method.md §3).
 
     Anchors (floating tensors with ndim >= 2) map to themselves; other floating entries take the
     nearest preceding anchor (entries before the first anchor take the first anchor); integer
@@ -575,61 +262,32 @@ def _mix_ring(ws: list[torch.Tensor], betas: list[torch.Tensor], keep: torch.Ten
         ws[k].copy_(torch.lerp(pre[k], end, betas[k].to(compute)))
 
 
-@torch.no_grad()
-def graft_members(
-    members: Sequence[nn.Module],
-    *,
-    criterion: str = "entropy",
-    bins: int = 10,
-    A: float = 0.4,
-    c: float = 500.0,
-    level: str = "layer",
-) -> GraftReport:
-    """Graft a ring of K >= 2 same-architecture members in place: member k takes member (k-1) mod K.
-
-    All K grafts read the weights as they were before this call (in-parallel semantics). Tensors
-    are mixed `W_k' = alpha_k W_k + (1 - alpha_k) W_{k-1}` with one alpha per anchor (SPEC 3), or
-    one alpha per output filter with `level="filter"` (the authors' filter-level variant; 1-D
-    entries whose length matches the anchor's filter count take the per-filter alphas, others
-    their mean). A member whose weights are not all finite is never used as a scion: its
-    receiver keeps its own weights (alpha = 1), and the report says so. A non-finite member
-    still receives from its own (finite) scion; its non-finite layers get alpha NaN.
-
-    No host synchronisation: the returned report copies its numbers to the host when first read.
-    """
-    if len(members) < 2:
-        raise ValueError(f"graft_members needs K >= 2 members, got {len(members)}")
-    _check_criterion(criterion)
-    _check_bins(bins)
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-    K = len(members)
+def _graft_states(members: Sequence[nn.Module], level: str):
+    """The members' live state dicts (local pieces for FSDP2 DTensors), checked alike; and, for
+    sharded members, the DTensor states and the process group they are sharded over."""
     states = [_live_state(m) for m in members]
     # FSDP2: parameters are DTensors sharded along dim 0. Every process grafts its own shards;
     # the layers' information comes from all-reduced histograms (`sharded_information`), so no
     # weight is ever gathered. Members must be sharded alike (same wrapping, same mesh).
-    dtensor_states = states if any(_is_dtensor(t) for t in states[0].values()) else None
-    if dtensor_states is not None:
+    dtensor_states, group = None, None
+    if any(_is_dtensor(t) for t in states[0].values()):
         if level != "layer":
             raise ValueError("graft_members: level='filter' is not supported on FSDP-sharded members; use 'layer'")
-        group = _dtensor_group(list(states[0].values()))
+        dtensor_states, group = states, _dtensor_group(list(states[0].values()))
         states = [{n: _local_piece(t)[0] for n, t in st.items()} for st in states]
     _check_members(states)
-    plan = anchor_plan(states[0])
-    anchors = [name for name, anchor in plan if name == anchor]
-    if not anchors:
-        raise ValueError("members have no floating tensor with ndim >= 2 (conv/linear weight) to graft by")
-    device = states[0][anchors[0]].device
-    scion_of = [(k - 1) % K for k in range(K)]
-    scratch = _Scratch(device)
+    return states, dtensor_states, group
 
-    # information of every anchor of every member, [A, K] (NaN or inf where a layer is not
-    # finite), and per-filter information for the filter level; the K members of a layer are
-    # rows of one scratch buffer, binned and counted together
+
+def _information_tables(states, anchors, *, criterion: str, bins: int, level: str, scratch: "_Scratch"):
+    """Information of every anchor of every member, [A, K] (NaN or inf where a layer is not finite),
+    and for the filter level each anchor's per-filter information, {name: [K, F]}. The K members of
+    a layer are rows of one scratch buffer, binned and counted together."""
+    K, device = len(states), scratch.device
     total = max(states[0][name].numel() for name in anchors) * K
     ibuf = scratch.get(2, total, torch.int32) if device.type == "cpu" else None
     info_rows, per_filter = [], {}
-    for name in anchors if dtensor_states is None else ():
+    for name in anchors:
         ws = [s[name] for s in states]
         n = ws[0].numel()
         if criterion == "entropy":
@@ -646,34 +304,26 @@ def graft_members(
                 per_filter[name] = _entropy_rows(x, bins, x, None if ibuf is None else ibuf[: K * n]).view(K, F)
             else:
                 per_filter[name] = torch.stack([_l1(w.reshape(F, -1), dim=1) for w in ws])
-    if dtensor_states is None:
-        info_table = torch.stack(info_rows)  # [A, K]
-    else:  # every layer of every member in the same two collectives
-        pieces = [dtensor_states[k][name] for name in anchors for k in range(K)]
-        info_table = sharded_information(pieces, criterion=criterion, bins=bins, group=group).view(len(anchors), K)
+    return torch.stack(info_rows), per_filter
 
-    # finiteness of every member, on the device: its anchors' information and its other entries;
-    # receivers of a non-finite scion keep their own weights
-    others = [name for name, anchor in plan if name != anchor]
-    finite = torch.isfinite(info_table).all(dim=0) & _entries_finite(states, others, device)  # [K]
-    if dtensor_states is not None:  # a shard elsewhere may hold the non-finite value: agree on it
-        bad = _default_all_reduce(group)((~finite).float(), "max")
-        finite = bad < 0.5
-    keep = ~finite.roll(1, 0)  # keep[k] = not finite[k-1]
 
+def _alphas(info_table, per_filter, anchors, keep, *, level: str, A: float, c: float):
+    """Each anchor's alphas ({name: [K]}, or [K, F] per filter) for member k against its scion k - 1
+    (alpha 1 where the scion is not finite), and the [A, K] table the report shows."""
     if level == "layer":
         alpha_table = adaptive_alpha(info_table, info_table.roll(1, 1), A, c)  # [A, K]
         alpha_table = torch.where(keep, torch.ones_like(alpha_table), alpha_table)
-        alphas = {name: alpha_table[i] for i, name in enumerate(anchors)}  # [K] each
-    else:
-        alphas = {}
-        for name in anchors:
-            pf = per_filter[name]  # [K, F]
-            alpha = adaptive_alpha(pf, pf.roll(1, 0), A, c)
-            alphas[name] = torch.where(keep.unsqueeze(1), torch.ones_like(alpha), alpha)
-        alpha_table = torch.stack([alphas[name].mean(dim=1) for name in anchors])
+        return {name: alpha_table[i] for i, name in enumerate(anchors)}, alpha_table
+    alphas = {}
+    for name in anchors:
+        pf = per_filter[name]  # [K, F]
+        alpha = adaptive_alpha(pf, pf.roll(1, 0), A, c)
+        alphas[name] = torch.where(keep.unsqueeze(1), torch.ones_like(alpha), alpha)
+    return alphas, torch.stack([alphas[name].mean(dim=1) for name in anchors])
 
-    # mix every entry with its anchor's alpha, in place
+
+def _mix_entries(states, plan, alphas, keep, scratch: "_Scratch") -> None:
+    """Mix every planned entry of every member with its anchor's alphas, in place."""
     betas_of = {name: 1.0 - a for name, a in alphas.items()}
     for name, anchor in plan:
         ws = [s[name] for s in states]
@@ -687,16 +337,70 @@ def graft_members(
             per_member = list(beta.mean(dim=1).unbind(0))
         _mix_ring(ws, per_member, keep, scratch)
 
+
+@torch.no_grad()
+def graft_members(
+    members: Sequence[nn.Module],
+    *,
+    criterion: str = "entropy",
+    bins: int = 10,
+    A: float = 0.4,
+    c: float = 500.0,
+    level: str = "layer",
+) -> GraftReport:
+    """Graft a ring of K >= 2 same-architecture members in place: member k takes member (k-1) mod K.
+
+    All K grafts read the weights as they were before this call (in-parallel semantics). Tensors
+    are mixed `W_k' = alpha_k W_k + (1 - alpha_k) W_{k-1}` with one alpha per anchor, or one alpha
+    per output filter with `level="filter"` (the authors' filter-level variant; 1-D entries whose
+    length matches the anchor's filter count take the per-filter alphas, others their mean); see
+    docs/method.md §3-§5. A member whose weights are not all finite is never used as a scion: its
+    receiver keeps its own weights (alpha = 1), and the report says so. A non-finite member still
+    receives from its own (finite) scion; its non-finite layers get alpha NaN.
+
+    No host synchronisation: the returned report copies its numbers to the host when first read.
+    """
+    if len(members) < 2:
+        raise ValueError(f"graft_members needs K >= 2 members, got {len(members)}")
+    _check_criterion(criterion)
+    _check_bins(bins)
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    K = len(members)
+    states, dtensor_states, group = _graft_states(members, level)
+    plan = anchor_plan(states[0])
+    anchors = [name for name, anchor in plan if name == anchor]
+    if not anchors:
+        raise ValueError("members have no floating tensor with ndim >= 2 (conv/linear weight) to graft by")
+    scratch = _Scratch(states[0][anchors[0]].device)
+    if dtensor_states is None:
+        info_table, per_filter = _information_tables(states, anchors, criterion=criterion, bins=bins, level=level,
+                                                     scratch=scratch)
+    else:  # every layer of every member in the same two collectives
+        pieces = [dtensor_states[k][name] for name in anchors for k in range(K)]
+        info_table = sharded_information(pieces, criterion=criterion, bins=bins, group=group).view(len(anchors), K)
+        per_filter = {}
+
+    # finiteness of every member, on the device: its anchors' information and its other entries;
+    # receivers of a non-finite scion keep their own weights
+    others = [name for name, anchor in plan if name != anchor]
+    finite = torch.isfinite(info_table).all(dim=0) & _entries_finite(states, others, scratch.device)  # [K]
+    if dtensor_states is not None:  # a shard elsewhere may hold the non-finite value: agree on it
+        finite = _default_all_reduce(group)((~finite).float(), "max") < 0.5
+    keep = ~finite.roll(1, 0)  # keep[k] = not finite[k-1]
+
+    alphas, alpha_table = _alphas(info_table, per_filter, anchors, keep, level=level, A=A, c=c)
+    _mix_entries(states, plan, alphas, keep, scratch)
     return GraftReport(
         criterion=criterion, source="external",
         _pending=dict(anchors=anchors, alpha_table=alpha_table, info_table=info_table, finite=finite,
-                      scion_of=scion_of),
+                      scion_of=[(k - 1) % K for k in range(K)]),
     )
 
 
 # ----------------------------------------------------------------------------- other scion sources
 def _conv_filters(state: dict[str, torch.Tensor]) -> Iterable[tuple[str, torch.Tensor]]:
-    # filters are slices along the output channel of conv weights (SPEC section 7)
+    # filters are slices along the output channel of conv weights (docs/method.md §10)
     for name, t in state.items():
         if t.is_floating_point() and t.ndim == 4:
             yield name, t
@@ -754,10 +458,3 @@ def graft_internal(model: nn.Module, *, threshold: float = 0.1) -> dict[str, int
     if not grafted:
         return {}
     return dict(zip(grafted, (int(v) for v in torch.stack(list(grafted.values())).tolist())))
-
-
-# ----------------------------------------------------------------------------- diversity
-def cosine_lr_multipliers(num_members: int) -> list[float]:
-    """The authors' "dlr" spread: member i (1-based, of K) starts at lr * (1 + cos(pi (K - i) / K)) / 2."""
-    K = num_members
-    return [(1.0 + math.cos(math.pi * (K - i) / K)) / 2.0 for i in range(1, K + 1)]

@@ -42,6 +42,7 @@ class PopulationSpec:
     label_names: list[str] | None = None
     # timm data config used in training: input_size, interpolation, mean, std, crop_pct, crop_mode
     data_config: dict[str, Any] = field(default_factory=dict)
+    dataset_name: str | None = None  # what the population was trained on (for the model card)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,18 +1,21 @@
 """GraftingTrainer: a `transformers.Trainer` for a population of grafted students (thin glue).
 
 The math lives in `grafting.py` (the graft), `distill.py` (the KD loss) and `population.py`
-(the K members as one module); this file only decides *when* things happen and wires them into
-the Trainer's optimizer, clipping, evaluation, logging and checkpointing.
+(the K members as one module), as docs/method.md describes it; this file only decides *when*
+things happen (docs/method.md §6) and wires them into the Trainer's optimizer, clipping,
+evaluation, logging and checkpointing, and it ends a run: results, the student, the Hub.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
-import shutil
+import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -23,20 +26,28 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import EvalPrediction
 
+from .checkpointing import AtomicCheckpoints
 from .config import GraftingConfig
-from .data import EpochShuffleSampler, MemberOrderDataset
+from .data import EpochShuffleSampler, MemberOrderDataset, resolve_student_data_config
 from .filters import filter_report
 from .grafting import GraftReport, graft_internal, graft_members, graft_noise
+from .hub import push_student
+from .model_card import build_model_card
+from .model_sources import load_teacher
 from .population import PopulationSpec, StudentPopulation
+from .results import ensemble_metrics, filter_summaries, member_metrics, select_member, summary_lines
+from .schedule import step_decay
+from .student_folder import save_student
 
 __all__ = [
     "BatchNormRecalibrationCallback",
     "GraftingCallback",
     "GraftingTrainer",
-    "load_teacher",
     "population_metrics",
     "recalibrate_batchnorm",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -70,43 +81,10 @@ def population_metrics(logits: torch.Tensor, labels: torch.Tensor, select_studen
     return metrics
 
 
-# ----------------------------------------------------------------------------- teachers
-def load_teacher(name: str, model_kwargs: dict | None = None) -> nn.Module:
-    """A frozen teacher from a timm name, an 'hf-hub:'/'local-dir:' id or a folder hf_graft exported."""
-    import timm
-
-    kwargs = dict(model_kwargs or {})
-    if os.path.isdir(name):
-        if os.path.isfile(os.path.join(name, "graft_population.json")):
-            raise ValueError(
-                f"GraftingConfig.teacher_models: {name!r} is a training checkpoint (a whole population); "
-                "export one member first (hf-graft export) or point at output_dir/student"
-            )
-        if not os.path.isfile(os.path.join(name, "config.json")):
-            raise ValueError(f"GraftingConfig.teacher_models: folder {name!r} has no config.json")
-        model = timm.create_model(f"local-dir:{os.path.abspath(name)}", pretrained=True, **kwargs)
-    elif name.startswith(("hf-hub:", "local-dir:")):
-        model = timm.create_model(name, pretrained=True, **kwargs)
-    elif timm.is_model(name):
-        try:
-            model = timm.create_model(name, pretrained=True, **kwargs)
-        except Exception as err:
-            raise ValueError(
-                f"GraftingConfig.teacher_models: no trained weights for {name!r} available here "
-                f"({type(err).__name__}); use a local folder of a trained model"
-            ) from err
-    else:
-        raise ValueError(
-            f"GraftingConfig.teacher_models: {name!r} is neither a timm model name, an hf-hub:/local-dir: id, "
-            "nor an existing folder"
-        )
-    return model.eval().requires_grad_(False)
-
-
 # ----------------------------------------------------------------------------- callback
 class GraftingCallback(TrainerCallback, ExportableState):
-    """Decides when to graft; its counter is saved in checkpoints so a resumed run grafts exactly
-    where an uninterrupted one would (and never twice at one boundary)."""
+    """Decides when to graft (docs/method.md §6); its counter is saved in checkpoints so a resumed
+    run grafts exactly where an uninterrupted one would (and never twice at one boundary)."""
 
     def __init__(self, trainer: "GraftingTrainer" | None = None, grafts_done: int = 0):
         self.trainer = trainer
@@ -153,7 +131,7 @@ class GraftingCallback(TrainerCallback, ExportableState):
 
 
 # ----------------------------------------------------------------------------- trainer
-class GraftingTrainer(Trainer):
+class GraftingTrainer(AtomicCheckpoints, Trainer):
     """Trains K students with the Trainer, grafting them in a ring at epoch boundaries.
 
     `model` is a `StudentPopulation`, or a `PopulationSpec` from which one is built with
@@ -216,6 +194,8 @@ class GraftingTrainer(Trainer):
         )
         self._place_teachers()
         self._epoch_sampler: EpochShuffleSampler | None = None
+        self.results: dict | None = None  # the end of the run (see `train`)
+        self.student_dir: Path | None = None
         self.add_callback(_SamplerEpochCallback(self))
 
     # ------------------------------------------------------------------ teachers
@@ -287,14 +267,8 @@ class GraftingTrainer(Trainer):
                 steps_per_epoch = max(1, len(self.get_train_dataloader()) // self.args.gradient_accumulation_steps)
             milestones = sorted(round(e * steps_per_epoch) for e in self.args.lr_decay_epochs)
             warmup = self.args.get_warmup_steps(num_training_steps)
-            gamma = self.args.lr_decay_gamma
-
-            def step_decay(step: int) -> float:
-                if step < warmup:
-                    return (step + 1) / (warmup + 1)
-                return gamma ** sum(step >= m for m in milestones)
-
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, step_decay)
+            decay = step_decay(milestones, warmup=warmup, gamma=self.args.lr_decay_gamma)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
@@ -436,6 +410,107 @@ class GraftingTrainer(Trainer):
         if self.args.should_save and self.population.spec is not None:
             self.population.spec.save(output_dir)
 
+    # ------------------------------------------------------------------ the end of a run: results, student, Hub
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        """`Trainer.train`, then the end of the run: the evaluation of the final weights, the selected
+        member and the filter statistics, computed once (`self.results`, also written to
+        `output_dir/all_results.json`); with `export_student`, the student folder (`save_student`);
+        and a closing summary through the `hf_graft.trainer` logger."""
+        started = time.perf_counter()
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        self.results = self.run_results(output.metrics)
+        if self.args.export_student:
+            if self.results["selected_member"] is None:
+                logger.warning("no student written: %s", self.results["selection_reason"])
+            else:
+                self.save_student()
+        self.results["wall_time_s"] = round(time.perf_counter() - started, 2)
+        if self.is_world_process_zero():
+            self.save_metrics("all", self.results, combined=False)
+            self.save_state()
+            for line in summary_lines(self.results, self.args.num_students):
+                logger.info(line)
+        self.accelerator.wait_for_everyone()
+        return output
+
+    def run_results(self, train_metrics: dict | None = None) -> dict:
+        """The metrics of the weights the run ends with, the selected member and why, the settings and
+        every member's filter health. The evaluation is the one already logged for these weights (the
+        last one, or the best checkpoint's after `load_best_model_at_end`) when there is one."""
+        args: GraftingConfig = self.args
+        results = dict(train_metrics or {})
+        if self.eval_dataset is not None:
+            results.update(self._final_evaluation())
+        members = member_metrics(results, args.num_students)
+        if self.eval_dataset is None and args.select_student == "best":
+            selected, reason = None, "no eval_dataset to choose the best member by (select_student: best)"
+        else:
+            selected, reason = select_member(members, args.select_student, num_members=args.num_students)
+        results.update(selected_member=selected, selection_reason=reason, grafting=args.grafting_settings())
+        if args.kd_settings():
+            results["distillation"] = args.kd_settings()
+        results["filters"] = filter_summaries(results, self.population.members, thresholds=args.filter_thresholds,
+                                              bins=args.graft_bins)
+        return results
+
+    def _final_evaluation(self) -> dict:
+        step = self.state.global_step
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            step = self.state.best_global_step  # the weights now loaded are that checkpoint's
+        for entry in reversed(self.state.log_history):
+            if entry.get("step") == step and "eval_runtime" in entry:
+                return {key: value for key, value in entry.items() if key != "step"}
+        return self.evaluate()
+
+    def save_student(self, output_dir: str | os.PathLike | None = None) -> Path:
+        """Write the selected member (default: `output_dir/student`) as a folder that timm and
+        transformers both load, with its model card, checked by reloading it both ways before it
+        replaces an earlier export (see `student_folder.save_student`). Uses `self.results` (the end
+        of `train()`), computing them if `train()` has not run."""
+        results = self.results if self.results is not None else self.run_results()
+        k = results["selected_member"]
+        if k is None:
+            raise ValueError(f"GraftingTrainer.save_student: {results['selection_reason']}")
+        folder = Path(output_dir) if output_dir is not None else Path(self.args.output_dir) / "student"
+        if self.is_world_process_zero():
+            args, spec, member = self.args, self.population.spec, self.population.members[k]
+            data_config = spec.data_config if spec is not None and spec.data_config else None
+            data_config = data_config or resolve_student_data_config(member)
+            architecture = args.student_model
+            if architecture.startswith(("hf-hub:", "local-dir:")):  # the registry name behind the id
+                architecture = member.pretrained_cfg.get("architecture", architecture)
+            label_names = spec.label_names if spec is not None else None
+            card = build_model_card(
+                architecture=architecture, label_names=label_names,
+                dataset_name=spec.dataset_name if spec is not None else None,
+                member_metrics=member_metrics(results, args.num_students), ensemble_metrics=ensemble_metrics(results),
+                selected_member=k, selection_reason=results["selection_reason"],
+                grafting_settings=args.grafting_settings(), kd_settings=args.kd_settings(),
+                repo_id=args.hub_model_id if args.push_student_to_hub else None, data_config=data_config,
+            )
+            save_student(member, folder, architecture=architecture, model_kwargs=args.student_model_kwargs,
+                         label_names=label_names, data_config=data_config, card=card)
+        results["student_dir"] = str(folder)
+        self.student_dir = folder
+        return folder
+
+    def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
+                    revision: str | None = None, **kwargs) -> str | None:
+        """Upload only the student folder (its three files) to `hub_model_id`, never the population, the
+        optimizer or a checkpoint; writes the folder first if `train()` did not. A failed upload raises
+        `PushToHubError` with one line naming the repo (the token removed); the local folder stays.
+        Returns the repo URL (on the main process; None on the others)."""
+        if not self.args.hub_model_id:
+            raise ValueError("GraftingConfig.hub_model_id: required to push the student to the Hub")
+        folder = self.student_dir if self.student_dir is not None else self.save_student()
+        if not self.is_world_process_zero():
+            return None
+        url = push_student(folder, self.args.hub_model_id, token=token or self.args.hub_token,
+                           private=self.args.hub_private_repo,
+                           commit_message=commit_message or "Upload filter-grafted student (hf_graft)")
+        logger.info("pushed the student to %s", url)
+        return url
+
     # ------------------------------------------------------------------ processes, checkpoints, resume
     @torch.no_grad()
     def sync_buffers(self) -> None:
@@ -498,74 +573,6 @@ class GraftingTrainer(Trainer):
                 callback.trainer = self
                 self.graft_callback = callback
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """Write `checkpoint-N` atomically.
-
-        transformers' own `_save_checkpoint` writes straight into `checkpoint-N`, so a process killed
-        while saving leaves a half-written folder that `get_last_checkpoint` then picks. Here every
-        process writes its part (model, optimizer, scheduler, scaler, its RNG state, trainer state)
-        into `tmp-checkpoint-N`; once all have finished, the folder is flushed to disk and renamed
-        to `checkpoint-N` in one `os.rename`. A killed save leaves only `tmp-checkpoint-N`, which
-        neither `get_last_checkpoint` nor the rotation of `save_total_limit` match, and which the
-        next save of that step removes. `best_model_checkpoint` and rotation follow the final name.
-        """
-        from transformers.trainer import TRAINER_STATE_NAME
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
-
-        args = self.args
-        if self.hp_search_backend is None and trial is None:
-            self.store_flos()
-        run_dir = self._get_output_dir(trial=trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        final_dir = os.path.join(run_dir, name)
-        staging_dir = os.path.join(run_dir, STAGING_PREFIX + name)
-        if args.local_process_index == 0:  # one process per node (nodes may not share a file system)
-            shutil.rmtree(staging_dir, ignore_errors=True)  # left over by a save that was killed
-            os.makedirs(staging_dir, exist_ok=True)
-        self.accelerator.wait_for_everyone()
-
-        self.save_model(staging_dir, _internal_call=True)
-        if not args.save_only_model:
-            self._save_optimizer_and_scheduler(staging_dir)
-            self._save_scaler(staging_dir)
-            self._save_rng_state(staging_dir)
-
-        if (
-            args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
-            and self.state.best_global_step
-        ):
-            best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
-            if self.state.best_global_step == self.state.global_step or os.path.isdir(best_dir):
-                self.state.best_model_checkpoint = best_dir
-        if args.should_save:
-            for callback in [*self.callback_handler.callbacks, self.control]:
-                if isinstance(callback, ExportableState):
-                    key = type(callback).__name__
-                    if isinstance(self.state.stateful_callbacks.get(key), list):
-                        self.state.stateful_callbacks[key].append(callback.state())
-                    else:
-                        self.state.stateful_callbacks[key] = callback.state()
-            self.state.save_to_json(os.path.join(staging_dir, TRAINER_STATE_NAME))
-
-        self.accelerator.wait_for_everyone()  # every process has written its files
-        if args.process_index == 0:
-            _publish_dir(staging_dir, final_dir)
-        self.accelerator.wait_for_everyone()
-        # nodes that do not share process 0's file system publish their own copy, one after it
-        if args.process_index != 0 and args.local_process_index == 0 and os.path.isdir(staging_dir):
-            _publish_dir(staging_dir, final_dir)
-        self.accelerator.wait_for_everyone()
-
-        if args.push_to_hub:
-            self._push_from_checkpoint(final_dir)
-        if args.should_save:
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
-
 
 # ----------------------------------------------------------------------------- BatchNorm recalibration
 class BatchNormRecalibrationCallback(TrainerCallback):
@@ -614,7 +621,7 @@ def recalibrate_batchnorm(population: nn.Module, dataset, *, num_batches: int, b
     population.train(was_training)
 
 
-# ----------------------------------------------------------------------------- checkpoint helpers
+# ----------------------------------------------------------------------------- random streams
 @contextlib.contextmanager
 def _preserved_rng(device: torch.device):
     """Restore the python, numpy and torch (CPU and the training CUDA device) RNG states on exit."""
@@ -626,48 +633,6 @@ def _preserved_rng(device: torch.device):
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
-
-
-STAGING_PREFIX = "tmp-"  # `tmp-checkpoint-N`: matched by neither get_last_checkpoint nor rotation
-
-
-def _fsync_tree(folder: str) -> None:
-    """Flush every file of `folder`, then the folder itself, to stable storage."""
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # platforms without directory file descriptors
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _publish_dir(staging_dir: str, final_dir: str) -> None:
-    """Rename a complete staging folder to its final name (replacing an older copy of that name)."""
-    _fsync_tree(staging_dir)
-    replaced = None
-    if os.path.isdir(final_dir):
-        replaced = staging_dir + "-replaced"
-        shutil.rmtree(replaced, ignore_errors=True)
-        os.rename(final_dir, replaced)
-    os.rename(staging_dir, final_dir)
-    _fsync_dir(os.path.dirname(os.path.abspath(final_dir)))
-    if replaced is not None:
-        shutil.rmtree(replaced, ignore_errors=True)
 
 
 class _SamplerEpochCallback(TrainerCallback):

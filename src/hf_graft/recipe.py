@@ -1,0 +1,181 @@
+"""Recipes: a flat YAML file of `DataArguments` / `GraftingConfig` fields, plus `--field value` overrides.
+
+As TRL and timm do, the recipe's values become the command-line parser's defaults, and the command
+line is parsed on top of them. Every YAML value is checked against its field's type first, so that
+a wrong value is one line naming the file, the field and the value, never an argparse usage dump:
+
+    recipes/x.yaml: num_students: got 'two'; allowed: an integer
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from enum import Enum
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
+
+from .config import DataArguments, GraftingConfig
+
+__all__ = ["RecipeError", "parse_recipe"]
+
+# TrainingArguments silently replaces a missing output_dir by "trainer_output": in a recipe, a blank
+# output_dir is a mistake, not a request for that default
+_NULL_NOT_ALLOWED = {"output_dir"}
+
+
+class RecipeError(ValueError):
+    """A recipe or override that cannot be used; the message names the file and the field."""
+
+
+class _Mismatch(Exception):
+    pass
+
+
+class _RecipeParser(HfArgumentParser):
+    def error(self, message: str):  # argparse would print the whole usage first; one line says enough
+        raise RecipeError(f"command line: {message} (see `hf-graft train --help`)")
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return "one of " + ", ".join(str(e.value) for e in hint)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+    return names.get(hint, names.get(origin, getattr(hint, "__name__", str(hint))))
+
+
+def _coerce(value: Any, hint: Any, convert: bool) -> Any:
+    """`value` as the type `hint` describes, or `_Mismatch`; `convert` allows strings and numbers to be
+    read as the command line reads them (e.g. '1e-3' as a number, which YAML leaves a string)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        enums = [a for a in options if isinstance(a, type) and issubclass(a, Enum)]
+        if enums and isinstance(value, str):  # e.g. HubStrategy | str: the enum's values are the choices
+            return _coerce(value, enums[0], convert)
+        for converting in (False, True) if convert else (False,):  # an exact match first
+            for option in options:
+                try:
+                    return _coerce(value, option, converting)
+                except _Mismatch:
+                    continue
+        raise _Mismatch
+    if origin is list:
+        items = value if isinstance(value, list) else [value]  # a single value is a one-item list
+        return [_coerce(item, args[0] if args else Any, convert) for item in items]
+    if origin is dict or hint is dict:
+        if isinstance(value, dict):
+            return value
+        raise _Mismatch
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise _Mismatch
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        if str(value) in {str(e.value) for e in hint}:
+            return str(value)
+        raise _Mismatch
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if convert and isinstance(value, str):
+            try:
+                return string_to_bool(value)
+            except Exception:
+                pass
+        raise _Mismatch
+    if hint in (int, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if hint is float:
+                return float(value)
+            if isinstance(value, int):
+                return value
+        if convert and isinstance(value, str):
+            try:
+                return hint(value)
+            except ValueError:
+                pass
+        raise _Mismatch
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if convert and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _Mismatch
+    return value  # a type the recipe cannot spell better than the dataclass checks it
+
+
+def _recipe_defaults(recipe: str | os.PathLike, fields: dict[str, Any]) -> dict[str, Any]:
+    path = Path(recipe)
+    if not path.is_file():
+        raise RecipeError(f"{recipe}: recipe file not found")
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{recipe}: not valid YAML ({str(err).splitlines()[0]})") from err
+    if content is None:
+        raise RecipeError(f"{recipe}: empty recipe; a recipe is a flat mapping of field: value")
+    if not isinstance(content, dict):
+        raise RecipeError(f"{recipe}: a recipe is a flat mapping of field: value")
+    unknown = sorted(str(k) for k in content if k not in fields)
+    if unknown:
+        raise RecipeError(
+            f"{recipe}: unknown key(s) {', '.join(map(repr, unknown))} "
+            "(not a field of DataArguments or GraftingConfig; see `hf-graft train --help`)"
+        )
+    defaults = {}
+    for key, value in content.items():
+        hint = fields[key]
+        nullable = type(None) in typing.get_args(hint) and key not in _NULL_NOT_ALLOWED
+        if value is None and nullable:
+            defaults[key] = None
+            continue
+        try:
+            if value is None:
+                raise _Mismatch
+            defaults[key] = _coerce(value, hint, convert=True)
+        except _Mismatch:
+            shown = "null (a blank value)" if value is None else repr(value)
+            raise RecipeError(f"{recipe}: {key}: got {shown}; allowed: {_describe(hint)}") from None
+    return defaults
+
+
+def parse_recipe(
+    recipe: str | os.PathLike | None, overrides: Sequence[str] = ()
+) -> tuple[DataArguments, GraftingConfig]:
+    """Recipe YAML (flat keys, as in TRL / alignment-handbook recipes) + `--key value` overrides.
+
+    Unknown keys and values of the wrong type fail here, in one line naming the field, before any
+    data or model is touched; `GraftingConfig` / `DataArguments` then check what the values mean.
+    """
+    fields: dict[str, Any] = {}
+    for cls in (DataArguments, GraftingConfig):
+        hints = typing.get_type_hints(cls)
+        fields.update({f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init})
+    for token in overrides:
+        if token.startswith("--"):
+            key = token[2:].split("=", 1)[0]
+            if key not in fields and key.replace("-", "_") not in fields and not key.startswith("no_"):
+                raise RecipeError(
+                    f"command line: unknown option --{key} (not a field of DataArguments or GraftingConfig)")
+    parser = _RecipeParser((DataArguments, GraftingConfig))
+    if recipe is not None:
+        parser.set_defaults(**_recipe_defaults(recipe, fields))
+    data_args, config, remaining = parser.parse_args_into_dataclasses(
+        args=list(overrides), return_remaining_strings=True)
+    if remaining:
+        raise RecipeError(f"command line: could not use {' '.join(remaining)!r}")
+    return data_args, config

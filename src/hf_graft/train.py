@@ -123,7 +123,7 @@ def build_trainer(data_args: DataArguments, config: GraftingConfig):
         spec.data_config = resolve_student_data_config(population.members[0], data_args.input_size)
         train_dataset, eval_dataset = population_datasets(
             data, data_args, spec.data_config, num_members=config.num_students, order=config.data_order,
-            seed=config.seed,
+            seed=config.seed, device=config.device,
         )
         trainer = GraftingTrainer(model=population, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset)
     except (ValueError, FileNotFoundError, RuntimeError, TypeError, KeyError) as err:

@@ -170,7 +170,11 @@ class DeviceImageDataset(TorchDataset):
 
     def __getitems__(self, indices) -> dict[str, torch.Tensor]:
         """One batch, whole and on the device (the DataLoader's collate passes it through)."""
-        index = torch.as_tensor(list(indices), dtype=torch.long).to(self.device)
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        if self.device.type == "cuda":  # a pageable copy would wait for the GPU to finish the last step
+            index = index.pin_memory().to(self.device, non_blocking=True)
+        else:
+            index = index.to(self.device)
         n = len(self)
         epoch, i = index // n, index % n
         rows = self.member_indices[:, i].t()  # [B, K] (K = 1 for a shared order)

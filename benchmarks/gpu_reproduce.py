@@ -112,6 +112,8 @@ def _callbacks(device: torch.device, stop_at: float):
             self._begin = time.time()
 
         def on_step_end(self, args, state, control, **kwargs):
+            if state.max_steps and state.global_step >= state.max_steps:
+                _sync(device)  # the last step of a probe: its time includes the GPU's queue
             self.steps.append(time.time())
             if time.time() > stop_at:
                 control.should_training_stop = True

@@ -110,6 +110,8 @@ class DeviceImageDataset(TorchDataset):
                              f"{tuple(images.shape)}")
         if labels.shape != images.shape[:1]:
             raise ValueError(f"DeviceImageDataset: {images.shape[0]} images but labels of shape {tuple(labels.shape)}")
+        if order not in ("shared", "independent"):
+            raise ValueError(f"DeviceImageDataset: order must be 'shared' or 'independent', got {order!r}")
         if augmentation not in DEVICE_AUGMENTATIONS:
             raise ValueError(f"DeviceImageDataset: augmentation {augmentation!r}; allowed: "
                              f"{', '.join(DEVICE_AUGMENTATIONS)}")

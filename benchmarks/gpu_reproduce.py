@@ -297,30 +297,57 @@ class Bench:
             choice = (choice[0], a.epochs)
         if a.seeds is not None:
             choice = (len(a.seeds), choice[1])
-        seeds = a.seeds if a.seeds is not None else list(range(choice[0]))
+        seeds = list(a.seeds) if a.seeds is not None else list(range(choice[0]))
         self.plan = {"epochs": choice[1], "seeds": seeds, "fixed": bool(a.epochs or a.seeds),
+                     "fixed_seeds": a.seeds is not None,
                      "estimate_epoch_s": {"K=1": k1, "K=2": k2}, **probe}
 
     def reproduce(self) -> None:
+        """The planned seeds, seed by seed; then more seeds (up to 3) while a whole seed's measured
+        time still fits; then cifar_mobilenetv2 on the first seed if it fits."""
         epochs, seeds = self.plan["epochs"], self.plan["seeds"]
         estimate = {1: self.plan["estimate_epoch_s"]["K=1"], 2: self.plan["estimate_epoch_s"]["K=2"]}
-        measured: dict[str, float] = {}
-        todo = [(m, s) for s in seeds for m in CORE]
+        self.measured: dict[str, float] = {}
+
+        def cost(method: str) -> float:
+            guess = (epochs * estimate[METHODS[method]["num_students"]] + 4.0)
+            return self.measured.get(method) or guess * (MNV2_COST if method.startswith("mnv2") else 1)
+
+        for seed in seeds:
+            for method in CORE:
+                self._run_if_it_fits(method, seed, epochs, cost(method))
+        extra = max(seeds) + 1
+        while not self.plan["fixed_seeds"] and len(self.plan["seeds"]) < 3:
+            if sum(cost(m) for m in CORE) > self.clock.left() - self.args.margin:
+                break
+            self.plan["seeds"].append(extra)
+            self.plan["added_seeds"] = self.plan.get("added_seeds", 0) + 1
+            for method in CORE:
+                self._run_if_it_fits(method, extra, epochs, cost(method))
+            extra += 1
         if not self.args.no_mnv2:
-            todo += [("mnv2_baseline", seeds[0]), ("mnv2_graft2", seeds[0])]
-        for method, seed in todo:
-            K = METHODS[method]["num_students"]
-            cost = measured.get(method) or (epochs * estimate[K] + 4.0) * (MNV2_COST if method.startswith("mnv2") else 1)
-            if cost > self.clock.left() - self.args.margin:
-                self.skipped.append(f"{method} seed {seed} (needs about {cost:.0f} s, {max(0, self.clock.left()):.0f} s left)")
-                continue
-            print(f"[gpu_reproduce] {self.clock.elapsed():.0f} s: {method} seed {seed}, {epochs} epochs", flush=True)
+            for method in ("mnv2_baseline", "mnv2_graft2"):
+                self._run_if_it_fits(method, seeds[0], epochs, cost(method))
+
+    def _run_if_it_fits(self, method: str, seed: int, epochs: int, cost: float) -> None:
+        if cost > self.clock.left() - self.args.margin:
+            self.skipped.append(f"{method} seed {seed} (needs about {cost:.0f} s, {max(0, self.clock.left()):.0f} s left)")
+            return
+        print(f"[gpu_reproduce] {self.clock.elapsed():.0f} s: {method} seed {seed}, {epochs} epochs", flush=True)
+        try:
             record = self.run(method, seed, epochs)
-            self.runs.append(record)
-            measured[method] = record["wall_s"]
-            print(f"[gpu_reproduce] {method} seed {seed}: top-1 {record['member_top1'][-1] if record['member_top1'] else '-'}"
-                  f" ({record['wall_s']:.0f} s)", flush=True)
+        except Exception as err:  # one failed run (out of memory, say) leaves the others standing
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            self.notes.append(f"{method} seed {seed} failed: {type(err).__name__}: {first}")
+            traceback.print_exc()
+            _release(self.device)
             self.write()
+            return
+        self.runs.append(record)
+        self.measured[method] = record["wall_s"]
+        print(f"[gpu_reproduce] {method} seed {seed}: top-1 {record['member_top1'][-1] if record['member_top1'] else '-'}"
+              f" ({record['wall_s']:.0f} s)", flush=True)
+        self.write()
 
     # ------------------------------------------------------------------ report
     def write(self, finished: bool = False) -> None:
@@ -393,7 +420,9 @@ def report(bench: Bench, finished: bool) -> str:
             lines.append("\n(stopped at its share of the budget before the planned epochs)")
         lines.append("")
     if plan:
-        how = "fixed on the command line" if plan["fixed"] else "as many as fit, chosen"
+        how = "set on the command line" if plan["fixed"] else "as many as fit"
+        if plan.get("added_seeds"):
+            how += f"; {plan['added_seeds']} seed(s) added after the first ones ran faster than planned"
         lines += [f"Plan: {plan['epochs']} epochs x seeds {plan['seeds']} ({how}); probe: "
                   f"{plan['step_s_k2'] * 1000:.1f} ms per K=2 cifar_resnet20 training step (after warm-up), "
                   f"{plan['eval_s_k2']:.2f} s per K=2 evaluation, {plan['steps_per_epoch']} steps an epoch.", ""]

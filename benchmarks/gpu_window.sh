@@ -126,7 +126,9 @@ lines.append(f"- CPU cores: {os.cpu_count()}")
 print("\n".join(lines))
 EOF
 grep '^- ' "$WORK/header.log" > "$WORK/header.md"
-(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null | sed 's/^/- checkout: /') >> "$WORK/header.md"
+if command -v git > /dev/null; then
+  (cd "$REPO" && git rev-parse --short HEAD 2>/dev/null | sed 's/^/- checkout: /') >> "$WORK/header.md"
+fi
 assemble
 
 # ---------------------------------------------------------------- part 1: the step benchmark

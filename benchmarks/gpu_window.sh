@@ -6,8 +6,9 @@
 # DATASET: a folder with the CIFAR-10 schema (img, label; train/test), default ../shared/data/cifar10
 # beside the repository. --out: the markdown written (default benchmarks/results/gpu.md); it is
 # rewritten after every part (and on exit or interruption), so a stopped window still leaves what
-# finished. --quick (or GPU_WINDOW_QUICK=1): a CPU smoke run of every part on a tiny subset.
-# --no-step: leave part 1 out (its script has a smoke test of its own).
+# finished; the raw per-run records go beside it (gpu_runs.json for gpu.md). --quick (or
+# GPU_WINDOW_QUICK=1): a CPU smoke run of every part on a tiny subset. --no-step: leave part 1 out
+# (its script has a smoke test of its own).
 #
 # Time plan (--total, default 480 s): the card and versions (~10 s); part 1, benchmarks/gpu_step.py
 # with --time-budget 200 (hard stop at 225 s); part 2, benchmarks/gpu_reproduce.py in the time left
@@ -84,7 +85,12 @@ assemble() {
     [ -s "$WORK/reproduce.md" ] || [ -s "$WORK/reproduce.note" ] || echo "(not run yet)"
   } > "$OUT.tmp" && mv "$OUT.tmp" "$OUT"
 }
-trap assemble EXIT
+finish() {
+  assemble
+  [ -s "$WORK/runs/gpu_reproduce.json" ] && cp "$WORK/runs/gpu_reproduce.json" "${OUT%.md}_runs.json"
+  rm -rf "$WORK"
+}
+trap finish EXIT
 trap 'exit 130' INT TERM
 
 run_part() {  # name, hard limit in seconds, log file, command...

@@ -7,6 +7,7 @@ under a minute.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -87,3 +88,7 @@ def test_gpu_window_quick(tmp_path):
         assert re.search(rf"^\| {method} \| 0 \| \d+\.\d ± n/a \|", text, re.M), method
     assert re.search(r"^\| graft2 \| 0 \| \d+\.\d \| \d+\.\d \| \d+\.\d \| \d+ \|$", text, re.M)  # 2 epochs
     assert proc.stdout.strip().splitlines()[-1].startswith("== wrote ")
+    runs = json.loads((tmp_path / "results" / "gpu_runs.json").read_text())["runs"]
+    assert [(r["method"], r["seed"], r["complete"]) for r in runs] == [
+        ("baseline", 0, True), ("independent2", 0, True), ("graft2", 0, True)]
+    assert not list(tmp_path.glob("gpu_window.*"))  # its work folder is gone

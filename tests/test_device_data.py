@@ -312,3 +312,48 @@ def test_the_training_entry_point_puts_the_data_on_the_device(tmp_path, single_t
     assert trainer.graft_callback.grafts_done == 1
     evals = [e for e in trainer.state.log_history if "eval_ensemble_top1" in e]
     assert len(evals) == 2 and all(0.0 <= e["eval_ensemble_top1"] <= 100.0 for e in evals)
+
+
+# ----------------------------------------------------------------------------- on a GPU (skipped without one)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_cuda_batches_equal_cpu_batches(images):
+    """The same (seed, epoch, row, member) gives the same crop and flip on the GPU as on the CPU
+    (integer hash), and the same pixels up to float rounding (CUDA divides by a scalar through its
+    reciprocal)."""
+    pixels, labels = images
+    cpu = _dataset(images)
+    gpu = DeviceImageDataset(pixels.cuda(), labels.cuda(), mean=MEAN, std=STD, augmentation="pad_crop",
+                             crop_padding=3, hflip=0.5, num_members=3, order="independent", seed=7)
+    tagged = [2 * N + i for i in range(N)]
+    a, b = cpu.__getitems__(tagged), gpu.__getitems__(tagged)
+    assert b["pixel_values"].is_cuda and b["labels"].is_cuda
+    assert torch.equal(a["labels"], b["labels"].cpu())
+    torch.testing.assert_close(b["pixel_values"].cpu(), a["pixel_values"], rtol=1e-6, atol=1e-6)
+    rows, epochs, members = torch.arange(N), torch.full((N,), 2), torch.ones(N, dtype=torch.long)
+    for x, y in zip(cpu.augmentation_params(epochs, rows, members),
+                    gpu.augmentation_params(epochs.cuda(), rows.cuda(), members.cuda())):
+        assert torch.equal(x, y.cpu())
+
+
+@needs_cuda
+def test_cuda_training_entry_point_keeps_the_data_on_the_gpu(tmp_path):
+    from hf_graft.train import build_trainer as build_from_arguments
+    from hf_graft.train import parse_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    data_args, config = parse_recipe(root / "recipes" / "quickstart.yaml", [
+        "--data_on_device", "true", "--train_augmentation", "pad_crop", "--use_cpu", "false", "--bf16", "true",
+        "--max_train_samples", "64", "--max_eval_samples", "32", "--num_train_epochs", "2",
+        "--output_dir", str(tmp_path / "run"),
+    ])
+    trainer, _, _ = build_from_arguments(data_args, config)
+    assert trainer.train_dataset.images.is_cuda and trainer.eval_dataset.images.is_cuda
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["pixel_values"].is_cuda and batch["pixel_values"].shape[1] == 2
+    trainer.train()
+    assert trainer.graft_callback.grafts_done == 1
+    evals = [e for e in trainer.state.log_history if "eval_ensemble_top1" in e]
+    assert len(evals) == 2 and all(0.0 <= e["eval_ensemble_top1"] <= 100.0 for e in evals)

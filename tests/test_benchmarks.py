@@ -84,3 +84,31 @@ def test_graft_cost_quick():
     lines = _run("graft_cost.py")
     assert lines[-1].startswith("RATIO reference / hf_graft graft time"), lines[-1]
     assert re.search(r"\d+(\.\d+)?", lines[-1]), lines[-1]
+
+
+@needs_cifar
+def test_gpu_window_quick(tmp_path):
+    """The one-GPU window as a CPU smoke run (reproduction part only; the step benchmark has its own
+    test): it writes the results file with the card, the versions, every part's wall time and the
+    reproduction's tables, and cleans up its temporary files."""
+    out = tmp_path / "results" / "gpu.md"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHON=sys.executable, TMPDIR=str(tmp_path))
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_window.sh"), str(CIFAR), "--quick", "--no-step",
+                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    text = out.read_text()
+    assert "- versions: python" in text and "torch" in text and "datasets" in text
+    rows = dict(re.findall(r"^\| (card and versions|step benchmark|reproduction) \| \d+ \| ([^|]+) \|$", text, re.M))
+    assert rows == {"card and versions": "0", "step benchmark": "left out (--no-step)", "reproduction": "0"}, rows
+    assert "Status: finished" in text
+    # the epoch timing of cifar_resnet56 and the reproduction table, one row per method
+    assert re.search(r"^\| 1 \| \d+\.\d+ \| \d+\.\d+ \| \d+\.\d+ \|$", text, re.M)
+    for method in ("baseline", "independent2", "ensemble2", "graft2", "graft2_ensemble"):
+        assert re.search(rf"^\| {method} \| 0 \| \d+\.\d ± n/a \|", text, re.M), method
+    assert re.search(r"^\| graft2 \| 0 \| \d+\.\d \| \d+\.\d \| \d+\.\d \| \d+ \|$", text, re.M)  # 2 epochs
+    assert proc.stdout.strip().splitlines()[-1].startswith("== wrote ")
+    runs = json.loads((tmp_path / "results" / "gpu_runs.json").read_text())["runs"]
+    assert [(r["method"], r["seed"], r["complete"]) for r in runs] == [
+        ("baseline", 0, True), ("independent2", 0, True), ("graft2", 0, True)]
+    assert not list(tmp_path.glob("gpu_window.*"))  # its work folder is gone

@@ -20,9 +20,17 @@ import torch
 WORKER = Path(__file__).with_name("_dist_worker.py")
 
 
+def _cpu_only(env: dict) -> dict:
+    """CPU/gloo processes see no GPU: on a machine with one, torchrun would otherwise give rank r
+    GPU r (which need not exist) for its collectives."""
+    return dict(env, CUDA_VISIBLE_DEVICES="")
+
+
 def _launch(out: Path, cuda: bool = False) -> list[dict]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                GRAFT_TEST_CUDA="1" if cuda else "0")
+    if not cuda:
+        env = _cpu_only(env)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(WORKER), str(out), "3"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=WORKER.parent)
@@ -119,7 +127,7 @@ def test_fsdp2_sharded_graft_equals_the_whole_graft(tmp_path):
     """FSDP2 (`fully_shard`, CPU/gloo, 2 processes): members are grafted shard by
     shard with information from all-reduced histograms; the result equals grafting whole copies."""
     out = tmp_path / "fsdp.jsonl"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = _cpu_only(dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(WORKER.with_name("_fsdp_worker.py")), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=WORKER.parent)

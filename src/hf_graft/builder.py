@@ -61,6 +61,6 @@ def build_population_and_datasets(
     )
     train_dataset, eval_dataset = population_datasets(
         data, data_args, spec.data_config, num_members=config.num_students, order=config.data_order,
-        seed=config.seed, train_cls=train_dataset_cls,
+        seed=config.seed, train_cls=train_dataset_cls, device=config.device,
     )
     return population, train_dataset, eval_dataset

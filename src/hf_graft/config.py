@@ -76,6 +76,11 @@ class DataArguments:
     hflip: float = field(default=0.5, metadata={"help": "Horizontal flip probability at train time."})
     color_jitter: Optional[float] = field(default=None, metadata={"help": "timm color jitter for 'rrc' (None: off)."})
     auto_augment: Optional[str] = field(default=None, metadata={"help": "timm auto-augment policy for 'rrc'."})
+    data_on_device: bool = field(
+        default=False,
+        metadata={"help": "Decode every split once into a uint8 tensor on the training device and augment "
+                  "(pad_crop / none) and normalise batches there; for datasets that fit in its memory."},
+    )
 
     def __post_init__(self):
         owner = "DataArguments"
@@ -93,6 +98,12 @@ class DataArguments:
             _fail(owner, "crop_padding", self.crop_padding, "an integer >= 0")
         if not 0.0 <= self.hflip <= 1.0:
             _fail(owner, "hflip", self.hflip, "a probability in [0, 1]")
+        if self.data_on_device:  # batches are augmented on the device: pad-crop and flip only
+            if self.train_augmentation == "rrc":
+                _fail(owner, "train_augmentation", self.train_augmentation, "pad_crop, none or auto with data_on_device")
+            for name in ("color_jitter", "auto_augment"):
+                if getattr(self, name) is not None:
+                    _fail(owner, name, getattr(self, name), "null with data_on_device (pad_crop / none only)")
 
 
 @dataclass

@@ -24,6 +24,7 @@ __all__ = [
     "build_transform",
     "load_builtin_digits",
     "load_image_data",
+    "member_orders",
     "resolve_student_data_config",
 ]
 
@@ -325,6 +326,16 @@ def _seeded_rng(seed: int):
         yield
 
 
+def member_orders(num_examples: int, num_members: int, order: str, seed: int) -> torch.Tensor:
+    """[K, n] rows each member reads for item i (`independent`: perm_0 the identity, perm_k for k >= 1
+    a fixed permutation drawn from `seed`), or [1, n] (the identity) for a `shared` order."""
+    perms = [torch.arange(num_examples)]
+    for k in range(1, num_members if order == "independent" else 1):
+        generator = torch.Generator().manual_seed(seed * 7919 + k)
+        perms.append(torch.randperm(num_examples, generator=generator))
+    return torch.stack(perms)
+
+
 class MemberOrderDataset(TorchDataset):
     """Serves a `datasets.Dataset` to a population, decoding and transforming on the fly.
 
@@ -353,12 +364,7 @@ class MemberOrderDataset(TorchDataset):
         self.num_members = num_members
         self.order = order
         self.seed = int(seed)
-        n = len(dataset)
-        perms = [torch.arange(n)]
-        for k in range(1, num_members if order == "independent" else 1):
-            generator = torch.Generator().manual_seed(seed * 7919 + k)
-            perms.append(torch.randperm(n, generator=generator))
-        self.member_indices = torch.stack(perms)  # [K or 1, n]
+        self.member_indices = member_orders(len(dataset), num_members, order, seed)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -410,9 +416,17 @@ def population_datasets(
     order: str,
     seed: int,
     train_cls: type = MemberOrderDataset,
+    device: torch.device | str = "cpu",
 ) -> tuple[MemberOrderDataset, MemberOrderDataset]:
     """(train, eval) datasets of a population: timm transforms for `data_config`, the training set
-    in `order` for each of `num_members` members (one member: shared), the eval set shared."""
+    in `order` for each of `num_members` members (one member: shared), the eval set shared.
+    With `data_args.data_on_device`, both splits are decoded once onto `device` instead
+    (`device_data.DeviceImageDataset`; `train_cls` does not apply)."""
+    if data_args.data_on_device:
+        from .device_data import device_population_datasets
+
+        return device_population_datasets(data, data_args, data_config, num_members=num_members, order=order,
+                                          seed=seed, device=device)
     train = train_cls(
         data.train, build_transform(data_config, data_args, is_training=True), data.image_column, data.label_column,
         num_members=num_members, order=order if num_members > 1 else "shared", seed=seed,

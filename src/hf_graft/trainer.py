@@ -29,6 +29,7 @@ from transformers.trainer_utils import EvalPrediction
 from .checkpointing import AtomicCheckpoints
 from .config import GraftingConfig
 from .data import EpochShuffleSampler, MemberOrderDataset, resolve_student_data_config
+from .device_data import DeviceImageDataset, collate_examples, use_main_process_loading
 from .filters import filter_report
 from .grafting import GraftReport, graft_internal, graft_members, graft_noise
 from .hub import push_student
@@ -180,11 +181,14 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         self._member_loss_count = 0
         self._member_grad_norms: torch.Tensor | None = None
         select = args.select_student
+        evaluation = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+        if any(isinstance(d, DeviceImageDataset) for d in (train_dataset, *evaluation)):
+            use_main_process_loading(args)
         recalibration = [BatchNormRecalibrationCallback(args.bn_recalibration_batches)] if args.bn_recalibration_batches else []
         super().__init__(
             model=model,
             args=args,
-            data_collator=data_collator or default_collate,
+            data_collator=data_collator or collate_examples,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             compute_metrics=compute_metrics or (lambda p: self._compute_metrics(p, select)),
@@ -553,7 +557,7 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         batches) and the same when a run is resumed; the tags seed each example's augmentation.
         """
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if isinstance(dataset, MemberOrderDataset) and self.args.train_sampling_strategy == "random":
+        if isinstance(dataset, (MemberOrderDataset, DeviceImageDataset)) and self.args.train_sampling_strategy == "random":
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             sampler = getattr(self, "_epoch_sampler", None)
             # one sampler per trainer (every dataloader built for training shares it), so the epoch

@@ -27,7 +27,8 @@ from .config import GraftingConfig
 from .data import EpochShuffleSampler, MemberOrderDataset
 from .filters import filter_report
 from .grafting import GraftReport, graft_internal, graft_members, graft_noise
-from .population import PopulationSpec, StudentPopulation
+from .fused import separate_storage
+from .population import PopulationSpec, StudentPopulation, channels_last_batch
 
 __all__ = ["GraftingCallback", "GraftingTrainer", "population_metrics", "load_teacher"]
 
@@ -183,6 +184,15 @@ class GraftingTrainer(Trainer):
         if len(args.lr_multipliers) != model.num_members:
             raise ValueError("GraftingConfig.lr_spread must give one multiplier per member")
         model.ce_weight, model.kd_weight, model.kd_temperature = args.ce_weight, args.kd_weight, args.kd_temperature
+        on_cuda = args.device.type == "cuda"
+        self.channels_last = on_cuda if args.channels_last is None else bool(args.channels_last)
+        model.set_execution(channels_last=self.channels_last, fused=args.member_execution == "fused",
+                            model_name=args.student_model)
+        if on_cuda and args.dataloader_pin_memory:
+            # the copy of a pinned batch to the GPU need not block the host: the host queues the next
+            # step's kernels while the GPU works (a blocking copy waits for the whole previous step)
+            args.accelerator_config.non_blocking = True
+        self._nan_inf_filter_on_device = False
 
         if teachers is None and args.teacher_models:
             teachers = [load_teacher(name, args.teacher_model_kwargs) for name in args.teacher_models]
@@ -205,6 +215,12 @@ class GraftingTrainer(Trainer):
             callbacks=[self.graft_callback, *(callbacks or [])],
             **kwargs,
         )
+        from accelerate.utils import DistributedType
+
+        if model.fused is not None and self.accelerator.distributed_type in (DistributedType.FSDP,
+                                                                             DistributedType.DEEPSPEED):
+            raise ValueError("GraftingConfig.member_execution: 'fused' runs with one process or DDP, not with "
+                             f"{self.accelerator.distributed_type.value}; use member_execution: loop")
         self._place_teachers()
         self._epoch_sampler: EpochShuffleSampler | None = None
         self.add_callback(_SamplerEpochCallback(self))
@@ -225,9 +241,11 @@ class GraftingTrainer(Trainer):
         half = None
         if device.type == "cuda":
             half = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         for teacher in self.teachers:
             teacher.eval().requires_grad_(False)
             teacher.to(device=device, dtype=half) if half is not None else teacher.to(device)
+            teacher.to(memory_format=memory_format)
 
     @torch.no_grad()
     def _teacher_logits(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
@@ -235,12 +253,20 @@ class GraftingTrainer(Trainer):
         if not self.teachers:
             return None
         per_member = pixel_values.ndim == 5
-        flat = pixel_values.flatten(0, 1) if per_member else pixel_values
+        B = pixel_values.shape[0]
+        if self.channels_last:
+            # member-major [K * B, C, H, W]: a channels_last view of the batch's channels_last layout
+            pixel_values = channels_last_batch(pixel_values)
+            flat = pixel_values.transpose(0, 1).flatten(0, 1) if per_member else pixel_values
+        else:
+            flat = pixel_values.flatten(0, 1) if per_member else pixel_values
         outs = []
         for teacher in self.teachers:
             dtype = next(teacher.parameters()).dtype
             z = teacher(flat.to(dtype)).float()
-            outs.append(z.view(pixel_values.shape[0], pixel_values.shape[1], -1) if per_member else z)
+            if per_member:
+                z = z.view(-1, B, z.shape[-1]).transpose(0, 1) if self.channels_last else z.view(B, -1, z.shape[-1])
+            outs.append(z)
         return torch.stack(outs)
 
     # ------------------------------------------------------------------ optimisation
@@ -302,6 +328,31 @@ class GraftingTrainer(Trainer):
         ])
         self._member_grad_norms = norms.detach()
         return norms.norm()
+
+    def train(self, *args, **kwargs):
+        """On CUDA, Trainer's `logging_nan_inf_filter` runs on the device (`training_step`): the
+        Trainer's own check reads every step's loss on the host, which stalls the GPU's queue once a
+        step. The argument is restored when training ends."""
+        filter_on_host = self.args.logging_nan_inf_filter
+        self._nan_inf_filter_on_device = bool(filter_on_host) and self.args.device.type == "cuda"
+        if self._nan_inf_filter_on_device:
+            self.args.logging_nan_inf_filter = False
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.args.logging_nan_inf_filter = filter_on_host
+            self._nan_inf_filter_on_device = False
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._nan_inf_filter_on_device:
+            # what the Trainer's filter does: a non-finite step loss counts as the mean of the steps
+            # accumulated since the last log
+            accumulated = getattr(self, "_tr_loss", None)
+            since_log = 1 + self.state.global_step - getattr(self, "_globalstep_last_logged", 0)
+            fallback = accumulated / since_log if accumulated is not None else torch.zeros_like(loss)
+            loss = torch.where(torch.isfinite(loss), loss, fallback.to(loss.dtype))
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pixel_values = inputs["pixel_values"]
@@ -384,7 +435,7 @@ class GraftingTrainer(Trainer):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             for start in range(0, len(order), batch):
-                items = default_collate([dataset[i] for i in order[start:start + batch]])
+                items = self.data_collator([dataset[i] for i in order[start:start + batch]])
                 population(pixel_values=items["pixel_values"].to(self.args.device))
         for m, momentum in saved:
             m.momentum = momentum
@@ -440,6 +491,9 @@ class GraftingTrainer(Trainer):
 
     # ------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # channels_last weights are not contiguous and fused members' statistics share one buffer:
+        # safetensors takes neither, so the checkpoint gets contiguous copies of those tensors
+        state_dict = separate_storage(self.model.state_dict() if state_dict is None else state_dict)
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save and self.population.spec is not None:

@@ -63,3 +63,17 @@ def test_graft_cost_quick():
     lines = _run("graft_cost.py")
     assert lines[-1].startswith("RATIO reference / hf_graft graft time"), lines[-1]
     assert re.search(r"\d+(\.\d+)?", lines[-1]), lines[-1]
+
+
+def test_gpu_step_quick(tmp_path):
+    """The step benchmark runs end to end on CPU: every side of the first configuration measured,
+    ratios against the hand loop, and the markdown report written."""
+    out = tmp_path / "gpu_step.md"
+    lines = _run("gpu_step.py", "--device", "cpu", "--out", str(out))
+    match = re.fullmatch(r"RESULT cifar_resnet20 K=2: hand loop (\d+\.\d+) member-images/s; loop (\d+\.\d+)x, "
+                         r"loop_cl (\d+\.\d+)x, fused (\d+\.\d+)x, hand_dev (\d+\.\d+)x", lines[-1])
+    assert match, lines[-1]
+    assert float(match.group(1)) > 0 and all(0.05 < float(g) < 20 for g in match.groups()[1:])
+    report = out.read_text()
+    assert "| `cifar_resnet20` | 16 | 2 | 8 |" in report and "| `cifar_resnet20` | 16 | 4 | 8 |" in report
+    assert "torch " in report and "timm " in report and "Skipped: none." in report

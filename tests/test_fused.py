@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
-from torch.utils.data import default_collate
 from transformers import TrainerCallback
 
 import hf_graft  # noqa: F401
@@ -23,30 +22,12 @@ from hf_graft.config import GraftingConfig
 from hf_graft.export import save_student
 from hf_graft.fused import FusionError, _FusedDropPath, separate_storage
 from hf_graft.population import PopulationSpec, StudentPopulation, load_checkpoint_members
-from hf_graft.trainer import GraftingTrainer
 
+from _float64 import FLOAT64_EXACT, Float64Trainer, max_difference as _max_difference
 from _tiny_run import build_trainer, population_state
 
-FLOAT64_EXACT = 1e-12  # float64: loop and fused agree to rounding of the last bits (0.0 measured here)
 FLOAT32_RUN = 1e-5  # float32, 6 steps and 2 grafts of test_efficientnet: 1.2e-7 measured here
 
-
-def _float64_collate(items):
-    batch = default_collate(items)
-    return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
-
-
-class Float64Trainer(GraftingTrainer):
-    """The same run with members, teachers and batches in float64."""
-
-    def __init__(self, *args, model=None, teachers=None, **kwargs):
-        teachers = [t.double() for t in teachers] if teachers else None
-        super().__init__(*args, model=model.double(), teachers=teachers, data_collator=_float64_collate, **kwargs)
-
-
-def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 def _population(name: str, K: int, dtype=torch.float64, **kwargs) -> StudentPopulation:
@@ -350,3 +331,31 @@ def test_fused_population_is_an_ordinary_module_elsewhere():
     population.train()
     assert population.fused.wide.training
     assert isinstance(population.members[0].fc, nn.Linear)  # the members keep their own layers
+
+
+def test_fused_members_under_ddp(tmp_path):
+    """Two CPU processes (gloo, DDP): fused and loop execution end with the same members (float64),
+    identical on both ranks; DDP's buffer broadcasts reach the members' statistics through the views."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("_fused_ddp_worker.py")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=worker.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    for r in ranks:
+        assert r["loop_grafts"] == r["fused_grafts"] == 1
+        loop = {k: torch.tensor(v, dtype=torch.float64) for k, v in r["loop"].items()}
+        fused = {k: torch.tensor(v, dtype=torch.float64) for k, v in r["fused"].items()}
+        assert _max_difference(loop, fused) <= FLOAT64_EXACT
+    # parameters are identical on both ranks (statistics are each rank's own until a graft syncs them)
+    parameters = [k for k in ranks[0]["fused"] if "running_" not in k and "num_batches" not in k]
+    assert all(ranks[0]["fused"][k] == ranks[1]["fused"][k] for k in parameters)

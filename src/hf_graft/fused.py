@@ -348,7 +348,8 @@ class FusedMembers:
             fused_norm.bind()
 
     def train(self, mode: bool = True) -> None:
-        self.wide.train(mode)
+        if self.wide.training != mode:  # the Trainer sets the mode every step: walk the modules only on a change
+            self.wide.train(mode)
 
     def wide_input(self, pixel_values: torch.Tensor, channels_last: bool) -> torch.Tensor:
         """[B, K * C, H, W]: member k's image in channel block k (a shared batch repeated K times)."""

@@ -334,7 +334,7 @@ class GraftingTrainer(Trainer):
         Trainer's own check reads every step's loss on the host, which stalls the GPU's queue once a
         step. The argument is restored when training ends."""
         filter_on_host = self.args.logging_nan_inf_filter
-        self._nan_inf_filter_on_device = bool(filter_on_host) and self.args.device.type == "cuda"
+        self._nan_inf_filter_on_device = bool(filter_on_host) and self._streams_to_device()
         if self._nan_inf_filter_on_device:
             self.args.logging_nan_inf_filter = False
         try:
@@ -342,6 +342,10 @@ class GraftingTrainer(Trainer):
         finally:
             self.args.logging_nan_inf_filter = filter_on_host
             self._nan_inf_filter_on_device = False
+
+    def _streams_to_device(self) -> bool:
+        """Whether the host should run ahead of the device (CUDA): no per-step host syncs."""
+        return self.args.device.type == "cuda"
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

@@ -174,8 +174,10 @@ def run_hand(row: Row, dataset, args, device: torch.device, on_device: bool) -> 
     if on_device:
         from torch.utils.data import default_collate
 
-        batches = [{k: v.to(device) for k, v in default_collate([dataset[j] for j in range(i * row.batch, (i + 1) * row.batch)]).items()}
-                   for i in range(2)]
+        batches = []
+        for i in range(2):
+            items = default_collate([dataset[j] for j in range(i * row.batch, (i + 1) * row.batch)])
+            batches.append({k: v.to(device) for k, v in items.items()})
         source = (batches[i % 2] for i in range(clock.total_steps))
     else:
         source = iter(_loader(dataset, row, args, device))
@@ -290,7 +292,7 @@ def report(rows: list[Row], skipped: list[str], args, device: torch.device, elap
         f"- settings: SGD momentum 0.9, weight decay 5e-4, lr 0.1, {'bf16 autocast' if cuda else 'float32'}, no "
         f"clipping; synthetic in-memory images, one batch per member (data_order independent), DataLoader with "
         f"{args.workers} worker(s){', pinned memory' if cuda else ''}; hand loop models in "
-        f"{'channels_last' if cuda else 'contiguous memory'}",
+        f"{'channels_last' if cuda else 'contiguous memory'}{'; cuDNN autotuning off (the default)' if cuda else ''}",
         f"- timing: {args.warmup} warm-up steps, then the median of {args.windows} windows of {args.window} steps, "
         f"each between two device synchronisations"
         + (f"; median over {args.rounds} rounds in alternating side order" if args.rounds > 1 else "")

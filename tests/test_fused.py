@@ -112,7 +112,7 @@ def test_statistics_views_survive_to_and_replaced_buffers(single_thread):
     moved = fused.members[1].layer2[0].bn2.running_var
     assert moved.dtype == torch.float64
     assert moved.untyped_storage().data_ptr() == fused.members[0].layer2[0].bn2.running_var.untyped_storage().data_ptr()
-    replacement = {k: v.clone() + (0.5 if "running_mean" in k else 0.0) for k, v in loop.state_dict().items()}
+    replacement = {k: v.clone() + 0.5 if "running_mean" in k else v.clone() for k, v in loop.state_dict().items()}
     loop.load_state_dict(replacement)
     fused.load_state_dict({k: v.clone() for k, v in replacement.items()}, assign=True)
     x = torch.randn(4, 2, 3, 16, 16, dtype=torch.float64)
@@ -120,7 +120,10 @@ def test_statistics_views_survive_to_and_replaced_buffers(single_thread):
     loop.train(), fused.train()
     loop(pixel_values=x, labels=y), fused(pixel_values=x, labels=y)
     assert _max_difference(loop.state_dict(), fused.state_dict()) <= FLOAT64_EXACT
-    assert fused.members[1].bn1.num_batches_tracked.item() == replacement["members.1.bn1.num_batches_tracked"].item() + 1
+    count = fused.members[1].bn1.num_batches_tracked
+    assert count.dtype == torch.int64 and count.item() == replacement["members.1.bn1.num_batches_tracked"].item() + 1
+    assert fused.members[1].bn1.running_mean.untyped_storage().data_ptr() \
+        == fused.members[0].bn1.running_mean.untyped_storage().data_ptr()  # re-bound by the forward
 
 
 def test_fused_drop_path_draws_for_every_member():
@@ -140,9 +143,13 @@ def test_fused_drop_path_draws_for_every_member():
 
 
 # ----------------------------------------------------------------------------- architectures that do not fuse
-@pytest.mark.parametrize("name,layer", [("test_convnext", "model type timm.models.convnext.ConvNeXt"),
-                                        ("test_efficientnet_gn", "layer bn1 of type timm.layers.norm_act.GroupNormAct")],
-                         ids=["convnext", "groupnorm"])
+UNFUSABLE = [
+    ("test_convnext", "model type timm.models.convnext.ConvNeXt"),
+    ("test_efficientnet_gn", "layer bn1 of type timm.layers.norm_act.GroupNormAct"),
+]
+
+
+@pytest.mark.parametrize("name,layer", UNFUSABLE, ids=["convnext", "groupnorm"])
 def test_unfusable_architecture_fails_at_construction(tmp_path, digits_small, name, layer):
     with pytest.raises(FusionError) as error:
         build_trainer(digits_small, tmp_path / "run", student_model=name, member_execution="fused")

@@ -197,7 +197,7 @@ class GraftingConfig(TrainingArguments):
     channels_last: Optional[bool] = field(
         default=None,
         metadata={"help": "Members, teachers and batches in channels_last memory format (null: on for CUDA runs, "
-                  "off on CPU, where it is slower). Checkpoints and exports hold ordinary contiguous tensors."},
+                  "off on CPU; true works on CPU too). Checkpoints and exports hold ordinary contiguous tensors."},
     )
     member_execution: str = field(
         default="loop",

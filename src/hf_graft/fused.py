@@ -4,14 +4,15 @@ Every `Conv2d` of the K members runs as one convolution with K times the groups,
 one batch norm over K times the channels, every `Linear` as one batched matrix product; activations,
 pooling, dropout and residual additions act on the wide tensor exactly as on one member's. Channel
 block k of every wide activation belongs to member k, and a grouped convolution never mixes groups,
-so the wide network computes exactly the K members' outputs, with one set of kernels instead of K
-(what makes small members fast on a GPU, where their many small kernels leave it idle).
+so the wide network computes exactly the K members' outputs, with one set of kernels instead of K.
+That is meant for small members on a GPU, whose many small kernels, launched one member after the
+other, leave it idle (`benchmarks/gpu_step.py` measures it against the loop and a hand loop).
 
-Chosen over `torch.func` stacking (vmap over stacked weights, which needs the stacked weights as the
-leaves or a copy back every step, and turns convolutions into the same grouped kernels) and CUDA
-graphs (which need static input buffers and do not shorten the work, only its launch): the grouped
-network keeps the members' own parameters as the leaves, and runs on CPU and GPU, under autocast,
-in channels_last and under `torch.compile`.
+Why a grouped network: `torch.func` stacking (vmap over stacked weights) needs the stacked weights
+as the leaves or a copy back to the members every step, and runs convolutions as the same grouped
+kernels anyway; CUDA graphs shorten only the launches, need static input buffers and do not run on
+CPU. The grouped network keeps the members' own parameters as the leaves and runs on CPU and GPU,
+under autocast, in channels_last and under `torch.compile`.
 
 What stays exactly as in loop execution:
 
@@ -185,7 +186,8 @@ class _FusedConv2d(nn.Module):
         for other in convs[1:]:
             if (other.stride, other.padding, other.dilation, other.groups, other.padding_mode) != (
                     conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode):
-                raise FusionError("GraftingConfig.member_execution: 'fused' needs identical convolutions in every member")
+                raise FusionError(
+                    "GraftingConfig.member_execution: 'fused' needs identical convolutions in every member")
         self.same_padding = type(conv).__name__ == "Conv2dSame"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -220,8 +222,10 @@ class _FusedBatchNorm(nn.Module):
         self.norms = tuple(norms)
         norm = norms[0]
         for other in norms[1:]:
-            if (other.eps, other.affine, other.track_running_stats) != (norm.eps, norm.affine, norm.track_running_stats):
-                raise FusionError("GraftingConfig.member_execution: 'fused' needs identical BatchNorm layers in every member")
+            same = (other.eps, other.affine, other.track_running_stats) == (norm.eps, norm.affine, norm.track_running_stats)
+            if not same:
+                raise FusionError(
+                    "GraftingConfig.member_execution: 'fused' needs identical BatchNorm layers in every member")
         self.with_act = hasattr(norm, "act")  # timm BatchNormAct2d: dropout and activation after the norm
         self.fused: dict[str, torch.Tensor] = {}
         self.views: dict[str, tuple[torch.Tensor, ...]] = {}

@@ -112,3 +112,17 @@ def test_gpu_window_quick(tmp_path):
     assert [(r["method"], r["seed"], r["complete"]) for r in runs] == [
         ("baseline", 0, True), ("independent2", 0, True), ("graft2", 0, True)]
     assert not list(tmp_path.glob("gpu_window.*"))  # its work folder is gone
+
+
+def test_gpu_step_quick(tmp_path):
+    """The step benchmark runs end to end on CPU: every side of the first configuration measured,
+    ratios against the hand loop, and the markdown report written."""
+    out = tmp_path / "gpu_step.md"
+    lines = _run("gpu_step.py", "--device", "cpu", "--out", str(out))
+    match = re.fullmatch(r"RESULT cifar_resnet20 K=2: hand loop (\d+\.\d+) member-images/s; loop (\d+\.\d+)x, "
+                         r"loop_cl (\d+\.\d+)x, fused (\d+\.\d+)x, hand_dev (\d+\.\d+)x", lines[-1])
+    assert match, lines[-1]
+    assert float(match.group(1)) > 0 and all(0.05 < float(g) < 20 for g in match.groups()[1:])
+    report = out.read_text()
+    assert "| `cifar_resnet20` | 16 | 2 | 8 |" in report and "| `cifar_resnet20` | 16 | 4 | 8 |" in report
+    assert "torch " in report and "timm " in report and "Skipped: none." in report

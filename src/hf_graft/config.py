@@ -11,10 +11,11 @@ from transformers import TrainingArguments
 from .grafting import CRITERIA, LEVELS
 from .schedule import cosine_lr_multipliers
 
-__all__ = ["DataArguments", "GraftingConfig", "GRAFT_SOURCES", "DATA_ORDERS", "TRAIN_AUGMENTATIONS"]
+__all__ = ["DataArguments", "GraftingConfig", "GRAFT_SOURCES", "DATA_ORDERS", "MEMBER_EXECUTIONS", "TRAIN_AUGMENTATIONS"]
 
 GRAFT_SOURCES = ("external", "noise", "internal", "none")
 DATA_ORDERS = ("independent", "shared")
+MEMBER_EXECUTIONS = ("loop", "fused")
 TRAIN_AUGMENTATIONS = ("auto", "rrc", "pad_crop", "none")
 
 
@@ -181,6 +182,19 @@ class GraftingConfig(TrainingArguments):
         metadata={"help": "l1 thresholds of the invalid-filter ratios logged at every graft and evaluation."},
     )
 
+    # --- execution (speed only: the same training either way, up to float rounding)
+    channels_last: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Members, teachers and batches in channels_last memory format (null: on for CUDA runs, "
+                  "off on CPU; true works on CPU too). Checkpoints and exports hold ordinary contiguous tensors."},
+    )
+    member_execution: str = field(
+        default="loop",
+        metadata={"help": "loop: the members one after another; fused: the K members as one wide network "
+                  "(grouped convolutions, one kernel per layer for all members; see README for the "
+                  "architectures that fuse)."},
+    )
+
     # --- grafting+ (distillation from frozen teachers)
     teacher_models: Optional[list[str]] = field(
         default=None,
@@ -257,6 +271,8 @@ class GraftingConfig(TrainingArguments):
             _fail(owner, "bn_recalibration_batches", self.bn_recalibration_batches, "an integer >= 0")
         if self.data_order not in DATA_ORDERS:
             _fail(owner, "data_order", self.data_order, ", ".join(DATA_ORDERS))
+        if self.member_execution not in MEMBER_EXECUTIONS:
+            _fail(owner, "member_execution", self.member_execution, ", ".join(MEMBER_EXECUTIONS))
         self.lr_multipliers = self._parse_lr_spread()
         if self.lr_decay_epochs is not None and len(self.lr_decay_epochs) == 0:
             self.lr_decay_epochs = None

@@ -10,11 +10,16 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kd_loss", "averaged_teacher_probs"]
+__all__ = ["kd_loss", "averaged_teacher_probs", "at_least_float32"]
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Half precision up to float32 for losses; float32 and float64 as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _stack_teachers(teacher_logits: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    """[M, B, C] float32, detached: teachers are frozen, no gradient ever reaches them."""
+    """[M, B, C] in at least float32, detached: teachers are frozen, no gradient ever reaches them."""
     if isinstance(teacher_logits, torch.Tensor):
         stacked = teacher_logits.unsqueeze(0) if teacher_logits.ndim == 2 else teacher_logits  # one [B, C] teacher
     else:
@@ -25,7 +30,7 @@ def _stack_teachers(teacher_logits: torch.Tensor | Sequence[torch.Tensor]) -> to
         raise ValueError(
             f"teacher_logits: expected M tensors [B, C] or one [M, B, C] tensor, got shape {tuple(stacked.shape)}"
         )
-    return stacked.detach().float()
+    return at_least_float32(stacked.detach())
 
 
 def averaged_teacher_probs(teacher_logits, temperature: float = 2.0) -> torch.Tensor:
@@ -51,5 +56,5 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits, temperature: float = 2
             f"student_logits has shape {tuple(student_logits.shape)}"
         )
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
+        log_p = F.log_softmax(at_least_float32(student_logits) / temperature, dim=-1)
         return (temperature**2) * -(pbar * log_p).sum(dim=-1).mean()

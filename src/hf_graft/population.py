@@ -17,12 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .distill import kd_loss
+from .distill import at_least_float32, kd_loss
 
 __all__ = [
     "POPULATION_META_FILE",
     "PopulationSpec",
     "StudentPopulation",
+    "channels_last_batch",
     "create_member",
     "load_checkpoint_members",
 ]
@@ -99,10 +100,39 @@ class StudentPopulation(nn.Module):
         self.ce_weight = 1.0
         self.kd_weight = 1.0
         self.kd_temperature = 2.0
+        # execution (set by the trainer): batches in channels_last, members fused into one network
+        self.channels_last = False
+        self.fused = None  # a FusedMembers (not a submodule: it holds no state of its own)
 
     @property
     def num_members(self) -> int:
         return len(self.members)
+
+    def set_execution(self, *, channels_last: bool = False, fused: bool = False, model_name: str = "") -> None:
+        """channels_last: members (and batches, in `forward`) in channels_last memory format.
+        fused: run the members as one wide network (`fused.FusedMembers`; raises `FusionError`, one
+        line, for an architecture that has no fused form)."""
+        from .fused import FusedMembers
+
+        self.channels_last = channels_last
+        if channels_last:
+            self.members.to(memory_format=torch.channels_last)
+        self.fused = FusedMembers(self.members, model_name) if fused else None
+        if self.fused is not None:
+            self.fused.train(self.training)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .float() replace buffers: re-bind the fused members' statistics views
+        out = super()._apply(fn, *args, **kwargs)
+        if getattr(self, "fused", None) is not None:
+            self.fused.bind_buffers()
+        return out
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "fused", None) is not None:
+            self.fused.train(mode)
+        return self
 
     @classmethod
     def from_spec(
@@ -143,31 +173,58 @@ class StudentPopulation(nn.Module):
             raise ValueError(
                 f"pixel_values has {pixel_values.shape[1]} member views, the population has {self.num_members}"
             )
+        if self.fused is not None:
+            stacked = self.fused(pixel_values, channels_last=self.channels_last)
+            if labels is None:
+                return {"logits": stacked}
+            from .fused import fused_member_losses
+
+            ce, kd = fused_member_losses(stacked, labels, teacher_logits, self.kd_temperature)
+            return self._outputs(stacked, ce, kd)
+        if self.channels_last:
+            pixel_values = channels_last_batch(pixel_values)
         logits, ce_terms, kd_terms = [], [], []
         for k, member in enumerate(self.members):
-            # a member's view of [B, K, C, H, W] is strided; convolutions on it are ~8% slower forward
-            # and backward on CPU than on a contiguous copy (benchmarks/throughput.py)
-            x = pixel_values[:, k].contiguous() if per_member_input else pixel_values
+            if not per_member_input:
+                x = pixel_values
+            elif self.channels_last:
+                x = pixel_values[:, k]  # a channels_last block of the batch: no copy
+            else:
+                # a member's view of [B, K, C, H, W] is strided; convolutions on it are ~8% slower
+                # forward and backward on CPU than on a contiguous copy (benchmarks/throughput.py)
+                x = pixel_values[:, k].contiguous()
             z = member(x)
             logits.append(z)
             if labels is not None:
                 y = self._member_view(labels, k, per_member_ndim=2)
-                ce_terms.append(F.cross_entropy(z.float(), y))
+                ce_terms.append(F.cross_entropy(at_least_float32(z), y))
                 if teacher_logits is not None:
                     # teacher_logits: [M, B, C] shared, or [M, B, K, C] per member
                     t = teacher_logits[:, :, k] if teacher_logits.ndim == 4 else teacher_logits
                     kd_terms.append(kd_loss(z, t, self.kd_temperature))
-        out: dict[str, torch.Tensor] = {"logits": torch.stack(logits, dim=1)}
-        if labels is not None:
-            ce = torch.stack(ce_terms)
-            member_loss = self.ce_weight * ce
-            if kd_terms:
-                kd = torch.stack(kd_terms)
-                member_loss = member_loss + self.kd_weight * kd
-                out["member_kd"] = kd.detach()
-            out["member_ce"] = ce.detach()
-            out["loss"] = member_loss.sum()
+        stacked = torch.stack(logits, dim=1)
+        if labels is None:
+            return {"logits": stacked}
+        return self._outputs(stacked, torch.stack(ce_terms), torch.stack(kd_terms) if kd_terms else None)
+
+    def _outputs(self, logits: torch.Tensor, ce: torch.Tensor, kd: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {"logits": logits}
+        member_loss = self.ce_weight * ce
+        if kd is not None:
+            member_loss = member_loss + self.kd_weight * kd
+            out["member_kd"] = kd.detach()
+        out["member_ce"] = ce.detach()
+        out["loss"] = member_loss.sum()
         return out
+
+
+def channels_last_batch(pixel_values: torch.Tensor) -> torch.Tensor:
+    """The batch in channels_last: [B, C, H, W] as such; [B, K, C, H, W] in memory order K, B, H, W, C,
+    so that every member's `pixel_values[:, k]` is a channels_last [B, C, H, W] block (no copy per
+    member). Free when the batch already has that layout."""
+    if pixel_values.ndim == 4:
+        return pixel_values.contiguous(memory_format=torch.channels_last)
+    return pixel_values.permute(1, 0, 3, 4, 2).contiguous().permute(1, 0, 4, 2, 3)
 
 
 def load_checkpoint_members(

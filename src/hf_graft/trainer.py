@@ -35,7 +35,8 @@ from .grafting import GraftReport, graft_internal, graft_members, graft_noise
 from .hub import push_student
 from .model_card import build_model_card
 from .model_sources import load_teacher
-from .population import PopulationSpec, StudentPopulation
+from .fused import separate_storage
+from .population import PopulationSpec, StudentPopulation, channels_last_batch
 from .results import ensemble_metrics, filter_summaries, member_metrics, select_member, summary_lines
 from .schedule import step_decay
 from .student_folder import save_student
@@ -169,6 +170,15 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         if len(args.lr_multipliers) != model.num_members:
             raise ValueError("GraftingConfig.lr_spread must give one multiplier per member")
         model.ce_weight, model.kd_weight, model.kd_temperature = args.ce_weight, args.kd_weight, args.kd_temperature
+        on_cuda = args.device.type == "cuda"
+        self.channels_last = on_cuda if args.channels_last is None else bool(args.channels_last)
+        model.set_execution(channels_last=self.channels_last, fused=args.member_execution == "fused",
+                            model_name=args.student_model)
+        if on_cuda and args.dataloader_pin_memory:
+            # the copy of a pinned batch to the GPU need not block the host: the host queues the next
+            # step's kernels while the GPU works (a blocking copy waits for the whole previous step)
+            args.accelerator_config.non_blocking = True
+        self._nan_inf_filter_on_device = False
 
         if teachers is None and args.teacher_models:
             teachers = [load_teacher(name, args.teacher_model_kwargs) for name in args.teacher_models]
@@ -196,6 +206,12 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
             callbacks=[self.graft_callback, *recalibration, *(callbacks or [])],
             **kwargs,
         )
+        from accelerate.utils import DistributedType
+
+        if model.fused is not None and self.accelerator.distributed_type in (DistributedType.FSDP,
+                                                                             DistributedType.DEEPSPEED):
+            raise ValueError("GraftingConfig.member_execution: 'fused' runs with one process or DDP, not with "
+                             f"{self.accelerator.distributed_type.value}; use member_execution: loop")
         self._place_teachers()
         self._epoch_sampler: EpochShuffleSampler | None = None
         self.results: dict | None = None  # the end of the run (see `train`)
@@ -218,9 +234,11 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         half = None
         if device.type == "cuda":
             half = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         for teacher in self.teachers:
             teacher.eval().requires_grad_(False)
             teacher.to(device=device, dtype=half) if half is not None else teacher.to(device)
+            teacher.to(memory_format=memory_format)
 
     @torch.no_grad()
     def _teacher_logits(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
@@ -228,12 +246,20 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         if not self.teachers:
             return None
         per_member = pixel_values.ndim == 5
-        flat = pixel_values.flatten(0, 1) if per_member else pixel_values
+        B = pixel_values.shape[0]
+        if self.channels_last:
+            # member-major [K * B, C, H, W]: a channels_last view of the batch's channels_last layout
+            pixel_values = channels_last_batch(pixel_values)
+            flat = pixel_values.transpose(0, 1).flatten(0, 1) if per_member else pixel_values
+        else:
+            flat = pixel_values.flatten(0, 1) if per_member else pixel_values
         outs = []
         for teacher in self.teachers:
             dtype = next(teacher.parameters()).dtype
             z = teacher(flat.to(dtype)).float()
-            outs.append(z.view(pixel_values.shape[0], pixel_values.shape[1], -1) if per_member else z)
+            if per_member:
+                z = z.view(-1, B, z.shape[-1]).transpose(0, 1) if self.channels_last else z.view(B, -1, z.shape[-1])
+            outs.append(z)
         return torch.stack(outs)
 
     # ------------------------------------------------------------------ optimisation
@@ -289,6 +315,21 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         ])
         self._member_grad_norms = norms.detach()
         return norms.norm()
+
+    def _streams_to_device(self) -> bool:
+        """Whether the host should run ahead of the device (CUDA): no per-step host syncs."""
+        return self.args.device.type == "cuda"
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._nan_inf_filter_on_device:
+            # what the Trainer's filter does: a non-finite step loss counts as the mean of the steps
+            # accumulated since the last log
+            accumulated = getattr(self, "_tr_loss", None)
+            since_log = 1 + self.state.global_step - getattr(self, "_globalstep_last_logged", 0)
+            fallback = accumulated / since_log if accumulated is not None else torch.zeros_like(loss)
+            loss = torch.where(torch.isfinite(loss), loss, fallback.to(loss.dtype))
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pixel_values = inputs["pixel_values"]
@@ -356,7 +397,7 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
             handler = getattr(callback, event, None)
             if handler is not None:
                 handler(self.args, self.state, self.control, model=self.population, graft_index=graft_index,
-                        train_dataset=self.train_dataset, **kwargs)
+                        train_dataset=self.train_dataset, data_collator=self.data_collator, **kwargs)
 
 
     # ------------------------------------------------------------------ evaluation and logging
@@ -409,6 +450,9 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
 
     # ------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # channels_last weights are not contiguous and fused members' statistics share one buffer:
+        # safetensors takes neither, so the checkpoint gets contiguous copies of those tensors
+        state_dict = separate_storage(self.model.state_dict() if state_dict is None else state_dict)
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save and self.population.spec is not None:
@@ -421,7 +465,8 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         `output_dir/all_results.json`); with `export_student`, the student folder (`save_student`);
         and a closing summary through the `hf_graft.trainer` logger."""
         started = time.perf_counter()
-        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        output = self._train_with_nan_inf_filter_on_device(resume_from_checkpoint=resume_from_checkpoint,
+                                                           trial=trial, **kwargs)
         self.results = self.run_results(output.metrics)
         if self.args.export_student:
             if self.results["selected_member"] is None:
@@ -436,6 +481,20 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
                 logger.info(line)
         self.accelerator.wait_for_everyone()
         return output
+
+    def _train_with_nan_inf_filter_on_device(self, **kwargs):
+        """On CUDA, Trainer's `logging_nan_inf_filter` runs on the device (`training_step`): the
+        Trainer's own check reads every step's loss on the host, which stalls the GPU's queue once a
+        step. The argument is restored when training ends."""
+        filter_on_host = self.args.logging_nan_inf_filter
+        self._nan_inf_filter_on_device = bool(filter_on_host) and self._streams_to_device()
+        if self._nan_inf_filter_on_device:
+            self.args.logging_nan_inf_filter = False
+        try:
+            return super().train(**kwargs)
+        finally:
+            self.args.logging_nan_inf_filter = filter_on_host
+            self._nan_inf_filter_on_device = False
 
     def run_results(self, train_metrics: dict | None = None) -> dict:
         """The metrics of the weights the run ends with, the selected member and why, the settings and
@@ -590,17 +649,17 @@ class BatchNormRecalibrationCallback(TrainerCallback):
     def __init__(self, num_batches: int):
         self.num_batches = num_batches
 
-    def on_graft_end(self, args, state, control, *, model, graft_index, train_dataset, **kwargs):
+    def on_graft_end(self, args, state, control, *, model, graft_index, train_dataset, data_collator=None, **kwargs):
         recalibrate_batchnorm(model, train_dataset, num_batches=self.num_batches,
                               batch_size=args.per_device_train_batch_size, device=args.device,
-                              seed=args.seed + graft_index)
+                              seed=args.seed + graft_index, collate=data_collator or default_collate)
 
 
 @torch.no_grad()
 def recalibrate_batchnorm(population: nn.Module, dataset, *, num_batches: int, batch_size: int,
-                          device: torch.device, seed: int) -> None:
+                          device: torch.device, seed: int, collate=default_collate) -> None:
     """Reset and re-estimate every BatchNorm's running statistics of `population` on `num_batches`
-    batches of `dataset` drawn by `seed`, leaving the global random streams untouched."""
+    batches of `dataset` drawn by `seed` (batched by `collate`), leaving the global random streams untouched."""
     bns = [m for m in population.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return
@@ -618,7 +677,7 @@ def recalibrate_batchnorm(population: nn.Module, dataset, *, num_batches: int, b
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for start in range(0, len(order), batch_size):
-            items = default_collate([dataset[i] for i in order[start:start + batch_size]])
+            items = collate([dataset[i] for i in order[start:start + batch_size]])
             population(pixel_values=items["pixel_values"].to(device))
     for m, momentum in saved:
         m.momentum = momentum

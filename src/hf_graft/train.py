@@ -133,7 +133,20 @@ def build_trainer(data_args: DataArguments, config: GraftingConfig):
 
 
 def run_training(data_args: DataArguments, config: GraftingConfig) -> dict[str, Any]:
-    """Load data, build the population, train, evaluate, export the selected student."""
+    """Load data, build the population, train, evaluate, export the selected student.
+
+    The settings this device cannot honour and the output folder (locked for the whole run, writable,
+    free of another run unless resuming or `replace_output_dir`) are checked before any data is loaded.
+    """
+    from .preflight import check_run_settings
+    from .run_dir import OutputDirClaim
+
+    check_run_settings(config)
+    with OutputDirClaim(config, config.resume_from_checkpoint):
+        return _train_and_export(data_args, config)
+
+
+def _train_and_export(data_args: DataArguments, config: GraftingConfig) -> dict[str, Any]:
     from transformers.trainer_utils import get_last_checkpoint
 
     from .export import build_model_card, save_student, select_member
@@ -167,6 +180,8 @@ def run_training(data_args: DataArguments, config: GraftingConfig) -> dict[str, 
         for k, member in enumerate(trainer.population.members)
     }
     results = metrics
+    if trainer.diverged_members:  # members that went on alone with non-finite weights (never scions)
+        results["diverged_members"] = {str(k): step for k, step in trainer.diverged_members.items()}
 
     student_dir = None
     if config.export_student and trainer.is_world_process_zero():
@@ -223,13 +238,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RecipeError, ValueError) as err:
         print(f"hf-graft train: {err}", file=sys.stderr)
         return 2
+    from .data_checks import CorruptImageError
+    from .divergence import DivergenceError
     from .export import PushToHubError
+    from .preflight import PreflightError
+    from .run_dir import OutputDirError
 
     try:
         run_training(data_args, config)
-    except SetupError as err:
+    except (SetupError, OutputDirError, PreflightError) as err:  # refused before any training step
         print(f"hf-graft train: {err}", file=sys.stderr)
         return 2
+    except DivergenceError as err:  # all_results.json holds what was measured
+        print(f"hf-graft train: {err}", file=sys.stderr)
+        return 1
+    except CorruptImageError as err:
+        print(f"hf-graft train: {err.one_line()}", file=sys.stderr)
+        return 1
     except PushToHubError as err:  # the local student is complete; only the upload failed
         print(f"hf-graft train: {err}", file=sys.stderr)
         return 1

@@ -25,9 +25,11 @@ from transformers.trainer_utils import EvalPrediction
 
 from .config import GraftingConfig
 from .data import EpochShuffleSampler, MemberOrderDataset
+from .divergence import DivergenceError, DivergenceMonitor, measured_results
 from .filters import filter_report
 from .grafting import GraftReport, graft_internal, graft_members, graft_noise
 from .population import PopulationSpec, StudentPopulation
+from .run_dir import OutputDirClaim, run_identity, save_run_identity
 
 __all__ = ["GraftingCallback", "GraftingTrainer", "population_metrics", "load_teacher"]
 
@@ -208,6 +210,9 @@ class GraftingTrainer(Trainer):
         self._place_teachers()
         self._epoch_sampler: EpochShuffleSampler | None = None
         self.add_callback(_SamplerEpochCallback(self))
+        self.divergence_monitor = DivergenceMonitor(self)
+        self.add_callback(self.divergence_monitor)
+        self.run_identity: dict | None = None  # set by train(); saved in every checkpoint
 
     # ------------------------------------------------------------------ teachers
     def _check_teachers(self, population: StudentPopulation, args: GraftingConfig) -> None:
@@ -242,6 +247,59 @@ class GraftingTrainer(Trainer):
             z = teacher(flat.to(dtype)).float()
             outs.append(z.view(pixel_values.shape[0], pixel_values.shape[1], -1) if per_member else z)
         return torch.stack(outs)
+
+    # ------------------------------------------------------------------ the run
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`, after the checks that need no training step: settings this device cannot honour
+        (preflight.py); `output_dir` locked, writable, with room for a checkpoint, and either free of another
+        run or holding the checkpoint this run resumes, of the same experiment (run_dir.py). A run whose
+        every member diverged raises `DivergenceError` after writing what it measured to all_results.json."""
+        from .preflight import check_run_settings
+
+        check_run_settings(self.args)
+        self.run_identity = run_identity(self)
+        claim = OutputDirClaim(
+            self.args, resume_from_checkpoint, identity=self.run_identity, needed_bytes=self._checkpoint_bytes(),
+            # a second train() of this trainer continues in the folder it already claimed
+            check_fresh=not getattr(self, "_claimed_output_dir", False),
+        )
+        self._claimed_output_dir = True
+        try:
+            return super().train(
+                resume_from_checkpoint=claim.resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+            )
+        except DivergenceError as err:
+            if self.is_world_process_zero():
+                self.save_metrics("all", measured_results(self.state, err), combined=False)
+                self.save_state()
+            raise
+        finally:
+            claim.release()
+            self._close_progress_bars()  # an error then starts on a line of its own
+
+    def _close_progress_bars(self) -> None:
+        from transformers.trainer_callback import ProgressCallback
+
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ProgressCallback):
+                for name in ("training_bar", "prediction_bar"):
+                    bar = getattr(callback, name, None)
+                    if bar is not None:
+                        bar.close()
+                        setattr(callback, name, None)
+
+    def _checkpoint_bytes(self) -> int:
+        """Disk room a checkpoint needs: the population's tensors and up to twice that of optimizer state
+        (without checkpoints: one member, the exported student)."""
+        size = sum(t.numel() * t.element_size() for t in self.population.state_dict().values() if torch.is_tensor(t))
+        if str(getattr(self.args.save_strategy, "value", self.args.save_strategy)) != "no":
+            return 3 * size
+        return size // self.population.num_members if getattr(self.args, "export_student", False) else 0
+
+    @property
+    def diverged_members(self) -> dict[int, int]:
+        """Members seen with non-finite weights or losses, and the step at which each was first seen."""
+        return dict(self.divergence_monitor.diverged)
 
     # ------------------------------------------------------------------ optimisation
     @property
@@ -303,6 +361,24 @@ class GraftingTrainer(Trainer):
         self._member_grad_norms = norms.detach()
         return norms.norm()
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        """Without clipping, the Trainer measures the norm with `clip_grad_norm_(max_norm=inf)`, which scales
+        every gradient by inf / norm: NaN for all members as soon as one member's gradient is, so one
+        diverged member would spread to the others. Measure each member's norm instead, changing nothing."""
+        from accelerate.utils import DistributedType
+
+        if grad_norm is None and self.accelerator.distributed_type not in (DistributedType.FSDP,
+                                                                           DistributedType.DEEPSPEED):
+            self.accelerator.unscale_gradients()  # fp16: the norms of the true gradients
+            norms = torch.stack([
+                torch.nn.utils.get_total_norm([p.grad for p in member.parameters() if p.grad is not None])
+                .to(self.args.device)
+                for member in self.population.members
+            ])
+            self._member_grad_norms = norms.detach()
+            grad_norm = norms.norm()
+        return super()._get_grad_norm(model, grad_norm)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pixel_values = inputs["pixel_values"]
         teacher_logits = self._teacher_logits(pixel_values) if model.training else None
@@ -313,6 +389,7 @@ class GraftingTrainer(Trainer):
                     total = self._member_loss_sums.get(key)
                     self._member_loss_sums[key] = outputs[key] if total is None else total + outputs[key]
             self._member_loss_count += 1
+            self.divergence_monitor.observe(outputs["member_ce"], outputs.get("member_kd"))
             if self.optimizer is not None:  # the rates this step's update uses (the scheduler steps after it)
                 self._member_lrs = {g.get("member", 0): g["lr"] for g in self.optimizer.param_groups}
         loss = outputs["loss"]
@@ -429,6 +506,8 @@ class GraftingTrainer(Trainer):
                 term = key.split("_", 1)[1]
                 for k, value in enumerate((total / self._member_loss_count).tolist()):
                     logs[f"member{k}_{term}"] = round(value, 6)
+                    if not math.isfinite(value):  # a non-finite batch is never logged as a finite loss
+                        logs["loss"] = float("nan")
             self._member_loss_sums, self._member_loss_count = {}, 0
             if self._member_grad_norms is not None:
                 for k, value in enumerate(self._member_grad_norms.tolist()):
@@ -444,6 +523,8 @@ class GraftingTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save and self.population.spec is not None:
             self.population.spec.save(output_dir)
+        if self.args.should_save and self.run_identity is not None:
+            save_run_identity(output_dir, self.run_identity)
 
     # ------------------------------------------------------------------ processes, checkpoints, resume
     @torch.no_grad()

@@ -222,3 +222,59 @@ def test_filter_report_counts_non_finite_weights_per_layer():
     assert report.num_weights == sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
     assert [layer.nonfinite for layer in report.layers if layer.name == "conv1.weight"] == [2]
     assert report.to_dict("m")["nonfinite_weights"] == 3
+
+
+# ----------------------------------------------------------------------------- on a GPU
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_cuda_fp16_one_diverged_member_does_not_freeze_the_others(make_trainer):
+    """fp16 loss scaling skips every optimizer step whose gradients hold inf/nan: the diverged member's
+    gradients are dropped, so the healthy member keeps being updated."""
+    poison = _PoisonMember(member=1, step=2)
+    seen = {}
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                seen["after_step_3"] = [p.detach().clone() for p in trainer.population.members[0].parameters()]
+
+    trainer = make_trainer(use_cpu=False, fp16=True, num_train_epochs=2, callbacks=[poison, Snapshot()])
+    poison.trainer = trainer
+    trainer.train()
+    assert trainer.diverged_members == {1: 2}
+    final = [p.detach() for p in trainer.population.members[0].parameters()]
+    assert all(torch.isfinite(p).all() for p in final)
+    assert any(not torch.equal(a, b) for a, b in zip(seen["after_step_3"], final))  # steps 4..8 were taken
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", [{}, {"bf16": True}, {"fp16": True}])
+def test_on_cuda_the_checks_add_no_host_sync_to_a_training_step(make_trainer, precision):
+    """torch's sync debug mode reports every host synchronisation; none of those in the steady-state
+    steps (no logging, evaluation or checkpoint) comes from hf_graft's code."""
+    import warnings
+
+    marks = []
+
+    class Mark(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            marks.append(len(caught))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(use_cpu=False, num_train_epochs=1, logging_steps=1000, eval_strategy="no",
+                               callbacks=[Mark()], **precision)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught[marks[1]:marks[3]] if "synchroniz" in str(w.message)]  # steps 2 and 3 of 4
+    sources = sorted({f"{os.path.relpath(w.filename)}:{w.lineno}" for w in syncs})
+    print(f"{precision or 'fp32'}: {len(syncs) / 2:g} host syncs per step, from {sources}")
+    ours = [s for s in sources if "hf_graft" in s]
+    assert not ours, ours

@@ -1,8 +1,9 @@
 """Stopping a run whose every member has diverged (non-finite weights or losses), and saying so.
 
-A member with non-finite weights is never used as a scion (grafting.py) and can go on alone; when every
-member has diverged there is nothing left to train, so `DivergenceMonitor` stops the run with a
-`DivergenceError` naming the members and the step. It looks at every logging step and at every epoch
+A member with non-finite weights is never used as a scion (grafting.py), its gradients are dropped from
+then on (GraftingTrainer), and the others go on without it; when every member has diverged there is
+nothing left to train, so `DivergenceMonitor` stops the run with a `DivergenceError` naming the members
+and the step. It looks at every logging step and at every epoch
 end (before that epoch's evaluation, checkpoint and graft): one small flag tensor per member is read
 back from the device there, so the training steps themselves add no host synchronisation. A member has
 diverged when its weights hold a non-finite value, or when every loss it had since the previous look
@@ -55,7 +56,7 @@ class DivergenceMonitor(TrainerCallback):
         self._losses_seen += 1
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._bad_losses, self._losses_seen = None, 0
+        self._bad_losses, self._losses_seen, self.diverged = None, 0, {}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:  # a training log entry (not an evaluation or a graft)

@@ -55,6 +55,19 @@ class DivergenceMonitor(TrainerCallback):
         self._bad_losses = bad if self._bad_losses is None else self._bad_losses + bad
         self._losses_seen += 1
 
+    def drop_gradients(self) -> None:
+        """A diverged member receives no more updates: its non-finite gradients would otherwise make fp16 loss
+        scaling skip every optimizer step, freezing the healthy members with it."""
+        for k in self.diverged:
+            for p in self.trainer.population.members[k].parameters():
+                p.grad = None
+
+    def mark(self, member_grad_norms: torch.Tensor) -> torch.Tensor:
+        """Per-member gradient norms with a diverged member's as nan (not the 0 of its dropped gradients)."""
+        if self.diverged:
+            member_grad_norms[list(self.diverged)] = float("nan")
+        return member_grad_norms
+
     def on_train_begin(self, args, state, control, **kwargs):
         self._bad_losses, self._losses_seen, self.diverged = None, 0, {}
 

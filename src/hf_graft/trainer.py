@@ -353,27 +353,14 @@ class GraftingTrainer(Trainer):
 
         if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             return super()._clip_grad_norm(model)
-        self._drop_diverged_gradients()
+        self.divergence_monitor.drop_gradients()  # before fp16 unscaling looks for inf / nan
         self.accelerator.unscale_gradients()  # fp16: undo the loss scale once, before measuring
         norms = torch.stack([
             torch.nn.utils.clip_grad_norm_(member.parameters(), self.args.max_grad_norm)
             for member in self.population.members
         ])
-        self._member_grad_norms = norms = self._mark_diverged(norms.detach())
+        self._member_grad_norms = norms = self.divergence_monitor.mark(norms.detach())
         return norms.norm()
-
-    def _drop_diverged_gradients(self) -> None:
-        """A member that diverged stops receiving updates: its non-finite gradients would otherwise make fp16
-        loss scaling skip every optimizer step, freezing the healthy members with it."""
-        for k in self.divergence_monitor.diverged:
-            for p in self.population.members[k].parameters():
-                p.grad = None
-
-    def _mark_diverged(self, member_norms: torch.Tensor) -> torch.Tensor:
-        """A diverged member's gradient norm is reported as nan, not as the 0 of its dropped gradients."""
-        if self.divergence_monitor.diverged:
-            member_norms[list(self.divergence_monitor.diverged)] = float("nan")
-        return member_norms
 
     def _get_grad_norm(self, model, grad_norm=None):
         """Without clipping, the Trainer measures the norm with `clip_grad_norm_(max_norm=inf)`, which scales
@@ -383,14 +370,14 @@ class GraftingTrainer(Trainer):
 
         if grad_norm is None and self.accelerator.distributed_type not in (DistributedType.FSDP,
                                                                            DistributedType.DEEPSPEED):
-            self._drop_diverged_gradients()
+            self.divergence_monitor.drop_gradients()
             self.accelerator.unscale_gradients()  # fp16: the norms of the true gradients
             norms = torch.stack([
                 torch.nn.utils.get_total_norm([p.grad for p in member.parameters() if p.grad is not None])
                 .to(self.args.device)
                 for member in self.population.members
             ])
-            self._member_grad_norms = norms = self._mark_diverged(norms.detach())
+            self._member_grad_norms = norms = self.divergence_monitor.mark(norms.detach())
             grad_norm = norms.norm()
         return super()._get_grad_norm(model, grad_norm)
 

@@ -185,6 +185,7 @@ class Bench:
             save_strategy="no", eval_strategy="epoch", logging_strategy="no", report_to="none",
             disable_tqdm=True, export_student=False, use_cpu=not cuda, bf16=cuda, dataloader_num_workers=0,
             dataloader_pin_memory=False, logging_nan_inf_filter=False,
+            replace_output_dir=True,  # a timing run and a later run of the same method and seed share a folder
         )
         kwargs.update(METHODS[method])
         if "channels_last" in self.fields:

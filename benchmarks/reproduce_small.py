@@ -174,6 +174,7 @@ def run_one(method: str, seed: int, args) -> dict:
         lr_scheduler_type="cosine", weight_decay=5e-4, seed=seed, data_seed=0, eval_strategy="epoch",
         dataloader_num_workers=args.num_workers, save_strategy="no", export_student=False,
         logging_steps=10**6, disable_tqdm=True, report_to="none", filter_thresholds=list(THRESHOLDS),
+        replace_output_dir=True,  # a rerun of the benchmark replaces its earlier run of this method and seed
         **method_overrides(method, args.epochs),
     )
     diagnostics = GraftDiagnostics()

@@ -165,7 +165,7 @@ def run_trainer(args, data_args, data, seed: int, workdir: str) -> list[float]:
         eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=args.num_workers, dataloader_pin_memory=args.cuda, seed=seed,
         data_order="independent" if args.K > 1 else "shared", bf16=args.bf16, use_cpu=not args.cuda,
-        export_student=False,
+        export_student=False, replace_output_dir=True,  # every timed run writes into the same workdir
     )
     population, dataset, _ = build_population_and_datasets(config, data_args, data=data)
     timer = EpochTimer()

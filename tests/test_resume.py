@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_graft.population import load_checkpoint_members
+from hf_graft.run_dir import LOCK_FILE
 
 from _tiny_run import CountingTrainer, assert_bit_identical, build_trainer, population_state
 
@@ -115,7 +116,7 @@ def test_save_total_limit_and_load_best_model_at_end(tmp_path, digits_small, sin
             self.kept_after_save, self.last_weights = [], None
 
         def on_save(self, args, state, control, **kwargs):
-            folders = sorted(p.name for p in (tmp_path / "run").iterdir())
+            folders = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name != LOCK_FILE)  # held by the run
             self.kept_after_save.append((state.global_step, state.best_model_checkpoint, folders))
             checkpoint = tmp_path / "run" / f"checkpoint-{state.global_step}"
             self.last_weights = load_file(str(checkpoint / "model.safetensors"))

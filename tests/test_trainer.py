@@ -535,9 +535,11 @@ def test_the_end_of_a_run_evaluates_selects_and_measures_once(make_trainer, tmp_
 
 
 def test_push_to_hub_uploads_only_the_student(make_trainer, tmp_path, monkeypatch):
+    import huggingface_hub.constants
     from huggingface_hub import HfApi, RepoUrl
 
     uploads = []
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # else refused before training
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"))
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: uploads.append(kw))
     out = tmp_path / "run"

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from .filters import DEFAULT_THRESHOLDS, FilterReport, filter_report, plot_reports, threshold_key
 from .model_sources import ACCEPTED, ModelSource, ModelSourceError, resolve_model_source
 
@@ -67,6 +69,7 @@ def format_table(named_reports: Sequence[tuple[str, FilterReport]], thresholds: 
     with_reference = any(r.has_reference for _, r in named_reports)
     split = "ref-" if with_reference else ""
     rows: list[tuple[str, list[str]]] = [
+        ("non-finite weights", [f"{r.total_nonfinite} / {r.num_weights}" for _, r in named_reports]),
         ("conv layers", [str(len(r.layers)) for _, r in named_reports]),
         ("total filters", [_fmt(r.total_filters, "int") for _, r in named_reports]),
         ("total entropy", [_fmt(r.total_entropy) for _, r in named_reports]),
@@ -91,6 +94,24 @@ def format_table(named_reports: Sequence[tuple[str, FilterReport]], thresholds: 
         reference = next(r.reference_name for _, r in named_reports if r.has_reference)
         lines.append(f"(ref-: valid/invalid split fixed by the reference {reference}; means are each model's own l1)")
     return "\n".join(lines)
+
+
+def format_nonfinite(named_reports: Sequence[tuple[str, FilterReport]]) -> str:
+    """For every model holding NaN / inf weights: the total, and each tensor (layer) that holds them."""
+    blocks = []
+    for name, report in named_reports:
+        if not report.total_nonfinite:
+            continue
+        lines = [f"WARNING {name}: {report.total_nonfinite} of {report.num_weights} weights are not finite (NaN or "
+                 f"inf), in {len(report.nonfinite)} tensors; its filter statistics above do not describe a working "
+                 "network"]
+        width = max(len(tensor) for tensor in report.nonfinite)
+        sizes = {layer.name: int(np.prod(layer.shape)) for layer in report.layers}
+        for tensor, count in report.nonfinite.items():
+            of = f" / {sizes[tensor]}" if tensor in sizes else ""
+            lines.append(f"  {tensor.ljust(width)}  {count}{of} non-finite")
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -171,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                 del model
 
     print(format_table(named_reports, thresholds))
+    broken = format_nonfinite(named_reports)
+    if broken:
+        print(broken)
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)

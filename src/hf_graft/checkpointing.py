@@ -23,9 +23,10 @@ from __future__ import annotations
 import os
 import shutil
 
-__all__ = ["AtomicCheckpoints", "STAGING_PREFIX", "publish_dir"]
+__all__ = ["AtomicCheckpoints", "REPLACED_SUFFIX", "STAGING_PREFIX", "publish_dir"]
 
 STAGING_PREFIX = "tmp-"  # `tmp-checkpoint-N`: matched by neither get_last_checkpoint nor rotation
+REPLACED_SUFFIX = "-replaced"  # the older copy a publish is replacing, until the rename is done
 
 
 class AtomicCheckpoints:
@@ -125,7 +126,7 @@ def publish_dir(staging_dir: str, final_dir: str) -> None:
     _fsync_tree(staging_dir)
     replaced = None
     if os.path.isdir(final_dir):
-        replaced = staging_dir + "-replaced"
+        replaced = staging_dir + REPLACED_SUFFIX
         shutil.rmtree(replaced, ignore_errors=True)
         os.rename(final_dir, replaced)
     os.rename(staging_dir, final_dir)

@@ -9,7 +9,7 @@ USAGE = """usage: hf-graft <command> [args]
 
 commands:
   train RECIPE.yaml [--field value ...]   train a grafted population (same as python -m hf_graft.train)
-  export CHECKPOINT_DIR --member K --out FOLDER [--push-to-hub REPO]
+  export CHECKPOINT_DIR --member K --out FOLDER [--overwrite] [--push-to-hub REPO]
                                           write one member of a training checkpoint as a timm/transformers model
   analyze PATH [PATH ...] [--reference PATH] [--json F] [--plot F]
                                           filter statistics (invalid filters, entropy) of models or checkpoints

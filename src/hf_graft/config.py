@@ -212,6 +212,13 @@ class GraftingConfig(TrainingArguments):
         default=True, metadata={"help": "Write the selected student to output_dir/student at the end of training."}
     )
 
+    # --- the output folder
+    replace_output_dir: bool = field(
+        default=False,
+        metadata={"help": "A fresh run into an output_dir holding another run's checkpoints or results deletes them "
+                  "first (only what a run writes there); without it such a run refuses to start."},
+    )
+
     # --- TrainingArguments defaults that suit a population of image classifiers
     remove_unused_columns: bool = field(default=False, metadata={"help": "Images are decoded on the fly."})
     eval_strategy: str = field(default="epoch", metadata={"help": "Evaluate at the end of every epoch."})
@@ -228,6 +235,11 @@ class GraftingConfig(TrainingArguments):
     report_to: Union[None, str, list[str]] = field(default="none", metadata={"help": "Logging integrations."})
     dataloader_num_workers: int = field(default=2, metadata={"help": "Workers that decode and augment images."})
     save_total_limit: Optional[int] = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "Log the loss as it is: a non-finite batch shows as nan, never as an average of earlier "
+                  "losses (true: the Trainer's filter, which also costs a host sync per step)."},
+    )
 
     def __post_init__(self):
         owner = "GraftingConfig"
@@ -299,6 +311,29 @@ class GraftingConfig(TrainingArguments):
         super().__post_init__()
         if self.push_student_to_hub and not self.hub_model_id:
             raise ValueError(f"{owner}.hub_model_id: required when push_to_hub is true")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickling writes (`training_args.bin` in every checkpoint): every field but the secrets, which
+        are replaced by a placeholder as `TrainingArguments.to_dict` does. Copies in memory keep them."""
+        state = dict(self.__dict__)
+        for key, value in state.items():
+            if key.endswith("_token") and value is not None:
+                state[key] = f"<{key.upper()}>"
+        return state
+
+    def __copy__(self):
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            clone.__dict__[key] = copy.deepcopy(value, memo)
+        return clone
 
     def _parse_lr_spread(self) -> list[float]:
         spread = self.lr_spread

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Sampler
 
 from .config import DataArguments
+from .data_checks import DECODE_ERRORS, prepare_labels, undecodable_image
 
 __all__ = [
     "EpochShuffleSampler",
@@ -125,6 +126,14 @@ def _pick_column(features, wanted: str | None, kind_check: Callable[[Any], bool]
     )
 
 
+def _eval_split_name(raw, args: DataArguments) -> str | None:
+    """The split evaluated on (None: a part of the training split is held out)."""
+    if args.eval_split is not None:
+        return args.eval_split
+    present = [s for s in ("validation", "test", "val", "valid") if s in raw and s != args.train_split]
+    return present[0] if present else None
+
+
 def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
     """Load, split, subsample and describe the data; no image is decoded here.
 
@@ -143,6 +152,10 @@ def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
                                 _LABEL_COLUMN_GUESSES, "label")
     if label_column == image_column:
         raise ValueError(f"DataArguments.label_column: {label_column!r} is also the image column; set label_column")
+    # every split used is checked (rows as loaded, before any held-out part is split off); sparse integer
+    # labels are renumbered with their values as class names
+    raw, integer_names = prepare_labels(raw, [args.train_split, _eval_split_name(raw, args)], label_column)
+    train = raw[args.train_split]
 
     if args.eval_split is not None:
         if args.eval_split not in raw:
@@ -189,7 +202,7 @@ def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
     elif isinstance(label_feature, Value) and label_feature.dtype.startswith(("int", "uint")):
         # integer labels without names: 0..max over both splits
         top = max(max(train[label_column], default=0), max(evaluation[label_column], default=0))
-        label_names = [str(i) for i in range(int(top) + 1)]
+        label_names = integer_names or [str(i) for i in range(int(top) + 1)]
     else:
         raise ValueError(
             f"DataArguments.label_column: {label_column!r} holds {label_feature}; "
@@ -370,10 +383,13 @@ class MemberOrderDataset(TorchDataset):
         return len(self.dataset)
 
     def _example(self, index: int, epoch: int = 0, member: int = 0) -> tuple[torch.Tensor, int]:
-        row = self.dataset[index]
-        image = row[self.image_column]
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        try:  # decoding happens here; a file that cannot be read is named, not skipped
+            row = self.dataset[index]
+            image = row[self.image_column]
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+        except DECODE_ERRORS as err:
+            raise undecodable_image(self.dataset, index, self.image_column, err) from err
         seed = _mix_seed(self.seed, epoch, index, member)
         if self._rng_preserved:  # inside __getitems__: the batch restores the global states once
             _seed_global_rng(seed)

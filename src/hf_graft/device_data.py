@@ -40,6 +40,7 @@ from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import default_collate
 
 from .config import DataArguments
+from .data_checks import DECODE_ERRORS, undecodable_image
 
 __all__ = [
     "DEVICE_AUGMENTATIONS",
@@ -301,9 +302,12 @@ def _decode_range(bounds: tuple[int, int]) -> np.ndarray:
     values = dataset.with_format("arrow")[low:high].column(column).to_pylist()  # {"bytes", "path"} each
     out = np.empty((high - low, side, side, 3), dtype=np.uint8)
     for j, value in enumerate(values):
-        image = feature.decode_example(value)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        try:  # a file that cannot be read is named (split, row, file), not skipped
+            image = feature.decode_example(value)
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+        except DECODE_ERRORS as err:
+            raise undecodable_image(dataset, low + j, column, err) from err
         image = geometry(image)
         if image.size != (side, side):
             raise ValueError(f"DataArguments.input_size: decoding gave a {image.size} image, expected {side}x{side}")

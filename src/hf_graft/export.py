@@ -54,6 +54,9 @@ def _check_member(checkpoint_dir: Path, member: int):
 
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"{checkpoint_dir}: no such checkpoint folder")
+    from .run_dir import check_checkpoint_folder
+
+    check_checkpoint_folder(checkpoint_dir, what="checkpoint")  # no leftover of an interrupted save, readable weights
     if not (checkpoint_dir / POPULATION_META_FILE).is_file():
         raise FileNotFoundError(f"{checkpoint_dir}: no {POPULATION_META_FILE}; is it a hf_graft training checkpoint?")
     if not (checkpoint_dir / WEIGHTS_FILE).is_file():
@@ -70,11 +73,13 @@ def _export_member(
     out: str | os.PathLike,
     repo_id: str | None,
     member_metrics: Mapping[int, Mapping[str, float]] | None,
+    overwrite: bool = False,
 ) -> Path:
+    from .export_target import check_export_target, checkpoint_source
     from .population import load_checkpoint_members
 
     spec = _check_member(checkpoint_dir, member)
-    _check_replaceable(Path(out).absolute())
+    check_export_target(out, checkpoint_dir, overwrite)
     _, (model,) = load_checkpoint_members(checkpoint_dir, [int(member)])
     metrics = {int(k): dict(v) for k, v in (member_metrics or {}).items()}
     card = build_model_card(
@@ -98,6 +103,8 @@ def _export_member(
         label_names=spec.label_names,
         data_config=spec.data_config,
         card=card,
+        replace=True,  # check_export_target decided
+        source=checkpoint_source(checkpoint_dir, int(member)),
     )
 
 
@@ -110,12 +117,14 @@ def export_from_checkpoint(
     token: str | None = None,
     private: bool | None = None,
     member_metrics: Mapping[int, Mapping[str, float]] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Export member `member` of a training checkpoint to `out`, and push it when `push_to_hub` names a repo.
 
+    A non-empty `out` is replaced only if it holds an export of this same checkpoint, or with `overwrite`.
     A failed push raises `PushToHubError` and leaves the written folder in place.
     """
-    folder = _export_member(Path(checkpoint_dir), member, out, push_to_hub, member_metrics)
+    folder = _export_member(Path(checkpoint_dir), member, out, push_to_hub, member_metrics, overwrite)
     if push_to_hub:
         push_student(folder, push_to_hub, token=token, private=private)
     return folder
@@ -134,7 +143,10 @@ def build_parser(prog: str = "hf-graft export") -> argparse.ArgumentParser:
     )
     parser.add_argument("checkpoint_dir", help="training checkpoint folder (model.safetensors + graft_population.json)")
     parser.add_argument("--member", type=int, required=True, help="index of the member to export")
-    parser.add_argument("--out", required=True, help="folder to write (replaced if it holds a previous export)")
+    parser.add_argument("--out", required=True,
+                        help="folder to write (replaced if it holds an export of the same checkpoint)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out as a whole even if it holds something else")
     parser.add_argument("--push-to-hub", metavar="REPO", default=None, help="Hub model repo id to upload the folder to")
     parser.add_argument("--private", action="store_true", default=None, help="create the Hub repo as private")
     parser.add_argument(
@@ -159,8 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # bad input is reported before any model is loaded
     try:
+        from .export_target import check_export_target
+
         _check_member(Path(args.checkpoint_dir), args.member)
-        _check_replaceable(Path(args.out).absolute())
+        check_export_target(args.out, args.checkpoint_dir, args.overwrite)
         if args.push_to_hub:
             from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -173,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(2, str(e))
 
     try:
-        folder = _export_member(Path(args.checkpoint_dir), args.member, args.out, args.push_to_hub, metrics)
+        folder = _export_member(Path(args.checkpoint_dir), args.member, args.out, args.push_to_hub, metrics,
+                                args.overwrite)
     except (OSError, ValueError, RuntimeError) as e:
         return fail(1, f"export failed: {e}")
     print(f"wrote {folder}")

@@ -65,6 +65,7 @@ class LayerFilters:
     l1: np.ndarray  # [filters], float64
     entropy: float
     reference_l1: np.ndarray | None = None
+    nonfinite: int = 0  # weights of this layer that are NaN or infinite
 
     @property
     def filters(self) -> int:
@@ -88,6 +89,7 @@ class LayerFilters:
             "entropy": self.entropy,
             "l1": self.l1.tolist(),
             "invalid": {threshold_key(t): int(self.invalid_mask(t).sum()) for t in thresholds},
+            "nonfinite_weights": self.nonfinite,
         }
         if self.reference_l1 is not None:
             out["own_invalid"] = {threshold_key(t): int(self.own_invalid_mask(t).sum()) for t in thresholds}
@@ -104,7 +106,15 @@ class FilterReport:
     bins: int = 10
     has_reference: bool = False
     reference_name: str | None = None
+    # every floating-point tensor of the model (not only conv layers) holding NaN / inf: name -> how many
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    num_weights: int = 0  # floating-point values in the model's state dict
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def total_nonfinite(self) -> int:
+        """NaN or infinite weights in the whole model: its statistics then describe a broken network."""
+        return sum(self.nonfinite.values())
 
     # -- totals
     @property
@@ -185,6 +195,9 @@ class FilterReport:
             "total_entropy": self.total_entropy,
             "bins": self.bins,
             "thresholds": [float(t) for t in self.thresholds],
+            "weights": self.num_weights,
+            "nonfinite_weights": self.total_nonfinite,
+            "nonfinite_by_tensor": dict(self.nonfinite),
         }
         if self.has_reference:
             out["reference"] = self.reference_name
@@ -240,6 +253,21 @@ def _conv_weights(source: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, t
         for name, t in state.items()
         if isinstance(t, torch.Tensor) and _is_conv_weight(name, t)
     }
+
+
+def _nonfinite_counts(source: nn.Module | Mapping[str, torch.Tensor]) -> tuple[dict[str, int], int]:
+    """(NaN / inf count of every floating-point tensor that has any, number of floating-point values)."""
+    state = source.state_dict() if isinstance(source, nn.Module) else dict(source)
+    tensors = {
+        name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+        for name, t in state.items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()
+    }
+    if not tensors:
+        return {}, 0
+    counts = torch.stack([(~torch.isfinite(t)).sum() for t in tensors.values()]).cpu().tolist()  # one host copy
+    total = sum(t.numel() for t in tensors.values())
+    return {name: int(n) for name, n in zip(tensors, counts) if n}, int(total)
 
 
 def _filter_l1(weights: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -317,6 +345,7 @@ def filter_report(
     l1 = _filter_l1(weights)
     ref_l1 = _filter_l1({name: ref_weights[name] for name in weights}) if ref_weights is not None else None
     entropies = _layer_entropies(weights, bins)
+    nonfinite, num_weights = _nonfinite_counts(model_or_state_dict)
     layers = [
         LayerFilters(
             name=name,
@@ -325,6 +354,7 @@ def filter_report(
             l1=l1[name],
             entropy=entropies[name],
             reference_l1=None if ref_l1 is None else ref_l1[name],
+            nonfinite=nonfinite.get(name, 0),
         )
         for name, w in weights.items()
     ]
@@ -334,6 +364,8 @@ def filter_report(
         bins=bins,
         has_reference=reference is not None,
         reference_name=(reference_name or "reference") if reference is not None else None,
+        nonfinite=nonfinite,
+        num_weights=num_weights,
     )
 
 

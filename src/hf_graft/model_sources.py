@@ -22,6 +22,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from .population import POPULATION_META_FILE
+from .run_dir import is_unfinished_checkpoint
 
 __all__ = ["ACCEPTED", "ModelSource", "ModelSourceError", "check_model_name", "load_teacher", "resolve_model_source"]
 
@@ -87,6 +88,9 @@ def resolve_model_source(spec: str) -> ModelSource:
     folder = Path(base).expanduser()
     if folder.is_dir():
         if (folder / POPULATION_META_FILE).is_file():
+            if is_unfinished_checkpoint(folder):
+                raise ModelSourceError(spec, "is what an interrupted checkpoint save left behind, not a checkpoint; "
+                                             "use a checkpoint-N folder")
             return ModelSource(spec, "checkpoint", str(folder), member)
         if member is not None:
             raise ModelSourceError(

@@ -301,6 +301,8 @@ def save_student(
     data_config: Mapping[str, Any],
     card: Any = None,
     verify: bool = True,
+    replace: bool = False,
+    source: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write `model` as config.json + model.safetensors + README.md that timm and transformers both load.
 
@@ -308,15 +310,22 @@ def save_student(
     logits) replaces `folder` in one rename; a failure leaves `folder` as it was and no temporary folder.
     An existing `folder` is only replaced if it holds nothing but a previous export.
     `card` is a `huggingface_hub.ModelCard` (see `build_model_card`) or None for a minimal card.
+    `replace=True` replaces any existing `folder` as a whole; `source` is recorded in config.json as the
+    checkpoint it was exported from (see export_target.py). Files get the permissions of the umask.
     """
     from safetensors.torch import save_file
 
+    from .export_target import EXPORT_SOURCE_KEY, apply_default_permissions
+
     model = _unwrap(model)
     folder = Path(folder).absolute()
-    _check_replaceable(folder)
+    if not replace:
+        _check_replaceable(folder)
     config = build_student_config(
         model, architecture=architecture, model_kwargs=model_kwargs, label_names=label_names, data_config=data_config
     )
+    if source:
+        config[EXPORT_SOURCE_KEY] = dict(source)
     if card is None:
         card = _minimal_card(config["architecture"], config["label_names"])
 
@@ -329,6 +338,7 @@ def save_student(
         (staging / MODEL_CARD_FILE).write_text(str(card), encoding="utf-8")
         if verify:
             _verify_folder(staging, model, config)
+        apply_default_permissions(staging)
         if folder.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
             backup.rmdir()  # only the unique name is wanted: rename needs a free target

@@ -44,25 +44,22 @@ def build_trainer(data_args: DataArguments, config: GraftingConfig, callbacks=No
         raise SetupError(message) from err
 
 
-def _checkpoint_to_resume(config: GraftingConfig) -> str | None:
-    """`resume_from_checkpoint`: a folder, or true / last for the newest checkpoint in output_dir."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    resume = config.resume_from_checkpoint
-    if resume in ("true", "True", "last"):
-        resume = get_last_checkpoint(config.output_dir)
-        if resume is None:
-            logger.warning("resume_from_checkpoint: no checkpoint in %s; starting from scratch", config.output_dir)
-    return resume
-
-
 def run_training(data_args: DataArguments, config: GraftingConfig, callbacks=None) -> dict[str, Any]:
     """Build, train (the trainer evaluates, selects and exports the student), push; returns the results.
-    `callbacks` are extra `TrainerCallback`s (they may define the graft events)."""
-    trainer = build_trainer(data_args, config, callbacks=callbacks)
-    trainer.train(resume_from_checkpoint=_checkpoint_to_resume(config))
-    if config.push_student_to_hub:
-        trainer.results["hub_url"] = trainer.push_to_hub()
+    `callbacks` are extra `TrainerCallback`s (they may define the graft events).
+
+    The trainer's own checks that need no data (settings this device cannot honour; the output folder
+    locked, writable, free of another run unless resuming) run first here too, so that a refused run
+    loads no data; the lock is held until the push is done."""
+    from .preflight import check_run_settings
+    from .run_dir import OutputDirClaim
+
+    check_run_settings(config)
+    with OutputDirClaim(config, config.resume_from_checkpoint) as claim:
+        trainer = build_trainer(data_args, config, callbacks=callbacks)
+        trainer.train(resume_from_checkpoint=claim.resume)
+        if config.push_student_to_hub:
+            trainer.results["hub_url"] = trainer.push_to_hub()
     return trainer.results
 
 
@@ -82,13 +79,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RecipeError, ValueError) as err:
         print(f"hf-graft train: {err}", file=sys.stderr)
         return 2
+    from .data_checks import CorruptImageError
+    from .divergence import DivergenceError
     from .hub import PushToHubError
+    from .preflight import PreflightError
+    from .run_dir import OutputDirError
 
     try:
         run_training(data_args, config)
-    except SetupError as err:
+    except (SetupError, OutputDirError, PreflightError) as err:  # refused before any training step
         print(f"hf-graft train: {err}", file=sys.stderr)
         return 2
+    except DivergenceError as err:  # all_results.json holds what was measured
+        print(f"hf-graft train: {err}", file=sys.stderr)
+        return 1
+    except CorruptImageError as err:
+        print(f"hf-graft train: {err.one_line()}", file=sys.stderr)
+        return 1
     except PushToHubError as err:  # the local student is complete; only the upload failed
         print(f"hf-graft train: {err}; the student folder is kept", file=sys.stderr)
         return 1

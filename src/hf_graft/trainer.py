@@ -30,14 +30,16 @@ from .checkpointing import AtomicCheckpoints
 from .config import GraftingConfig
 from .data import EpochShuffleSampler, MemberOrderDataset, resolve_student_data_config
 from .device_data import DeviceImageDataset, collate_examples, use_main_process_loading
+from .divergence import DivergenceError, DivergenceMonitor, measured_results
 from .filters import filter_report
+from .fused import separate_storage
 from .grafting import GraftReport, graft_internal, graft_members, graft_noise
 from .hub import push_student
 from .model_card import build_model_card
 from .model_sources import load_teacher
-from .fused import separate_storage
 from .population import PopulationSpec, StudentPopulation, channels_last_batch
 from .results import ensemble_metrics, filter_summaries, member_metrics, select_member, summary_lines
+from .run_dir import OutputDirClaim, run_identity, save_run_identity
 from .schedule import step_decay
 from .student_folder import save_student
 
@@ -217,6 +219,9 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         self.results: dict | None = None  # the end of the run (see `train`)
         self.student_dir: Path | None = None
         self.add_callback(_SamplerEpochCallback(self))
+        self.divergence_monitor = DivergenceMonitor(self)
+        self.add_callback(self.divergence_monitor)
+        self.run_identity: dict | None = None  # set by train(); saved in every checkpoint
 
     # ------------------------------------------------------------------ teachers
     def _check_teachers(self, population: StudentPopulation, args: GraftingConfig) -> None:
@@ -308,12 +313,13 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
 
         if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             return super()._clip_grad_norm(model)
+        self.divergence_monitor.drop_gradients()  # before fp16 unscaling looks for inf / nan
         self.accelerator.unscale_gradients()  # fp16: undo the loss scale once, before measuring
         norms = torch.stack([
             torch.nn.utils.clip_grad_norm_(member.parameters(), self.args.max_grad_norm)
             for member in self.population.members
         ])
-        self._member_grad_norms = norms.detach()
+        self._member_grad_norms = norms = self.divergence_monitor.mark(norms.detach())
         return norms.norm()
 
     def _streams_to_device(self) -> bool:
@@ -331,6 +337,25 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
             loss = torch.where(torch.isfinite(loss), loss, fallback.to(loss.dtype))
         return loss
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        """Without clipping, the Trainer measures the norm with `clip_grad_norm_(max_norm=inf)`, which scales
+        every gradient by inf / norm: NaN for all members as soon as one member's gradient is, so one
+        diverged member would spread to the others. Measure each member's norm instead, changing nothing."""
+        from accelerate.utils import DistributedType
+
+        if grad_norm is None and self.accelerator.distributed_type not in (DistributedType.FSDP,
+                                                                           DistributedType.DEEPSPEED):
+            self.divergence_monitor.drop_gradients()
+            self.accelerator.unscale_gradients()  # fp16: the norms of the true gradients
+            norms = torch.stack([
+                torch.nn.utils.get_total_norm([p.grad for p in member.parameters() if p.grad is not None])
+                .to(self.args.device)
+                for member in self.population.members
+            ])
+            self._member_grad_norms = norms = self.divergence_monitor.mark(norms.detach())
+            grad_norm = norms.norm()
+        return super()._get_grad_norm(model, grad_norm)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pixel_values = inputs["pixel_values"]
         teacher_logits = self._teacher_logits(pixel_values) if model.training else None
@@ -341,6 +366,7 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
                     total = self._member_loss_sums.get(key)
                     self._member_loss_sums[key] = outputs[key] if total is None else total + outputs[key]
             self._member_loss_count += 1
+            self.divergence_monitor.observe(outputs["member_ce"], outputs.get("member_kd"))
             if self.optimizer is not None:  # the rates this step's update uses (the scheduler steps after it)
                 self._member_lrs = {g.get("member", 0): g["lr"] for g in self.optimizer.param_groups}
         loss = outputs["loss"]
@@ -439,6 +465,8 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
                 term = key.split("_", 1)[1]
                 for k, value in enumerate((total / self._member_loss_count).tolist()):
                     logs[f"member{k}_{term}"] = round(value, 6)
+                    if not math.isfinite(value):  # a non-finite batch is never logged as a finite loss
+                        logs["loss"] = float("nan")
             self._member_loss_sums, self._member_loss_count = {}, 0
             if self._member_grad_norms is not None:
                 for k, value in enumerate(self._member_grad_norms.tolist()):
@@ -457,17 +485,50 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save and self.population.spec is not None:
             self.population.spec.save(output_dir)
+        if self.args.should_save and self.run_identity is not None:
+            save_run_identity(output_dir, self.run_identity)
 
     # ------------------------------------------------------------------ the end of a run: results, student, Hub
-    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """`Trainer.train`, then the end of the run: the evaluation of the final weights, the selected
         member and the filter statistics, computed once (`self.results`, also written to
         `output_dir/all_results.json`); with `export_student`, the student folder (`save_student`);
-        and a closing summary through the `hf_graft.trainer` logger."""
+        and a closing summary through the `hf_graft.trainer` logger.
+
+        Before any training step: the settings this device cannot honour (preflight.py), and `output_dir`
+        locked for the whole run (export included), writable, with room for a checkpoint, and either free
+        of another run (or cleared with `replace_output_dir`) or holding the checkpoint this run resumes,
+        of the same experiment (run_dir.py). `resume_from_checkpoint` may be a folder, or True / "true" /
+        "last" for the newest checkpoint of `output_dir`. A run whose every member diverged raises
+        `DivergenceError` after writing what it measured to all_results.json."""
+        from .preflight import check_run_settings
+
         started = time.perf_counter()
-        output = self._train_with_nan_inf_filter_on_device(resume_from_checkpoint=resume_from_checkpoint,
-                                                           trial=trial, **kwargs)
-        self.results = self.run_results(output.metrics)
+        check_run_settings(self.args)
+        self.run_identity = run_identity(self)
+        claim = OutputDirClaim(
+            self.args, resume_from_checkpoint, identity=self.run_identity, needed_bytes=self._checkpoint_bytes(),
+            # a second train() of this trainer continues in the folder it already claimed
+            check_fresh=not getattr(self, "_claimed_output_dir", False),
+        )
+        self._claimed_output_dir = True
+        try:
+            try:
+                output = self._train_with_nan_inf_filter_on_device(resume_from_checkpoint=claim.resume,
+                                                                   trial=trial, **kwargs)
+            except DivergenceError as err:
+                if self.is_world_process_zero():
+                    self.save_metrics("all", measured_results(self.state, err), combined=False)
+                    self.save_state()
+                raise
+            self._finish_run(output.metrics, started)
+            return output
+        finally:
+            claim.release()
+            self._close_progress_bars()  # an error then starts on a line of its own
+
+    def _finish_run(self, train_metrics: dict, started: float) -> None:
+        self.results = self.run_results(train_metrics)
         if self.args.export_student:
             if self.results["selected_member"] is None:
                 logger.warning("no student written: %s", self.results["selection_reason"])
@@ -480,7 +541,30 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
             for line in summary_lines(self.results, self.args.num_students):
                 logger.info(line)
         self.accelerator.wait_for_everyone()
-        return output
+
+    def _close_progress_bars(self) -> None:
+        from transformers.trainer_callback import ProgressCallback
+
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ProgressCallback):
+                for name in ("training_bar", "prediction_bar"):
+                    bar = getattr(callback, name, None)
+                    if bar is not None:
+                        bar.close()
+                        setattr(callback, name, None)
+
+    def _checkpoint_bytes(self) -> int:
+        """Disk room a checkpoint needs: the population's tensors and up to twice that of optimizer state
+        (without checkpoints: one member, the exported student)."""
+        size = sum(t.numel() * t.element_size() for t in self.population.state_dict().values() if torch.is_tensor(t))
+        if str(getattr(self.args.save_strategy, "value", self.args.save_strategy)) != "no":
+            return 3 * size
+        return size // self.population.num_members if getattr(self.args, "export_student", False) else 0
+
+    @property
+    def diverged_members(self) -> dict[int, int]:
+        """Members seen with non-finite weights or losses, and the step at which each was first seen."""
+        return dict(self.divergence_monitor.diverged)
 
     def _train_with_nan_inf_filter_on_device(self, **kwargs):
         """On CUDA, Trainer's `logging_nan_inf_filter` runs on the device (`training_step`): the
@@ -514,6 +598,8 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
             results["distillation"] = args.kd_settings()
         results["filters"] = filter_summaries(results, self.population.members, thresholds=args.filter_thresholds,
                                               bins=args.graft_bins)
+        if self.diverged_members:  # members that went on alone with non-finite weights (never scions)
+            results["diverged_members"] = {str(k): step for k, step in self.diverged_members.items()}
         return results
 
     def _final_evaluation(self) -> dict:

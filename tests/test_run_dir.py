@@ -1,0 +1,238 @@
+"""One run per output folder: fresh-run refusal and replacement, the folder lock, writability and room,
+the resume checks (same experiment, complete checkpoint, never a leftover of an interrupted save), and
+where `hf-graft export` may write, with which permissions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+
+from hf_graft import export
+from hf_graft.analyze import main as analyze_main
+from hf_graft.run_dir import LOCK_FILE, RUN_IDENTITY_FILE, OutputDirError
+
+from _cli_run import cli, copy_run, error_lines, start_lock_holder
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 2-epoch quickstart run with checkpoint-4 and checkpoint-8, results and student/."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert cli(out, "--num_train_epochs", "2", "--save_strategy", "epoch", "--save_total_limit", "3") == 0
+    assert {"checkpoint-4", "checkpoint-8", "all_results.json", "student"} <= {p.name for p in out.iterdir()}
+    return out
+
+
+def _listing(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+# ----------------------------------------------------------------------------- fresh runs
+def test_a_fresh_run_refuses_a_folder_holding_another_run(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path / "run")
+    before = _listing(out)
+    assert cli(out, "--seed", "7", "--replace_output_dir", "false") == 2
+    (line,) = error_lines(capsys)
+    assert str(out) in line and "checkpoint-4" in line and "all_results.json" in line
+    assert "resume_from_checkpoint: true" in line and "another or an emptied output_dir" in line
+    assert "replace_output_dir: true" in line
+    assert _listing(out) == before  # nothing read, written or removed
+
+
+def test_replace_output_dir_lets_the_quickstart_run_twice(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path / "run")
+    (out / "tmp-checkpoint-12").mkdir()  # a leftover of an interrupted save goes too
+    (out / "notes.txt").write_text("mine")  # what a run did not write stays
+    assert cli(out, "--seed", "7") == 0  # the quickstart recipe sets replace_output_dir: true
+    names = {p.name for p in out.iterdir()}
+    assert "checkpoint-4" not in names and "checkpoint-8" not in names and "tmp-checkpoint-12" not in names
+    assert {"all_results.json", "student", "notes.txt"} <= names and LOCK_FILE not in names
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_library_trainer_refuses_another_run_and_may_train_again(make_trainer, tmp_path):
+    first = make_trainer(num_train_epochs=1, save_strategy="epoch")
+    first.train()
+    assert json.loads((tmp_path / "run" / "checkpoint-4" / RUN_IDENTITY_FILE).read_text())["num_students"] == 2
+    first.train()  # the same trainer may train again in the folder it claimed
+    other = make_trainer(num_train_epochs=1, save_strategy="epoch", seed=3)
+    # the trainer ends its run with all_results.json and trainer_state.json next to the checkpoint
+    with pytest.raises(OutputDirError, match=r"holds another run's checkpoints or results "
+                                             r"\(all_results.json, checkpoint-4, trainer_state.json\)"):
+        other.train()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["all_results.json", "checkpoint-4",
+                                                                    "trainer_state.json"]
+
+
+# ----------------------------------------------------------------------------- resume checks
+@pytest.mark.parametrize("change, message", [
+    (["--seed", "7"], "was trained with seed = 42, this run has 7"),
+    (["--learning_rate", "0.2"], "was trained with learning_rate = 0.05, this run has 0.2"),
+    (["--num_students", "3"], "was trained with num_students = 2, this run has 3"),
+    (["--num_students", "1", "--graft_source", "none", "--lr_spread", "none"], "num_students = 2, this run has 1"),
+    (["--student_model", "cifar_resnet32"], 'student_model = "cifar_resnet20", this run has "cifar_resnet32"'),
+    (["--max_train_samples", "48"], "the number of training examples = 64, this run has 48"),
+])
+def test_resume_refuses_a_checkpoint_of_another_experiment(finished_run, tmp_path, capsys, change, message):
+    out = copy_run(finished_run, tmp_path / "run")
+    assert cli(out, "--resume_from_checkpoint", "true", "--num_train_epochs", "2", *change) == 2
+    (line,) = error_lines(capsys)
+    assert message in line and str(out / "checkpoint-8") in line
+
+
+def test_resume_with_the_same_settings_and_more_epochs(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path / "run")
+    (out / "tmp-checkpoint-12").mkdir()  # never picked as the last checkpoint
+    assert cli(out, "--resume_from_checkpoint", "true", "--num_train_epochs", "3", "--save_strategy", "epoch") == 0
+    state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
+    assert state["global_step"] == 12 and [e["step"] for e in state["log_history"] if "loss" in e][0] == 1
+
+
+def test_resume_from_a_missing_unfinished_or_damaged_checkpoint(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path / "run")
+    common = ["--num_train_epochs", "3"]
+    assert cli(out, "--resume_from_checkpoint", str(out / "checkpoint-99"), *common) == 2
+    assert "checkpoint-99 does not exist" in error_lines(capsys)[0]
+
+    shutil.copytree(out / "checkpoint-8", out / "tmp-checkpoint-12")
+    shutil.copytree(out / "checkpoint-8", out / "tmp-checkpoint-12-replaced")
+    for leftover in ("tmp-checkpoint-12", "tmp-checkpoint-12-replaced"):
+        assert cli(out, "--resume_from_checkpoint", str(out / leftover), *common) == 2
+        (line,) = error_lines(capsys)
+        assert leftover in line and "interrupted checkpoint save" in line
+
+    weights = out / "checkpoint-8" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # killed mid-write by something outside our control
+    assert cli(out, "--resume_from_checkpoint", "true", *common) == 2
+    (line,) = error_lines(capsys)
+    assert "checkpoint-8/model.safetensors cannot be read" in line and "incomplete" in line
+
+    # export and analyze refuse them with one line as well
+    for folder, expected in ((out / "checkpoint-8", "cannot be read"), (out / "tmp-checkpoint-12", "interrupted")):
+        assert export.main([str(folder), "--member", "0", "--out", str(tmp_path / "x")]) == 2
+        (line,) = error_lines(capsys, "hf-graft export")
+        assert expected in line
+    assert analyze_main([str(out / "tmp-checkpoint-12")]) == 2
+    (line,) = error_lines(capsys, "hf-graft analyze")
+    assert "interrupted checkpoint save" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_library_resume_checks_name_the_field(make_trainer, tmp_path):
+    make_trainer(num_train_epochs=1, save_strategy="epoch").train()
+    grown = make_trainer(num_train_epochs=2, save_strategy="epoch", num_students=3)
+    with pytest.raises(OutputDirError, match="num_students = 2, this run has 3"):
+        grown.train(resume_from_checkpoint=True)
+    empty = make_trainer(num_train_epochs=1, output_dir=tmp_path / "empty")
+    with pytest.raises(OutputDirError, match="no checkpoint-N folder in output_dir"):
+        empty.train(resume_from_checkpoint=True)
+
+
+# ----------------------------------------------------------------------------- the lock
+def test_a_second_run_into_a_locked_folder_fails_at_once(tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = start_lock_holder(out)
+    try:
+        assert cli(out) == 2
+        (line,) = error_lines(capsys)
+        assert f"in use by another run (process {holder.pid} on " in line and str(out) in line
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing of the second run
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without releasing: its lock is stale and the next run takes it over
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == holder.pid
+    assert cli(out) == 0
+    assert not (out / LOCK_FILE).exists() and (out / "all_results.json").is_file()
+
+
+def test_a_lock_file_of_a_dead_process_is_taken_over(make_trainer, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": 2**22 + 12345, "host": "elsewhere", "started": 0}))
+    trainer = make_trainer(num_train_epochs=1)
+    trainer.train()
+    assert not (out / LOCK_FILE).exists()
+
+
+# ----------------------------------------------------------------------------- writable, room
+def test_an_output_dir_that_cannot_be_written_fails_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert cli(blocker / "run") == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith("hf-graft train: output_dir: cannot create") and "a_file/run" in line
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "read_only"
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            assert cli(locked) == 2
+            assert "is not writable" in error_lines(capsys)[0]
+        finally:
+            locked.chmod(0o700)
+
+
+def test_no_room_for_a_checkpoint_fails_before_training(tmp_path, capsys, monkeypatch):
+    import hf_graft.run_dir as run_dir
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(run_dir.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    out = tmp_path / "run"
+    assert cli(out, "--save_strategy", "epoch") == 2
+    (line,) = error_lines(capsys)
+    assert "has 0.0 MB free" in line and "a checkpoint of this run needs about" in line
+    assert not out.exists()  # made for the run, removed again: it wrote nothing
+
+
+# ----------------------------------------------------------------------------- export folder
+def test_export_refuses_a_folder_that_is_not_an_export_of_this_checkpoint(finished_run, tmp_path, capsys):
+    checkpoint_4, checkpoint_8 = finished_run / "checkpoint-4", finished_run / "checkpoint-8"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes")
+    (mine / "config.json").write_text("{}")
+    assert export.main([str(checkpoint_8), "--member", "0", "--out", str(mine)]) == 2
+    (line,) = error_lines(capsys, "hf-graft export")
+    assert "not empty and not an export of" in line and "README.md" in line and "--overwrite" in line
+    assert (mine / "README.md").read_text() == "my notes"
+
+    out = tmp_path / "student"
+    assert export.main([str(checkpoint_4), "--member", "0", "--out", str(out)]) == 0
+    assert export.main([str(checkpoint_4), "--member", "1", "--out", str(out)]) == 0  # same checkpoint: replaced
+    assert json.loads((out / "config.json").read_text())["hf_graft_export"]["member"] == 1
+    capsys.readouterr()
+    assert export.main([str(checkpoint_8), "--member", "0", "--out", str(out)]) == 2
+    (line,) = error_lines(capsys, "hf-graft export")
+    assert "an export of another checkpoint (checkpoint-4, member 1)" in line
+    # the run's own student/ is not an export of a checkpoint either
+    assert export.main([str(checkpoint_8), "--member", "0", "--out", str(finished_run / "student")]) == 2
+
+    assert export.main([str(checkpoint_8), "--member", "0", "--out", str(mine), "--overwrite"]) == 0
+    assert sorted(p.name for p in mine.iterdir()) == sorted(export.EXPORT_FILES)
+    assert json.loads((mine / "config.json").read_text())["hf_graft_export"]["checkpoint"] == "checkpoint-8"
+    capsys.readouterr()
+    assert export.main([str(checkpoint_8), "--member", "0", "--out", str(finished_run), "--overwrite"]) == 2
+    assert "training output" in error_lines(capsys, "hf-graft export")[0]
+
+
+def test_exported_files_are_readable_by_others_under_the_umask(finished_run, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        out = export.export_from_checkpoint(finished_run / "checkpoint-8", member=0, out=tmp_path / "student")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
+        name: 0o644 for name in export.EXPORT_FILES}
+    # the student a run exports gets the permissions of the umask it ran under
+    student = finished_run / "student"
+    expected = 0o666 & ~previous
+    assert {stat.S_IMODE(p.stat().st_mode) for p in student.iterdir()} == {expected}

@@ -335,6 +335,14 @@ def report(rows: list[Row], skipped: list[str], args, device: torch.device, elap
     return "\n".join(lines) + "\n"
 
 
+def _write(path: str, text: str) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".tmp")
+    partial.write_text(text)
+    partial.replace(target)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -400,12 +408,13 @@ def main(argv=None) -> int:
                 spread = f"{min(rates):.0f}..{max(rates):.0f}"
                 print(f"{label:<40} {side:<9} {statistics.median(rates):10.1f} member-images/s (windows {spread}, "
                       f"round {round_index + 1}, {time.perf_counter() - side_start:.1f} s)", flush=True)
+            if args.out:  # after every configuration, so that a run stopped from outside still leaves a report
+                _write(args.out, report(rows, skipped, args, device, time.perf_counter() - start))
     text = report(rows, skipped, args, device, time.perf_counter() - start)
     print()
     print(text, end="")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        _write(args.out, text)
     first = next((r for r in rows if r.results.get("hand")), None)
     if first is None:
         print("RESULT nothing measured")

@@ -11,7 +11,7 @@
 # (its script has a smoke test of its own).
 #
 # Time plan (--total, default 480 s): the card and versions (~10 s); part 1, benchmarks/gpu_step.py
-# with --time-budget 200 (hard stop at 225 s); part 2, benchmarks/gpu_reproduce.py in the time left
+# with --time-budget 170 (hard stop at 225 s: the budget leaves room for its start-up); part 2, benchmarks/gpu_reproduce.py in the time left
 # less 15 s (its own deadline 10 s before its hard stop). Every part runs under `timeout`.
 # Needs: python (or $PYTHON) with torch, transformers, accelerate, timm and datasets installed; the
 # package itself is taken from this checkout's src/.
@@ -22,7 +22,7 @@ DATASET="$REPO/../shared/data/cifar10"
 OUT="$REPO/benchmarks/results/gpu.md"
 QUICK="${GPU_WINDOW_QUICK:-0}"
 TOTAL=480
-STEP_BUDGET=200
+STEP_BUDGET=170
 STEP=1
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -38,7 +38,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ "$QUICK" = 1 ]; then
-  DEVICE=cpu; QUICK_FLAG=--quick; [ "$STEP_BUDGET" = 200 ] && STEP_BUDGET=30
+  DEVICE=cpu; QUICK_FLAG=--quick; [ "$STEP_BUDGET" = 170 ] && STEP_BUDGET=30
 else
   DEVICE=cuda; QUICK_FLAG=
 fi

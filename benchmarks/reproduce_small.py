@@ -386,7 +386,7 @@ def summary_line(runs: list[dict], plan: dict) -> str:
         if m != BASELINE and BASELINE in main:
             d = paired_difference(values, main[BASELINE])
             interval = f", 95% t [{d.low:+.1f}, {d.high:+.1f}]" if d.n > 1 else ""
-            cell += f" (vs {BASELINE} {d.mean:+.1f}{interval}: {d.verdict()})"
+            cell += f" (vs {BASELINE} {d.mean:+.1f}{interval}: {d.verdict(BASELINE)})"
         cells.append(cell)
     return "RESULT top-1 (members' mean per seed, mean over seeds): " + " | ".join(cells)
 

@@ -58,12 +58,12 @@ class PairedDifference:
         """True when the interval includes 0 (or cannot be formed): no difference shown."""
         return not (self.low > 0 or self.high < 0)
 
-    def verdict(self) -> str:
+    def verdict(self, reference: str = "the baseline") -> str:
         if self.n < 2:
             return "one seed: no interval"
         if self.contains_zero:
             return "interval contains 0: no difference shown"
-        return "higher than the baseline" if self.low > 0 else "lower than the baseline"
+        return f"higher than {reference}" if self.low > 0 else f"lower than {reference}"
 
 
 def paired_difference(method: Mapping[int, float], baseline: Mapping[int, float],
@@ -100,6 +100,6 @@ def markdown_table(results: Mapping[str, Mapping[int, float]], baseline: str, *,
             cells += ["(baseline)", "", ""]
         else:
             diff = paired_difference(per_seed, results[baseline], confidence)
-            cells += [_fmt(diff.mean, signed=True), f"[{_fmt(diff.low, True)}, {_fmt(diff.high, True)}]", diff.verdict()]
+            cells += [_fmt(diff.mean, signed=True), f"[{_fmt(diff.low, True)}, {_fmt(diff.high, True)}]", diff.verdict(baseline)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

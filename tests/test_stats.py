@@ -45,4 +45,4 @@ def test_mean_std_and_table():
                             "graft": {0: 42.0, 1: 40.5, 2: 42.5}}, "baseline")
     rows = table.splitlines()
     assert rows[2].startswith("| baseline | 0,1,2 | 39.7 ± 1.5 | (baseline)")
-    assert "| graft | 0,1,2 | 41.7 ± 1.0 | +2.0 | [+0.8, +3.2] | higher than the baseline |" == rows[3]
+    assert "| graft | 0,1,2 | 41.7 ± 1.0 | +2.0 | [+0.8, +3.2] | higher than baseline |" == rows[3]

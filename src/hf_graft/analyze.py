@@ -27,6 +27,7 @@ from typing import Sequence
 
 from .filters import DEFAULT_THRESHOLDS, FilterReport, filter_report, plot_reports, threshold_key
 from .population import POPULATION_META_FILE
+from .registry import check_folder_architecture
 
 __all__ = ["ModelSource", "build_parser", "load_models", "main", "resolve_source"]
 
@@ -108,6 +109,7 @@ def load_models(source: ModelSource, *, pretrained: bool = False) -> list[tuple[
         indices = list(range(len(models))) if members is None else members
         return [(f"{source.location}#member{k}", m) for k, m in zip(indices, models)]
     if source.kind == "export":
+        check_folder_architecture(source.location, source.spec)
         model = timm.create_model("local-dir:" + source.location, pretrained=True)
     elif source.kind == "hub":
         model = timm.create_model(source.location, pretrained=True)

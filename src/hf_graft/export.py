@@ -46,6 +46,8 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from .registry import architecture_note, check_architecture
+
 __all__ = [
     "CONFIG_FILE",
     "EXPORT_FILES",
@@ -115,16 +117,13 @@ def _to_json_value(value: Any, what: str) -> Any:
 
 
 def _registry_name(architecture: str) -> str:
-    import timm
     from timm.models import parse_model_name, split_model_name_tag
 
     source, name = parse_model_name(architecture)
     if source is not None:
         raise ValueError(f"architecture must be a timm registry name, not a {source}: id ({architecture!r})")
     name, _tag = split_model_name_tag(name)
-    if not timm.is_model(name):
-        hint = " (cifar_* architectures are registered by `import hf_graft`)" if name.startswith("cifar_") else ""
-        raise ValueError(f"architecture {name!r} is not in timm's registry{hint}")
+    check_architecture(name, "export")
     return name
 
 
@@ -207,6 +206,7 @@ def build_student_config(
     pretrained_cfg = _to_json_value(pretrained_cfg, "pretrained_cfg")
 
     config: dict[str, Any] = {
+        **architecture_note(name),  # first: the first thing a reader of config.json sees (cifar_* need hf_graft)
         # timm's hub config
         "architecture": name,
         "num_classes": num_classes,
@@ -491,6 +491,17 @@ def _settings_table(settings: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _import_banner(architecture: str) -> list[str]:
+    """The card's first lines for an architecture that exists in timm only after `import hf_graft`."""
+    if not architecture_note(architecture):
+        return []
+    return [
+        f"> **Run `import hf_graft` before loading this model** (`pip install hf_graft`): `{architecture}` is "
+        "registered in timm by hf_graft. Without the import, timm reports an unknown model and transformers says "
+        "the architecture is not supported by your version of timm (upgrading timm does not help).\n"
+    ]
+
+
 def _usage_section(architecture: str, repo_id: str | None) -> str:
     needs_import = architecture.startswith("cifar_")
     timm_id = f"hf-hub:{repo_id}" if repo_id else "local-dir:path/to/this/folder"
@@ -559,7 +570,7 @@ def build_model_card(
         "that filters which carry little information are revived. This repository holds one member of that "
         "population as a stand-alone timm model, loadable with timm and with transformers.\n"
     )
-    body = [f"# {title}\n", intro]
+    body = [f"# {title}\n", *_import_banner(architecture), intro]
     if label_names:
         names = [str(n) for n in label_names]
         shown = ", ".join(f"`{n}`" for n in names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")

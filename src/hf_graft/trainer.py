@@ -27,7 +27,9 @@ from .config import GraftingConfig
 from .data import EpochShuffleSampler, MemberOrderDataset
 from .filters import filter_report
 from .grafting import GraftReport, graft_internal, graft_members, graft_noise
+from .metrics import PopulationMetrics
 from .population import PopulationSpec, StudentPopulation
+from .registry import check_folder_architecture
 
 __all__ = ["GraftingCallback", "GraftingTrainer", "population_metrics", "load_teacher"]
 
@@ -77,6 +79,7 @@ def load_teacher(name: str, model_kwargs: dict | None = None) -> nn.Module:
             )
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise ValueError(f"GraftingConfig.teacher_models: folder {name!r} has no config.json")
+        check_folder_architecture(name, f"GraftingConfig.teacher_models: {name!r}")
         model = timm.create_model(f"local-dir:{os.path.abspath(name)}", pretrained=True, **kwargs)
     elif name.startswith(("hf-hub:", "local-dir:")):
         model = timm.create_model(name, pretrained=True, **kwargs)
@@ -194,14 +197,17 @@ class GraftingTrainer(Trainer):
         self._member_loss_sums: dict[str, torch.Tensor] = {}
         self._member_loss_count = 0
         self._member_grad_norms: torch.Tensor | None = None
-        select = args.select_student
+        # top-1/top-5 through the evaluate metric shipped with hf_graft, plus args.extra_metrics
+        self.eval_metrics = PopulationMetrics(
+            args.select_student, args.extra_metrics, args.extra_metric_kwargs, owner=f"{type(args).__name__}.extra_metrics"
+        )
         super().__init__(
             model=model,
             args=args,
             data_collator=data_collator or default_collate,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            compute_metrics=compute_metrics or (lambda p: self._compute_metrics(p, select)),
+            compute_metrics=compute_metrics or self._compute_metrics,
             callbacks=[self.graft_callback, *(callbacks or [])],
             **kwargs,
         )
@@ -391,11 +397,11 @@ class GraftingTrainer(Trainer):
         population.train(was_training)
 
     # ------------------------------------------------------------------ evaluation and logging
-    def _compute_metrics(self, prediction: EvalPrediction, select_student: str) -> dict[str, float]:
+    def _compute_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
         logits = prediction.predictions
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
-        metrics = population_metrics(torch.as_tensor(logits), torch.as_tensor(prediction.label_ids), select_student)
+        metrics = self.eval_metrics(logits, prediction.label_ids)
         metrics.update(self.filter_metrics())
         return metrics
 

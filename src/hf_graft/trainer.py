@@ -38,7 +38,8 @@ __all__ = ["GraftingCallback", "GraftingTrainer", "population_metrics", "load_te
 def population_metrics(logits: torch.Tensor, labels: torch.Tensor, select_student: str = "best") -> dict[str, float]:
     """Top-1/top-5 (percent) of every member, of the ensemble (mean softmax) and of the selected member.
 
-    `logits` is [N, K, C], `labels` [N].
+    `logits` is [N, K, C], `labels` [N]. The trainer computes the same numbers through the `evaluate`
+    metric `population_accuracy` (hf_graft.metrics), together with any extra metrics.
     """
     from timm.utils import accuracy
 

@@ -10,7 +10,6 @@ import pytest
 import timm
 import torch
 from conftest import TINY_SIZE
-from PIL import Image
 
 from hf_graft.cli import main as cli_main
 from hf_graft.data import load_builtin_digits
@@ -121,7 +120,7 @@ def test_extra_metric_and_console_script_with_progress_bar(trained, capsys, tmp_
     assert "evaluating" in captured.err  # the progress bar
     results = json.loads(out.read_text())
     assert results["accuracy"] == pytest.approx(results["top1"], abs=1e-4)
-    assert f"accuracy: " in captured.out
+    assert "accuracy: " in captured.out
 
 
 def test_transformers_image_classification_folder(capsys, tmp_path):

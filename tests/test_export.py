@@ -392,17 +392,19 @@ def test_push_uploads_only_the_export_folder(exported, monkeypatch):
 
 
 def test_push_error_is_one_line_names_the_repo_and_hides_the_token(exported, monkeypatch):
-    import httpx2
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import get_session
 
     _, folder = exported
+    # the HTTP client huggingface_hub uses: httpx (1.x) or httpx2 (2.x)
+    client = sys.modules[type(get_session()).__module__.split(".")[0]]
 
     def unauthorised(self, repo_id, **kwargs):
-        request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
+        request = client.Request("POST", "https://huggingface.co/api/repos/create")
         raise HfHubHTTPError(
             f"401 Client Error: Unauthorized\nInvalid credentials in Authorization header (Bearer {FAKE_TOKEN})",
-            response=httpx2.Response(401, request=request),
+            response=client.Response(401, request=request),
         )
 
     monkeypatch.setattr(HfApi, "create_repo", unauthorised)

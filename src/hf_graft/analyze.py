@@ -27,6 +27,7 @@ import numpy as np
 
 from .filters import DEFAULT_THRESHOLDS, FilterReport, filter_report, plot_reports, threshold_key
 from .model_sources import ACCEPTED, ModelSource, ModelSourceError, resolve_model_source
+from .registry import check_folder_architecture
 
 __all__ = ["build_parser", "load_models", "main"]
 
@@ -45,6 +46,8 @@ def load_models(source: ModelSource, *, pretrained: bool = False) -> list[tuple[
         indices = list(range(len(models))) if members is None else members
         return [(f"{source.location}#member{k}", m) for k, m in zip(indices, models)]
     # exported folders and Hub ids carry trained weights; bare timm names only with --pretrained
+    if source.kind == "folder":
+        check_folder_architecture(source.location, source.spec)
     model = timm.create_model(source.timm_name, pretrained=pretrained or source.kind != "timm")
     return [(source.spec, model.eval())]
 

@@ -1,4 +1,4 @@
-"""`hf-graft` console script: train | export | analyze."""
+"""`hf-graft` console script: train | export | analyze | evaluate."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ commands:
                                           write one member of a training checkpoint as a timm/transformers model
   analyze PATH [PATH ...] [--reference PATH] [--json F] [--plot F]
                                           filter statistics (invalid filters, entropy) of models or checkpoints
+  evaluate MODEL --dataset_name NAME [--split S] [--extra_metrics M ...] [--json F]
+                                          top-1/top-5 (and evaluate metrics) of a model or checkpoint member
 """
 
 
@@ -28,8 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .export import main as run
     elif command == "analyze":
         from .analyze import main as run
+    elif command == "evaluate":
+        from .evaluation import main as run
     else:
-        print(f"hf-graft: unknown command {command!r}; allowed: train, export, analyze", file=sys.stderr)
+        print(f"hf-graft: unknown command {command!r}; allowed: train, export, analyze, evaluate", file=sys.stderr)
         return 2
     return run(rest)
 

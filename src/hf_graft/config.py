@@ -181,6 +181,17 @@ class GraftingConfig(TrainingArguments):
         default_factory=lambda: [0.01, 0.1],
         metadata={"help": "l1 thresholds of the invalid-filter ratios logged at every graft and evaluation."},
     )
+    extra_metrics: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "evaluate metrics computed at every evaluation for the selected member (eval_NAME) and "
+                  "the ensemble (eval_ensemble_NAME): metric names (from the Hub, or evaluate's cache offline) or "
+                  "local metric folders, e.g. f1 precision ./metrics/my_metric."},
+    )
+    extra_metric_kwargs: Optional[Union[dict, str]] = field(
+        default=None,
+        metadata={"help": "compute() arguments of the extra metrics (mapping or JSON), "
+                  "e.g. {\"f1\": {\"average\": \"macro\"}}."},
+    )
 
     # --- execution (speed only: the same training either way, up to float rounding)
     channels_last: Optional[bool] = field(
@@ -247,6 +258,7 @@ class GraftingConfig(TrainingArguments):
         self.teacher_model_kwargs = _as_dict(owner, "teacher_model_kwargs", self.teacher_model_kwargs)
         from .model_sources import check_model_name  # names fail here, before any data is loaded
 
+        self.extra_metric_kwargs = _as_dict(owner, "extra_metric_kwargs", self.extra_metric_kwargs)
         if not self.student_model:
             _fail(owner, "student_model", self.student_model, "a timm model name or an 'hf-hub:'/'local-dir:' id")
         self.student_model = check_model_name(owner, "student_model", self.student_model).timm_name
@@ -298,6 +310,11 @@ class GraftingConfig(TrainingArguments):
                 _fail(owner, "select_student", self.select_student, f"best, or a member index 0..{self.num_students - 1}")
         if any(t <= 0 for t in self.filter_thresholds):
             _fail(owner, "filter_thresholds", self.filter_thresholds, "positive numbers")
+        self.extra_metrics = [str(m) for m in self.extra_metrics] if self.extra_metrics else None
+        if self.extra_metrics or self.extra_metric_kwargs:
+            from .metrics import check_extra_metrics  # loads each metric: fails here, not at the first evaluation
+
+            check_extra_metrics(self.extra_metrics, self.extra_metric_kwargs, owner)
         if self.kd_temperature <= 0:
             _fail(owner, "kd_temperature", self.kd_temperature, "a number > 0")
         if self.kd_weight < 0 or self.ce_weight < 0:

@@ -41,6 +41,7 @@ class ImageData:
     image_column: str
     label_column: str
     label_names: list[str]
+    eval_split: str = ""  # which split `eval` is, or what part of the training split was held out
 
     @property
     def num_classes(self) -> int:
@@ -161,10 +162,12 @@ def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
         if args.eval_split not in raw:
             raise ValueError(f"DataArguments.eval_split: {args.eval_split!r} not in the dataset's splits {list(raw)}")
         evaluation = raw[args.eval_split]
+        eval_split = args.eval_split
     else:
         present = [s for s in ("validation", "test", "val", "valid") if s in raw and s != args.train_split]
         if present:
             evaluation = raw[present[0]]
+            eval_split = present[0]
         else:
             if len(train) < 2:
                 raise ValueError(
@@ -173,6 +176,7 @@ def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
                 )
             split = train.train_test_split(test_size=args.validation_split_percentage / 100.0, seed=seed)
             train, evaluation = split["train"], split["test"]
+            eval_split = f"{args.validation_split_percentage}% of {args.train_split!r} held out (seed {seed})"
     for column in (image_column, label_column):
         if column not in evaluation.features:
             raise ValueError(
@@ -216,7 +220,7 @@ def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
     keep = [image_column, label_column]
     train = train.select_columns(keep)
     evaluation = evaluation.select_columns(keep)
-    return ImageData(train, evaluation, image_column, label_column, label_names)
+    return ImageData(train, evaluation, image_column, label_column, label_names, eval_split)
 
 
 def resolve_student_data_config(model, input_size: int | None = None) -> dict[str, Any]:

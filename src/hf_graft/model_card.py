@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
+from .registry import architecture_note
 from .results import format_number as _format_number
 from .student_folder import _DATA_CONFIG_KEYS, _to_json_value
 
@@ -68,6 +69,17 @@ def _settings_table(settings: Mapping[str, Any]) -> str:
         shown = json.dumps(value) if isinstance(value, (dict, list, tuple)) else _format_number(value)
         lines.append(f"| {_markdown_cell(key)} | {_markdown_cell(shown)} |")
     return "\n".join(lines) + "\n"
+
+
+def _import_banner(architecture: str) -> list[str]:
+    """The card's first lines for an architecture that exists in timm only after `import hf_graft`."""
+    if not architecture_note(architecture):
+        return []
+    return [
+        f"> **Run `import hf_graft` before loading this model** (`pip install hf_graft`): `{architecture}` is "
+        "registered in timm by hf_graft. Without the import, timm reports an unknown model and transformers says "
+        "the architecture is not supported by your version of timm (upgrading timm does not help).\n"
+    ]
 
 
 def _usage_section(architecture: str, repo_id: str | None) -> str:
@@ -138,7 +150,7 @@ def build_model_card(
         "that filters which carry little information are revived. This repository holds one member of that "
         "population as a stand-alone timm model, loadable with timm and with transformers.\n"
     )
-    body = [f"# {title}\n", intro]
+    body = [f"# {title}\n", *_import_banner(architecture), intro]
     if label_names:
         names = [str(n) for n in label_names]
         shown = ", ".join(f"`{n}`" for n in names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")

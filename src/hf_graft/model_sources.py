@@ -131,6 +131,10 @@ def load_teacher(name: str, model_kwargs: dict | None = None) -> nn.Module:
     import timm
 
     source = check_model_name("GraftingConfig", "teacher_models", name)
+    if source.kind == "folder":  # a cifar_* folder without `import hf_graft`: one line naming the fix
+        from .registry import check_folder_architecture
+
+        check_folder_architecture(source.location, f"GraftingConfig.teacher_models: {name!r}")
     kwargs = dict(model_kwargs or {})
     try:
         model = timm.create_model(source.timm_name, pretrained=True, **kwargs)

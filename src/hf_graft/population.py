@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .distill import at_least_float32, kd_loss
+from .registry import check_architecture
 
 __all__ = [
     "POPULATION_META_FILE",
@@ -242,6 +243,7 @@ def load_checkpoint_members(
     for k in indices:
         if not 0 <= k < spec.num_students:
             raise ValueError(f"member {k}: out of range, {checkpoint_dir} holds members 0..{spec.num_students - 1}")
+    check_architecture(spec.student_model, str(checkpoint_dir / POPULATION_META_FILE))
     state = load_file(str(weights))
     loaded = []
     for k in indices:

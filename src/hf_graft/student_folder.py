@@ -44,6 +44,8 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from .registry import architecture_note, check_architecture
+
 __all__ = ["CONFIG_FILE", "EXPORT_FILES", "MODEL_CARD_FILE", "WEIGHTS_FILE", "build_student_config", "save_student"]
 
 CONFIG_FILE = "config.json"
@@ -84,16 +86,13 @@ def _to_json_value(value: Any, what: str) -> Any:
 
 
 def _registry_name(architecture: str) -> str:
-    import timm
     from timm.models import parse_model_name, split_model_name_tag
 
     source, name = parse_model_name(architecture)
     if source is not None:
         raise ValueError(f"architecture must be a timm registry name, not a {source}: id ({architecture!r})")
     name, _tag = split_model_name_tag(name)
-    if not timm.is_model(name):
-        hint = " (cifar_* architectures are registered by `import hf_graft`)" if name.startswith("cifar_") else ""
-        raise ValueError(f"architecture {name!r} is not in timm's registry{hint}")
+    check_architecture(name, "export")
     return name
 
 
@@ -161,6 +160,7 @@ def build_student_config(
     pretrained_cfg = _to_json_value(pretrained_cfg, "pretrained_cfg")
 
     config: dict[str, Any] = {
+        **architecture_note(name),  # first: the first thing a reader of config.json sees (cifar_* need hf_graft)
         # timm's hub config
         "architecture": name,
         "num_classes": num_classes,

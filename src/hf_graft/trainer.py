@@ -36,6 +36,7 @@ from .fused import separate_storage
 from .grafting import GraftReport, graft_internal, graft_members, graft_noise
 from .hub import push_student
 from .model_card import build_model_card
+from .metrics import PopulationMetrics
 from .model_sources import load_teacher
 from .population import PopulationSpec, StudentPopulation, channels_last_batch
 from .results import ensemble_metrics, filter_summaries, member_metrics, select_member, summary_lines
@@ -58,7 +59,8 @@ logger = logging.getLogger(__name__)
 def population_metrics(logits: torch.Tensor, labels: torch.Tensor, select_student: str = "best") -> dict[str, float]:
     """Top-1/top-5 (percent) of every member, of the ensemble (mean softmax) and of the selected member.
 
-    `logits` is [N, K, C], `labels` [N].
+    `logits` is [N, K, C], `labels` [N]. The trainer computes the same numbers through the `evaluate`
+    metric `population_accuracy` (hf_graft.metrics), together with any extra metrics.
     """
     from timm.utils import accuracy
 
@@ -192,18 +194,21 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         self._member_loss_sums: dict[str, torch.Tensor] = {}
         self._member_loss_count = 0
         self._member_grad_norms: torch.Tensor | None = None
-        select = args.select_student
         evaluation = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
         if any(isinstance(d, DeviceImageDataset) for d in (train_dataset, *evaluation)):
             use_main_process_loading(args)
         recalibration = [BatchNormRecalibrationCallback(args.bn_recalibration_batches)] if args.bn_recalibration_batches else []
+        # top-1/top-5 through the evaluate metric shipped with hf_graft, plus args.extra_metrics
+        self.eval_metrics = PopulationMetrics(
+            args.select_student, args.extra_metrics, args.extra_metric_kwargs, owner=f"{type(args).__name__}.extra_metrics"
+        )
         super().__init__(
             model=model,
             args=args,
             data_collator=data_collator or collate_examples,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            compute_metrics=compute_metrics or (lambda p: self._compute_metrics(p, select)),
+            compute_metrics=compute_metrics or self._compute_metrics,
             # recalibration first, so that users' `on_graft_end` sees the statistics the run continues with
             callbacks=[self.graft_callback, *recalibration, *(callbacks or [])],
             **kwargs,
@@ -427,11 +432,11 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
 
 
     # ------------------------------------------------------------------ evaluation and logging
-    def _compute_metrics(self, prediction: EvalPrediction, select_student: str) -> dict[str, float]:
+    def _compute_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
         logits = prediction.predictions
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
-        metrics = population_metrics(torch.as_tensor(logits), torch.as_tensor(prediction.label_ids), select_student)
+        metrics = self.eval_metrics(logits, prediction.label_ids)
         metrics.update(self.filter_metrics())
         return metrics
 

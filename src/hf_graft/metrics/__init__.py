@@ -1,0 +1,133 @@
+"""Evaluation metrics through `evaluate`.
+
+`population_accuracy/` is an `evaluate` metric shipped inside the package (top-1/top-5 of every member,
+of the ensemble and of the selected member, from [N, K, C] logits); it loads offline. Extra metrics
+(`GraftingConfig.extra_metrics`, `hf-graft evaluate --extra_metrics`) are any `evaluate` metric: a name
+(loaded from the Hub, or from evaluate's cache when offline) or a local folder / script.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "POPULATION_ACCURACY_PATH",
+    "PopulationMetrics",
+    "check_extra_metrics",
+    "load_metric",
+    "load_population_accuracy",
+]
+
+POPULATION_ACCURACY_PATH = Path(__file__).resolve().parent / "population_accuracy"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def load_metric(name_or_path: str | os.PathLike, owner: str = "extra_metrics"):
+    """An `evaluate` metric by name or local path, kept in memory (no cache files, no locks).
+
+    Raises ValueError with one line naming the metric when it cannot be loaded (e.g. a Hub name offline).
+    """
+    import evaluate
+
+    name = str(name_or_path)
+    try:
+        return evaluate.load(name, keep_in_memory=True)
+    except Exception as error:  # evaluate raises FileNotFoundError, ConnectionError, ImportError, ...
+        local = os.path.exists(name) or name.startswith((".", "/", "~")) or name.endswith(".py")
+        if local:
+            hint = "a local metric is a folder holding a metric script named after it (FOLDER/FOLDER.py), or that script"
+        else:
+            hint = (
+                "evaluate loads metrics given by name from the Hugging Face Hub (or its cache), which is not "
+                "reachable here; pass a local folder with the metric script instead"
+            )
+        raise ValueError(f"{owner}: cannot load the evaluate metric {name!r} ({_first_line(error)}); {hint}") from error
+
+
+def load_population_accuracy():
+    """The `population_accuracy` metric shipped with hf_graft."""
+    return load_metric(POPULATION_ACCURACY_PATH, owner="population_accuracy")
+
+
+def check_extra_metrics(names: Sequence[str] | None, kwargs: Mapping[str, Any] | None, owner: str) -> None:
+    """Fail at configuration time on a metric that cannot be loaded, or on arguments for an unlisted one."""
+    names = list(names or [])
+    for name in names:
+        load_metric(name, owner=f"{owner}.extra_metrics")
+    for name, value in (kwargs or {}).items():
+        if name not in names:
+            raise ValueError(f"{owner}.extra_metric_kwargs: {name!r} is not one of extra_metrics {names}")
+        if not isinstance(value, Mapping):
+            raise ValueError(
+                f"{owner}.extra_metric_kwargs: the arguments of {name!r} must be a mapping, "
+                f"e.g. {{\"{name}\": {{\"average\": \"macro\"}}}}; got {value!r}"
+            )
+
+
+def _plain(value: Any) -> Any:
+    """A metric value as a JSON/logging-friendly Python number (or nested list)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class PopulationMetrics:
+    """`compute_metrics` of a population: `population_accuracy`, plus every extra metric computed on the
+    predictions (argmax) of the selected member (`f1`) and of the ensemble (`ensemble_f1`).
+
+    Call it with [N, K, C] logits and [N] labels (or [N, K] per-member labels: the first column).
+    With `ensemble=False` the extra metrics are computed for the selected member only.
+    """
+
+    def __init__(
+        self,
+        select_student: str | int = "best",
+        extra_metrics: Sequence[str] | None = None,
+        extra_metric_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+        *,
+        ensemble: bool = True,
+        owner: str = "extra_metrics",
+    ):
+        self.select_student = str(select_student)
+        self.accuracy = load_population_accuracy()
+        self.extra = [(str(name), load_metric(name, owner=owner)) for name in (extra_metrics or [])]
+        self.extra_kwargs = {str(k): dict(v) for k, v in (extra_metric_kwargs or {}).items()}
+        self.ensemble = ensemble
+
+    def __call__(self, logits, labels) -> dict[str, Any]:
+        logits = np.asarray(logits, dtype=np.float32)
+        labels = np.asarray(labels)
+        if labels.ndim == 2:  # per-member labels: evaluation data is shared, take the first view
+            labels = labels[:, 0]
+        labels = labels.astype(np.int64)
+        results: dict[str, Any] = self.accuracy.compute(
+            predictions=logits, references=labels, select_student=self.select_student
+        )
+        if not self.extra:
+            return results
+        predictions = {"": logits[:, int(results["selected_member"])].argmax(axis=-1)}
+        if self.ensemble:
+            import torch  # the ensemble's probabilities exactly as population_accuracy computes them
+
+            probs = torch.softmax(torch.from_numpy(logits), dim=-1).mean(dim=1)
+            predictions["ensemble_"] = probs.argmax(dim=-1).numpy()
+        for name, metric in self.extra:
+            kwargs = self.extra_kwargs.get(name, {})
+            for prefix, predicted in predictions.items():
+                scores = metric.compute(predictions=predicted, references=labels, **kwargs) or {}
+                for key, value in scores.items():
+                    out = prefix + key
+                    if out in results:  # never overwrite a population number, nor another metric's
+                        out = f"{prefix}{metric.name}_{key}"
+                    results[out] = _plain(value)
+        return results

@@ -137,7 +137,8 @@ def _one_line(error: BaseException) -> str:
 def test_own_loaders_name_the_architecture_and_the_fix(exported, tmp_path, monkeypatch):
     import timm.models._registry as registry
 
-    from hf_graft.analyze import load_models, resolve_source
+    from hf_graft.analyze import load_models
+    from hf_graft.model_sources import resolve_model_source as resolve_source
     from hf_graft.population import PopulationSpec, StudentPopulation, load_checkpoint_members
     from hf_graft.registry import UnknownArchitectureError
     from hf_graft.trainer import load_teacher

@@ -168,7 +168,7 @@ def test_graft_is_independent_of_the_memory_layout(level):
 
 def test_nan_loss_filter_on_the_device_logs_what_the_trainer_logs(tmp_path, digits_small, single_thread):
     """On CUDA the Trainer's logging_nan_inf_filter runs on the device, without a host sync per step.
-    Forced on here (CPU): with a non-finite loss at one step, the logged losses equal the Trainer's
+    Forced on here (CPU; the filter is opt-in, `GraftingConfig` turns it off): with a non-finite loss at one step, the logged losses equal the Trainer's
     own filter's, and `logging_nan_inf_filter` is restored after training."""
     from _tiny_run import CountingTrainer
 
@@ -188,7 +188,7 @@ def test_nan_loss_filter_on_the_device_logs_what_the_trainer_logs(tmp_path, digi
     for on_device in (False, True):
         NanAtStep3.on_device = on_device
         trainer = build_trainer(digits_small, tmp_path / str(on_device), trainer_cls=NanAtStep3, num_train_epochs=1,
-                                eval_strategy="no", logging_steps=2)
+                                eval_strategy="no", logging_steps=2, logging_nan_inf_filter=True)
         trainer.train()
         assert trainer.args.logging_nan_inf_filter is True
         logged[on_device] = [e["loss"] for e in trainer.state.log_history if "loss" in e]

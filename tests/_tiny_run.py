@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from transformers import TrainerCallback
 
 import hf_graft  # noqa: F401  (registers the cifar_* models in timm)
 from hf_graft.builder import build_population_and_datasets
@@ -56,3 +57,15 @@ class CountingTrainer(GraftingTrainer):
         self.graft_log = getattr(self, "graft_log", [])
         self.graft_log.append((step, self.state.global_step))
         return super().graft(step)
+
+
+class SaveAndStopAtStep(TrainerCallback):
+    """Writes a checkpoint at optimizer step `step` and stops there, as a killed-and-resumed run would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True

@@ -14,7 +14,6 @@ import timm
 import torch
 
 import hf_graft
-from hf_graft import GraftingTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC = ["GraftingConfig", "DataArguments", "GraftingTrainer", "StudentPopulation", "PopulationSpec", "graft_members",
@@ -54,13 +53,12 @@ def _readme_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-SAVE_MARKER = "# save and push"
+SAVE_MARKER = "# save and push: the selected member only\n"
 
 
 def test_readme_python_example_trains_and_saves(tmp_path, monkeypatch):
-    """Runs the README's example as written (in a temporary folder). Its save and push lines run where
-    GraftingTrainer has save_student/push_to_hub of its own; until then the same steps are done here
-    with export.save_student / export.push_student. The Hub is replaced by a recorder."""
+    """Runs the README's example as written (in a temporary folder), its save and push lines too; the
+    Hub is replaced by a recorder."""
     from huggingface_hub import HfApi
 
     example = _readme_example()
@@ -73,22 +71,13 @@ def test_readme_python_example_trains_and_saves(tmp_path, monkeypatch):
 
     namespace: dict = {}
     exec(compile(build_and_train, "README.md", "exec"), namespace)
-    trainer, metrics, config = namespace["trainer"], namespace["metrics"], namespace["config"]
+    trainer, metrics = namespace["trainer"], namespace["metrics"]
     assert trainer.state.global_step == 3 * len(trainer.get_train_dataloader())
     assert set(metrics) >= {"eval_member0_top1", "eval_member1_top1", "eval_ensemble_top1", "eval_top1"}
     assert metrics["eval_top1"] > 50.0  # 3 epochs of 1,437 digits: well above chance (10%)
 
     student = tmp_path / "out/python_api/student"
-    if "save_student" in vars(GraftingTrainer) and "push_to_hub" in vars(GraftingTrainer):
-        exec(compile(save_and_push, "README.md", "exec"), namespace)
-    else:
-        from hf_graft.export import push_student, save_student
-
-        selected = int(metrics["eval_selected_member"])
-        spec = namespace["spec"]
-        save_student(trainer.population.members[selected].eval(), student, architecture=spec.student_model,
-                     label_names=spec.label_names, data_config=spec.data_config)
-        push_student(student, config.hub_model_id)
+    exec(compile(save_and_push, "README.md", "exec"), namespace)
     assert sorted(p.name for p in student.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert [u["repo_id"] for u in uploads] == ["your-name/cifar_resnet20-digits-grafted"]
     assert Path(uploads[0]["folder_path"]).resolve() == student.resolve()

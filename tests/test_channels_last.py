@@ -15,7 +15,6 @@ import timm
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 import hf_graft  # noqa: F401
 from hf_graft.export import save_student
@@ -23,7 +22,7 @@ from hf_graft.grafting import graft_internal, graft_members, graft_noise
 from hf_graft.population import channels_last_batch, load_checkpoint_members
 
 from _float64 import FLOAT64_EXACT, Float64Trainer, max_difference
-from _tiny_run import assert_bit_identical, build_trainer, population_state
+from _tiny_run import SaveAndStopAtStep, assert_bit_identical, build_trainer, population_state
 
 CL = torch.channels_last
 
@@ -95,14 +94,6 @@ def test_training_checkpoint_and_export_in_channels_last(tmp_path, digits_small,
         torch.testing.assert_close(loaded(x), member(x))
 
 
-class _StopAtStep(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_save = True
-            control.should_training_stop = True
 
 
 def test_resume_in_channels_last_is_exact(tmp_path, digits_small, single_thread):
@@ -113,7 +104,7 @@ def test_resume_in_channels_last_is_exact(tmp_path, digits_small, single_thread)
     reference = build_trainer(digits_small, tmp_path / "reference", **common)
     reference.train()
     out = tmp_path / "run"
-    build_trainer(digits_small, out, callbacks=[_StopAtStep(6)], **common).train()
+    build_trainer(digits_small, out, callbacks=[SaveAndStopAtStep(6)], **common).train()
     resumed = build_trainer(digits_small, out, **common)
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-6"))
     assert all(w.is_contiguous(memory_format=CL) for w in _conv_weights(resumed.population))

@@ -24,7 +24,7 @@ from hf_graft.fused import FusionError, _FusedDropPath, separate_storage
 from hf_graft.population import PopulationSpec, StudentPopulation, load_checkpoint_members
 
 from _float64 import FLOAT64_EXACT, Float64Trainer, max_difference as _max_difference
-from _tiny_run import build_trainer, population_state
+from _tiny_run import SaveAndStopAtStep, build_trainer, population_state
 
 FLOAT32_RUN = 1e-5  # float32, 6 steps and 2 grafts of test_efficientnet: 1.2e-7 measured here
 
@@ -232,14 +232,6 @@ def test_fused_run_equals_loop_run_float32(tmp_path, digits_small, single_thread
     assert _max_difference(states["loop"], states["fused"]) <= FLOAT32_RUN
 
 
-class _SaveAtStep(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_save = True
-            control.should_training_stop = True
 
 
 @pytest.mark.parametrize("first,second", [("fused", "loop"), ("loop", "fused")])
@@ -251,7 +243,7 @@ def test_checkpoint_of_one_mode_resumes_in_the_other(tmp_path, digits_small, sin
     reference.train()
 
     out = tmp_path / "run"
-    stopped = build_trainer(digits_small, out, member_execution=first, callbacks=[_SaveAtStep(6)], **common)
+    stopped = build_trainer(digits_small, out, member_execution=first, callbacks=[SaveAndStopAtStep(6)], **common)
     stopped.train()
     checkpoint = out / "checkpoint-6"
     spec, members = load_checkpoint_members(checkpoint)

@@ -21,7 +21,6 @@ from .student_folder import (
     EXPORT_FILES,
     MODEL_CARD_FILE,
     WEIGHTS_FILE,
-    _check_replaceable,
     build_student_config,
     save_student,
 )

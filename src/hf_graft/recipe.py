@@ -46,7 +46,9 @@ class _RecipeParser(HfArgumentParser):
 def _describe(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args if a is not type(None))
+        # sorted: typing caches Union[dict, str] and Union[str, dict] as one object, so the order of
+        # `args` is whichever some module spelled first
+        return " or ".join(sorted(_describe(a) for a in args if a is not type(None)))
     if origin is list:
         return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
     if origin is typing.Literal:

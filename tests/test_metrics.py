@@ -10,7 +10,7 @@ import torch
 
 from hf_graft.config import GraftingConfig
 from hf_graft.metrics import POPULATION_ACCURACY_PATH, PopulationMetrics, load_population_accuracy
-from hf_graft.trainer import population_metrics
+from hf_graft.metrics import population_metrics
 
 # A real evaluate.Metric script: recall averaged over classes ("macro") or over examples ("micro"),
 # and the per-class recalls as an array.

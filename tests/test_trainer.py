@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 from hf_graft.config import GraftingConfig
 from hf_graft.grafting import adaptive_alpha, anchor_plan, layer_information
-from hf_graft.trainer import population_metrics
+from hf_graft.metrics import population_metrics
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

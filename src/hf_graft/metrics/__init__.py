@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "POPULATION_ACCURACY_PATH",
@@ -20,6 +23,7 @@ __all__ = [
     "check_extra_metrics",
     "load_metric",
     "load_population_accuracy",
+    "population_metrics",
 ]
 
 POPULATION_ACCURACY_PATH = Path(__file__).resolve().parent / "population_accuracy"
@@ -28,6 +32,38 @@ POPULATION_ACCURACY_PATH = Path(__file__).resolve().parent / "population_accurac
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def population_metrics(logits: torch.Tensor, labels: torch.Tensor, select_student: str = "best") -> dict[str, float]:
+    """Top-1/top-5 (percent) of every member, of the ensemble (mean softmax) and of the selected member.
+
+    `logits` is [N, K, C], `labels` [N]. Computed directly with timm's `accuracy`: the reference that the
+    shipped `evaluate` metric `population_accuracy`, which the trainer uses, is tested against.
+    """
+    import torch
+    from timm.utils import accuracy
+
+    logits = torch.as_tensor(logits).float()
+    labels = torch.as_tensor(labels).long()
+    if labels.ndim == 2:  # per-member labels: evaluation data is shared, take the first view
+        labels = labels[:, 0]
+    num_members = logits.shape[1]
+    topk = (1, min(5, logits.shape[-1]))
+    metrics: dict[str, float] = {}
+    top1 = []
+    for k in range(num_members):
+        acc1, acc5 = accuracy(logits[:, k], labels, topk=topk)
+        metrics[f"member{k}_top1"] = float(acc1)
+        metrics[f"member{k}_top5"] = float(acc5)
+        top1.append(float(acc1))
+    ens1, ens5 = accuracy(torch.softmax(logits, dim=-1).mean(dim=1), labels, topk=topk)
+    metrics["ensemble_top1"] = float(ens1)
+    metrics["ensemble_top5"] = float(ens5)
+    selected = int(np.argmax(top1)) if select_student == "best" else int(select_student)
+    metrics["selected_member"] = float(selected)
+    metrics["top1"] = metrics[f"member{selected}_top1"]
+    metrics["top5"] = metrics[f"member{selected}_top5"]
+    return metrics
 
 
 def load_metric(name_or_path: str | os.PathLike, owner: str = "extra_metrics"):

@@ -180,10 +180,7 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
             callbacks=[self.graft_callback, *recalibration, *(callbacks or [])],
             **kwargs,
         )
-        from accelerate.utils import DistributedType
-
-        if model.fused is not None and self.accelerator.distributed_type in (DistributedType.FSDP,
-                                                                             DistributedType.DEEPSPEED):
+        if model.fused is not None and _is_sharded(self.accelerator):
             raise ValueError("GraftingConfig.member_execution: 'fused' runs with one process or DDP, not with "
                              f"{self.accelerator.distributed_type.value}; use member_execution: loop")
         self._place_teachers()
@@ -281,17 +278,23 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
 
     def _clip_grad_norm(self, model):
         """Clip every member's gradient norm on its own: one global clip would couple the members."""
-        from accelerate.utils import DistributedType
-
-        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        if _is_sharded(self.accelerator):
             return super()._clip_grad_norm(model)
-        self.divergence_monitor.drop_gradients()  # before fp16 unscaling looks for inf / nan
-        self.accelerator.unscale_gradients()  # fp16: undo the loss scale once, before measuring
-        norms = torch.stack([
-            torch.nn.utils.clip_grad_norm_(member.parameters(), self.args.max_grad_norm)
-            for member in self.population.members
-        ])
-        self._member_grad_norms = norms = self.divergence_monitor.mark(norms.detach())
+        return self._member_grad_norms_total(clip=True)
+
+    def _member_grad_norms_total(self, clip: bool) -> torch.Tensor:
+        """Every member's gradient norm (after clipping it to `max_grad_norm` when `clip`), kept for the
+        logs; returns the norm of those norms. A diverged member's gradients are dropped first, before
+        fp16 unscaling looks for inf / nan, and the loss scale is undone once, before measuring."""
+        self.divergence_monitor.drop_gradients()
+        self.accelerator.unscale_gradients()
+        members = self.population.members
+        if clip:
+            norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), self.args.max_grad_norm) for m in members]
+        else:
+            norms = [torch.nn.utils.get_total_norm([p.grad for p in m.parameters() if p.grad is not None])
+                     .to(self.args.device) for m in members]
+        self._member_grad_norms = norms = self.divergence_monitor.mark(torch.stack(norms).detach())
         return norms.norm()
 
     def _streams_to_device(self) -> bool:
@@ -313,19 +316,8 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         """Without clipping, the Trainer measures the norm with `clip_grad_norm_(max_norm=inf)`, which scales
         every gradient by inf / norm: NaN for all members as soon as one member's gradient is, so one
         diverged member would spread to the others. Measure each member's norm instead, changing nothing."""
-        from accelerate.utils import DistributedType
-
-        if grad_norm is None and self.accelerator.distributed_type not in (DistributedType.FSDP,
-                                                                           DistributedType.DEEPSPEED):
-            self.divergence_monitor.drop_gradients()
-            self.accelerator.unscale_gradients()  # fp16: the norms of the true gradients
-            norms = torch.stack([
-                torch.nn.utils.get_total_norm([p.grad for p in member.parameters() if p.grad is not None])
-                .to(self.args.device)
-                for member in self.population.members
-            ])
-            self._member_grad_norms = norms = self.divergence_monitor.mark(norms.detach())
-            grad_norm = norms.norm()
+        if grad_norm is None and not _is_sharded(self.accelerator):
+            grad_norm = self._member_grad_norms_total(clip=False)
         return super()._get_grad_norm(model, grad_norm)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -693,6 +685,13 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
             if isinstance(callback, GraftingCallback) and callback.trainer is None:
                 callback.trainer = self
                 self.graft_callback = callback
+
+
+def _is_sharded(accelerator) -> bool:
+    """FSDP and DeepSpeed shard the parameters: per-member norms and fused members do not apply there."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 # ----------------------------------------------------------------------------- BatchNorm recalibration

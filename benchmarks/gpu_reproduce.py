@@ -13,7 +13,9 @@ evaluation on the 10,000 test images after every epoch. Methods (the names of
 
 Plan: first a probe (40 training steps of K=2 cifar_resnet20 and one evaluation), which also warms
 up the convolution shapes of every CIFAR ResNet; then the full-CIFAR-10 epoch time of
-`cifar_resnet56` K=2 grafting with evaluation (2 epochs if they fit in 30% of the budget, else 1);
+`cifar_resnet56` K=2 grafting with evaluation in each `--epoch-variants` (fused, fused with CUDA
+graphs, fused compiled by inductor, loop; 2 epochs each if they fit in their share of
+`--resnet56-share` of the budget, else 1);
 then the number of epochs is chosen from the probe so that the three methods fit on 3 seeds (else 2,
 else 1) in the time left, and the runs go seed by seed (an interrupted run leaves whole seeds). A run that would not fit in what is left is
 skipped and listed as such; one that reaches the deadline stops and is reported as partial, outside
@@ -62,6 +64,15 @@ METHODS = {
                     "lr_spread": ["cosine"]},
 }
 CORE = ["baseline", "independent2", "graft2"]
+# execution variants of the cifar_resnet56 epoch timing (GraftingConfig fields)
+EPOCH_VARIANTS = {
+    "fused": {"member_execution": "fused"},
+    "fused+graphs": {"member_execution": "fused", "torch_compile": True, "torch_compile_backend": "cudagraphs"},
+    "fused+compile": {"member_execution": "fused", "torch_compile": True, "torch_compile_backend": "inductor",
+                      "torch_compile_mode": "reduce-overhead"},
+    "loop": {"member_execution": "loop"},
+}
+GRAPH_VARIANTS = ("fused+graphs", "fused+compile")
 MNV2_COST = 2.5  # planning guess: a cifar_mobilenetv2 step against a cifar_resnet20 step
 
 
@@ -142,7 +153,7 @@ class Bench:
         self.runs: list[dict] = []
         self.skipped: list[str] = []
         self.notes: list[str] = []
-        self.epoch_timing: dict | None = None
+        self.epoch_timings: list[dict] = []
         self.plan: dict = {}
         self.decode: dict = {}
 
@@ -229,36 +240,44 @@ class Bench:
 
     # ------------------------------------------------------------------ parts
     def time_resnet56_epochs(self, probe: dict) -> None:
-        """cifar_resnet56 K=2 grafting on the whole training split, evaluation after every epoch; after
-        the probe, which has run the same convolution shapes (cifar_resnet20 has resnet56's widths)."""
+        """cifar_resnet56 K=2 grafting on the whole training split, evaluation after every epoch, in each
+        of `--epoch-variants` while their share of the budget lasts; after the probe, which has run the
+        same convolution shapes (cifar_resnet20 has resnet56's widths)."""
         a = self.args
         estimate = probe["steps_per_epoch"] * probe["step_s_k2"] * 56 / 20 + probe["eval_s_k2"] * 56 / 20
-        epochs = a.resnet56_epochs or (2 if 2 * estimate <= a.resnet56_share * a.time_budget else 1)
+        share = a.resnet56_share * a.time_budget / max(1, len(a.epoch_variants))
+        epochs = a.resnet56_epochs or (2 if 2 * estimate <= share else 1)
         cap = time.time() + a.resnet56_share * a.time_budget
-        modes = ["fused", "loop"] if "member_execution" in self.fields else [None]
-        for mode in modes:
-            extra = {"student_model": "cifar_resnet56"} | ({"member_execution": mode} if mode else {})
+        for variant in a.epoch_variants:
+            if variant in GRAPH_VARIANTS and self.device.type != "cuda":
+                self.notes.append(f"cifar_resnet56 epoch timing, {variant}: CUDA only (not run on {self.device})")
+                continue
+            if time.time() + estimate > cap:
+                self.notes.append(f"cifar_resnet56 epoch timing, {variant}: not run (its share of the budget is used)")
+                continue
+            extra = {"student_model": "cifar_resnet56", **EPOCH_VARIANTS[variant]}
             config = self.config("graft2", 0, epochs, **extra)
             timer = _callbacks(self.device, stop_at=min(cap, self.clock.deadline - a.margin))
             try:
                 trainer = self.trainer(config, [timer])
                 start = time.time()
                 trainer.train()
-            except Exception as err:  # e.g. an execution mode this machine cannot run: say so, try the next
+            except Exception as err:  # e.g. a compile backend this machine cannot run: say so, try the next
                 first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                self.notes.append(f"cifar_resnet56 epoch timing with member_execution={mode}: "
-                                  f"{type(err).__name__}: {first}")
+                self.notes.append(f"cifar_resnet56 epoch timing, {variant}: {type(err).__name__}: {first}")
                 traceback.print_exc()
                 _release(self.device)
                 continue
-            self.epoch_timing = {"member_execution": mode or "loop (no member_execution field)",
-                                 "epoch_s": timer.epoch_s, "train_s": timer.train_s, "wall_s": time.time() - start,
-                                 "top1": [e["eval_ensemble_top1"] for e in trainer.state.log_history
-                                          if "eval_ensemble_top1" in e],
-                                 "complete": len(timer.train_s) >= epochs and trainer.state.epoch >= epochs - 1e-6}
+            finally:
+                if variant in GRAPH_VARIANTS:
+                    torch._dynamo.reset()
+            self.epoch_timings.append({
+                "variant": variant, "epoch_s": timer.epoch_s, "train_s": timer.train_s,
+                "wall_s": time.time() - start,
+                "top1": [e["eval_ensemble_top1"] for e in trainer.state.log_history if "eval_ensemble_top1" in e],
+                "complete": len(timer.train_s) >= epochs and trainer.state.epoch >= epochs - 1e-6})
             del trainer
             _release(self.device)
-            return
 
     def probe(self) -> dict:
         """Seconds per training step of K=2 cifar_resnet20 (after warm-up) and of one evaluation."""
@@ -357,7 +376,7 @@ class Bench:
         tmp.write_text(report(self, finished))
         os.replace(tmp, self.args.out)
         with open(Path(self.args.work_dir) / "gpu_reproduce.json", "w") as f:
-            json.dump({"runs": self.runs, "plan": self.plan, "decode": self.decode, "epoch_timing": self.epoch_timing,
+            json.dump({"runs": self.runs, "plan": self.plan, "decode": self.decode, "epoch_timings": self.epoch_timings,
                        "skipped": self.skipped, "notes": self.notes}, f, indent=1)
 
 
@@ -407,18 +426,22 @@ def report(bench: Bench, finished: bool) -> str:
               "every test image after every epoch; data_order "
               "independent; K=2 methods: lr_spread cosine (members x0.5 / x1); grafting after every epoch but "
               "the last (entropy, A 0.4, c 500).", ""]
-    t = bench.epoch_timing
-    if t:
+    if bench.epoch_timings:
         lines += ["### Epoch time: cifar_resnet56, K=2, grafting, the whole training split, with evaluation",
-                  "", f"member_execution: {t['member_execution']}; measured after the probe below has warmed up the "
-                  "same convolution shapes; target <= 5 s per epoch on one H100.", "",
-                  "| epoch | train s | graft + train + evaluation s | ensemble top-1 |", "| --- | --- | --- | --- |"]
-        for e, total in enumerate(t["epoch_s"]):
-            train = t["train_s"][e] if e < len(t["train_s"]) else math.nan
-            top1 = t["top1"][e] if e < len(t["top1"]) else math.nan
-            lines.append(f"| {e + 1} | {train:.2f} | {total:.2f} | {top1:.1f} |")
-        if not t["complete"]:
-            lines.append("\n(stopped at its share of the budget before the planned epochs)")
+                  "", "Variants: fused = member_execution fused; +graphs = torch_compile on the cudagraphs backend; "
+                  "+compile = torch_compile, inductor, mode reduce-overhead. Measured after the probe below has "
+                  "warmed up the same convolution shapes; an epoch of a compiled variant includes its compilation "
+                  "when it is the first; target <= 5 s per epoch on one H100.", "",
+                  "| variant | epoch | train s | graft + train + evaluation s | ensemble top-1 |",
+                  "| --- | --- | --- | --- | --- |"]
+        for t in bench.epoch_timings:
+            for e, total in enumerate(t["epoch_s"]):
+                train = t["train_s"][e] if e < len(t["train_s"]) else math.nan
+                top1 = t["top1"][e] if e < len(t["top1"]) else math.nan
+                lines.append(f"| {t['variant']} | {e + 1} | {train:.2f} | {total:.2f} | {top1:.1f} |")
+            if not t["complete"]:
+                lines.append(f"| {t['variant']} | (stopped at its share of the budget before the planned epochs) "
+                             "| | | |")
         lines.append("")
     if plan:
         how = "set on the command line" if plan["fixed"] else "as many as fit"
@@ -472,6 +495,9 @@ def main(argv=None) -> int:
                         help="epochs of the cifar_resnet56 timing (default: 2 if they fit in its share, else 1)")
     parser.add_argument("--resnet56-share", type=float, default=0.3, help="most of the budget the epoch timing may use")
     parser.add_argument("--probe-steps", type=int, default=40)
+    parser.add_argument("--epoch-variants", nargs="+", choices=list(EPOCH_VARIANTS), default=None,
+                        help="execution variants of the cifar_resnet56 epoch timing, in order (default: "
+                        "fused+graphs fused on CUDA, fused on CPU)")
     parser.add_argument("--no-mnv2", action="store_true", help="skip the cifar_mobilenetv2 runs")
     parser.add_argument("--train-samples", type=int, default=None)
     parser.add_argument("--eval-samples", type=int, default=None)
@@ -482,6 +508,8 @@ def main(argv=None) -> int:
         args.train_samples, args.eval_samples, args.input_size = args.train_samples or 32, args.eval_samples or 32, 16
         args.epochs, args.seeds, args.probe_steps, args.batch_size, args.eval_batch_size = 2, [0], 3, 16, 32
         args.margin, args.no_mnv2, args.resnet56_epochs = min(args.margin, 2.0), True, 1
+    if args.epoch_variants is None:
+        args.epoch_variants = ["fused+graphs", "fused"] if args.device.startswith("cuda") else ["fused"]
     args.work_dir = args.work_dir or str(Path(args.out).resolve().parent / "gpu_reproduce_runs")
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
 
@@ -505,8 +533,8 @@ def main(argv=None) -> int:
     bench.write(finished=True)
     results = _per_seed(bench.runs)
     summary = " | ".join(f"{m} {sum(v.values()) / len(v):.1f}" for m, v in results.items())
-    epoch = bench.epoch_timing["epoch_s"][-1] if bench.epoch_timing and bench.epoch_timing["epoch_s"] else math.nan
-    print(f"RESULT cifar_resnet56 K=2 epoch {epoch:.2f} s; top-1 after {bench.plan['epochs']} epochs: {summary}")
+    epochs = ", ".join(f"{t['variant']} {t['epoch_s'][-1]:.2f} s" for t in bench.epoch_timings if t["epoch_s"])
+    print(f"RESULT cifar_resnet56 K=2 epoch: {epochs or 'not measured'}; top-1 after {bench.plan['epochs']} epochs: {summary}")
     return 0
 
 

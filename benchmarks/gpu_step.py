@@ -10,7 +10,21 @@ Member-images per second (members x images per member x steps / second) of:
   loop_cl    GraftingTrainer, member_execution loop, channels_last on;
   fused      GraftingTrainer, member_execution fused (channels_last as the default: on for CUDA,
              off on CPU);
+  fused_graphs   fused, with torch_compile on the "cudagraphs" backend: the forward and backward
+             replayed as CUDA graphs, no kernel generation (CUDA only);
+  fused_compile  fused, with torch_compile (inductor) in mode "reduce-overhead": generated kernels
+             replayed as CUDA graphs (CUDA only);
   hand_dev   the hand loop on batches already on the device (no DataLoader).
+
+Every side runs under the same cuDNN setting (`--cudnn-benchmark`, on by default as in
+GraftingTrainer's CUDA default and timm's training script). A side that fails is reported as failed,
+with the first line of its error, and the others go on.
+
+`--diagnose` measures no rate: it profiles `--diagnose-steps` steps of each side after the warm-up
+and reports, per step, the operators the host dispatched (top-level aten calls, backward included)
+and, on CUDA, the kernels launched, the host synchronisations (cudaStreamSynchronize /
+cudaDeviceSynchronize / cudaEventSynchronize / blocking cudaMemcpy) and the share of the wall time
+the GPU spent in kernels: what separates a side bound by the host from one bound by the GPU.
 
 Every side trains the same members (same seeds) on the same dataset object through the same
 DataLoader settings (batch, workers, pinned memory, shuffling) with per-member batches
@@ -48,8 +62,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-SIDES = ("hand", "loop", "loop_cl", "fused", "hand_dev")
-ALL = SIDES
+SIDES = ("hand", "loop", "loop_cl", "fused", "fused_graphs", "fused_compile", "hand_dev")
+GRAPH_SIDES = ("fused_graphs", "fused_compile")  # CUDA only
+ALL = ("hand", "loop", "loop_cl", "fused", "hand_dev")
 HAND_AND_FUSED = ("hand", "fused")
 REST = ("loop", "loop_cl", "hand_dev")
 
@@ -64,6 +79,8 @@ class Row:
     batch: int
     sides: tuple[str, ...]
     rates: dict[str, list[float]] = field(default_factory=dict)  # side -> median window of every round
+    errors: dict[str, str] = field(default_factory=dict)  # side -> first line of its error
+    diagnosis: dict[str, dict[str, float]] = field(default_factory=dict)  # side -> per-step counts (--diagnose)
 
     @property
     def results(self) -> dict[str, float]:
@@ -73,8 +90,29 @@ class Row:
 
 def plan(args) -> list[Row]:
     """Configurations in order of importance (the time budget cuts from the end)."""
-    if args.quick:
+    if args.diagnose:
+        size = 16 if args.quick else None
+        batch = 8 if args.quick else 128
+        graphs = () if args.quick else ("fused_graphs",)
+        rows = [Row("cifar_resnet56" if not args.quick else "cifar_resnet20", 2, size or 32, batch,
+                    ("hand", "loop_cl", "fused", *graphs, "hand_dev")),
+                Row("resnet50", 2, size or 224, batch, ("hand", "loop_cl", "hand_dev"))]
+        if args.quick:
+            rows = rows[:1]
+    elif args.quick:
         rows = [Row("cifar_resnet20", 2, 16, 8, ALL), Row("cifar_resnet20", 4, 16, 8, HAND_AND_FUSED)]
+    elif args.graphs_first:
+        # the CUDA-graph sides of the launch-bound nets first, then the rest of the table
+        big, small = 224, 32
+        rows = [
+            Row("cifar_resnet56", 2, small, 128, ("hand", "fused", "fused_graphs")),
+            Row("cifar_resnet20", 4, small, 128, ("hand", "fused", "fused_graphs")),
+            Row("cifar_resnet56", 4, small, 128, ("hand", "fused", "fused_graphs")),
+            Row("resnet50", 2, big, 128, ("hand", "loop_cl", "hand_dev")),
+            Row("cifar_resnet56", 2, small, 128, ("loop_cl", "fused_compile")),
+            Row("cifar_resnet20", 4, small, 128, ("fused_compile",)),
+            Row("cifar_resnet20", 8, small, 128, ("hand", "fused", "fused_graphs")),
+        ]
     else:
         big, small = 224, 32
         rows = [
@@ -87,6 +125,9 @@ def plan(args) -> list[Row]:
             Row("cifar_resnet56", 4, small, 128, REST),
             Row("cifar_resnet20", 8, small, 128, ALL),
             Row("cifar_resnet56", 8, small, 128, ALL),
+            Row("cifar_resnet56", 2, small, 128, GRAPH_SIDES),
+            Row("cifar_resnet20", 4, small, 128, GRAPH_SIDES),
+            Row("cifar_resnet56", 4, small, 128, GRAPH_SIDES),
         ]
     for row in rows:
         if args.batch_size:
@@ -97,6 +138,10 @@ def plan(args) -> list[Row]:
         rows = [r for r in rows if r.model in args.models]
     if args.ks:
         rows = [r for r in rows if r.K in args.ks]
+    if args.device != "cuda":
+        for row in rows:
+            row.sides = tuple(side for side in row.sides if side not in GRAPH_SIDES)
+        rows = [r for r in rows if r.sides]
     return rows
 
 
@@ -148,6 +193,88 @@ class WindowClock:
         return [self.window * self.images_per_step / (b - a) for a, b in zip(self.marks, self.marks[1:])]
 
 
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+class StepProfiler:
+    """Profiles `steps` steps after `warmup` steps (--diagnose); `summary` holds the per-step counts."""
+
+    def __init__(self, device: torch.device, warmup: int, steps: int):
+        self.device, self.warmup, self.steps = device, warmup, steps
+        self.profile = None
+        self.summary: dict[str, float] = {}
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup + self.steps
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def step_end(self, step: int) -> None:
+        if step == self.warmup:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self._sync()
+            self.profile = profile(activities=activities)
+            self.profile.__enter__()
+            self.started = time.perf_counter()
+        elif step == self.total_steps and self.profile is not None:
+            self._sync()
+            wall = time.perf_counter() - self.started
+            self.profile.__exit__(None, None, None)
+            self.summary = summarize_profile(self.profile.events(), wall, self.steps)
+            self.profile = None
+
+    def rates(self) -> list[float]:
+        return []
+
+
+def summarize_profile(events, wall: float, steps: int) -> dict[str, float]:
+    """Per step: top-level aten operators the host dispatched (an operator called from another is not
+    counted again), CUDA kernels, host synchronisations, and the GPU's time in kernels over the wall time."""
+    from torch.autograd import DeviceType
+
+    host_ops = kernels = syncs = 0
+    kernel_us = 0.0
+    for event in events:
+        if event.device_type == DeviceType.CUDA:
+            if not event.name.startswith(("Memcpy", "Memset")):
+                kernels += 1
+                kernel_us += event.time_range.elapsed_us()
+        elif event.name.startswith("aten::"):
+            parent = event.cpu_parent
+            if parent is None or not parent.name.startswith("aten::"):
+                host_ops += 1
+        elif event.name in SYNC_CALLS:
+            syncs += 1
+    return {
+        "host_ops": host_ops / steps,
+        "kernels": kernels / steps,
+        "syncs": syncs / steps,
+        "gpu_busy": kernel_us / 1e6 / wall if kernels else float("nan"),
+        "ms": wall / steps * 1e3,
+    }
+
+
+def make_clock(row: Row, args, device: torch.device):
+    if args.diagnose:
+        return StepProfiler(device, args.warmup, args.diagnose_steps)
+    return WindowClock(device, args.warmup, args.window, args.windows, row.batch * row.K)
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(enabled: bool):
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
 # ----------------------------------------------------------------------------- sides
 def _loader(dataset, row: Row, args, device: torch.device):
     return torch.utils.data.DataLoader(
@@ -156,7 +283,7 @@ def _loader(dataset, row: Row, args, device: torch.device):
     )
 
 
-def run_hand(row: Row, dataset, args, device: torch.device, on_device: bool) -> list[float]:
+def run_hand(row: Row, dataset, args, device: torch.device, on_device: bool, clock) -> list[float]:
     from hf_graft.population import create_member
 
     cuda = device.type == "cuda"
@@ -168,7 +295,6 @@ def run_hand(row: Row, dataset, args, device: torch.device, on_device: bool) -> 
     ]
     params = [p for m in models for p in m.parameters()]
     optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
-    clock = WindowClock(device, args.warmup, args.window, args.windows, row.batch * row.K)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
 
     if on_device:
@@ -198,7 +324,7 @@ def run_hand(row: Row, dataset, args, device: torch.device, on_device: bool) -> 
     return clock.rates()
 
 
-def run_trainer(row: Row, dataset, args, device: torch.device, side: str, workdir: str) -> list[float]:
+def run_trainer(row: Row, dataset, args, device: torch.device, side: str, workdir: str, clock) -> list[float]:
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
@@ -207,7 +333,9 @@ def run_trainer(row: Row, dataset, args, device: torch.device, side: str, workdi
     from hf_graft.trainer import GraftingTrainer
 
     cuda = device.type == "cuda"
-    clock = WindowClock(device, args.warmup, args.window, args.windows, row.batch * row.K)
+    compiled = {"fused_graphs": dict(torch_compile=True, torch_compile_backend="cudagraphs"),
+                "fused_compile": dict(torch_compile=True, torch_compile_backend="inductor",
+                                      torch_compile_mode="reduce-overhead")}.get(side, {})
 
     class Clock(TrainerCallback):
         def on_step_end(self, args_, state, control, **kwargs):
@@ -216,11 +344,11 @@ def run_trainer(row: Row, dataset, args, device: torch.device, side: str, workdi
     config = GraftingConfig(
         output_dir=workdir, student_model=row.model, num_students=row.K, per_device_train_batch_size=row.batch,
         max_steps=clock.total_steps, learning_rate=0.1, seed=args.seed, data_order="independent",
-        member_execution="fused" if side == "fused" else "loop",
-        channels_last={"loop": False, "loop_cl": True, "fused": None}[side],
+        member_execution="fused" if side.startswith("fused") else "loop",
+        channels_last={"loop": False, "loop_cl": True}.get(side), cudnn_benchmark=args.cudnn_benchmark == "on",
         bf16=cuda, use_cpu=not cuda, dataloader_num_workers=args.workers, dataloader_pin_memory=cuda,
         dataloader_drop_last=True, eval_strategy="no", save_strategy="no", logging_strategy="no",
-        report_to="none", disable_tqdm=True, export_student=False,
+        report_to="none", disable_tqdm=True, export_student=False, **compiled,
     )
     spec = PopulationSpec(row.model, row.K, num_classes_of(row.model))
     population = StudentPopulation.from_spec(spec, seed=args.seed)
@@ -231,17 +359,23 @@ def run_trainer(row: Row, dataset, args, device: torch.device, side: str, workdi
     return clock.rates()
 
 
-def measure(row: Row, side: str, args, device: torch.device) -> list[float]:
-    total = args.warmup + args.window * args.windows
-    dataset = SyntheticImages((total + 2) * row.batch, row.K, row.size, num_classes_of(row.model),
+def measure(row: Row, side: str, args, device: torch.device):
+    """The side's window rates, or with --diagnose its per-step profile summary."""
+    clock = make_clock(row, args, device)
+    dataset = SyntheticImages((clock.total_steps + 2) * row.batch, row.K, row.size, num_classes_of(row.model),
                               pool=64 if row.size > 64 else 256, seed=args.seed)
     torch.manual_seed(args.seed)
     try:
         if side in ("hand", "hand_dev"):
-            return run_hand(row, dataset, args, device, on_device=side == "hand_dev")
-        with tempfile.TemporaryDirectory(prefix="gpu_step_") as workdir:
-            return run_trainer(row, dataset, args, device, side, workdir)
+            with cudnn_benchmark(args.cudnn_benchmark == "on"):
+                run_hand(row, dataset, args, device, on_device=side == "hand_dev", clock=clock)
+        else:
+            with tempfile.TemporaryDirectory(prefix="gpu_step_") as workdir:
+                run_trainer(row, dataset, args, device, side, workdir, clock=clock)
+        return clock.summary if args.diagnose else clock.rates()
     finally:
+        if side in GRAPH_SIDES:
+            torch._dynamo.reset()  # frees the side's graphs and their memory pool
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -253,6 +387,8 @@ LABELS = {
     "loop": "trainer, loop",
     "loop_cl": "trainer, loop + channels_last",
     "fused": "trainer, fused",
+    "fused_graphs": "trainer, fused + CUDA graphs",
+    "fused_compile": "trainer, fused + inductor reduce-overhead",
     "hand_dev": "hand loop, batch on the device",
 }
 
@@ -286,17 +422,21 @@ def environment(device: torch.device) -> list[str]:
 
 def report(rows: list[Row], skipped: list[str], args, device: torch.device, elapsed: float) -> str:
     cuda = device.type == "cuda"
-    lines = ["# Training-step throughput: GraftingTrainer vs a hand loop (benchmarks/gpu_step.py)", ""]
+    title = "profile" if args.diagnose else "throughput"
+    lines = [f"# Training-step {title}: GraftingTrainer vs a hand loop (benchmarks/gpu_step.py)", ""]
     lines += environment(device)
     lines += [
         f"- settings: SGD momentum 0.9, weight decay 5e-4, lr 0.1, {'bf16 autocast' if cuda else 'float32'}, no "
         f"clipping; synthetic in-memory images, one batch per member (data_order independent), DataLoader with "
         f"{args.workers} worker(s){', pinned memory' if cuda else ''}; hand loop models in "
-        f"{'channels_last' if cuda else 'contiguous memory'}{'; cuDNN autotuning off (the default)' if cuda else ''}",
-        f"- timing: {args.warmup} warm-up steps, then the median of {args.windows} windows of {args.window} steps, "
-        f"each between two device synchronisations"
-        + (f"; median over {args.rounds} rounds in alternating side order" if args.rounds > 1 else "")
-        + "; member-images/s (ratio to the hand loop of the row)",
+        f"{'channels_last' if cuda else 'contiguous memory'}"
+        + (f"; cuDNN autotuning (torch.backends.cudnn.benchmark) {args.cudnn_benchmark} for every side" if cuda else ""),
+        (f"- profile: {args.warmup} warm-up steps, then {args.diagnose_steps} steps under torch.profiler"
+         if args.diagnose else
+         f"- timing: {args.warmup} warm-up steps, then the median of {args.windows} windows of {args.window} steps, "
+         f"each between two device synchronisations"
+         + (f"; median over {args.rounds} rounds in alternating side order" if args.rounds > 1 else "")
+         + "; member-images/s (ratio to the hand loop of the row)"),
         f"- command: `python benchmarks/gpu_step.py {' '.join(args.argv)}` ({elapsed:.0f} s)",
         "",
     ]
@@ -304,18 +444,27 @@ def report(rows: list[Row], skipped: list[str], args, device: torch.device, elap
     for row in rows:  # a (model, K) split over several rows of the plan is one line of the table
         key = (row.model, row.size, row.K, row.batch)
         merged.setdefault(key, {}).update(row.results)
+    errors: dict[tuple, dict] = {}
+    for row in rows:
+        errors.setdefault((row.model, row.size, row.K, row.batch), {}).update(row.errors)
+    if args.diagnose:
+        return "\n".join(lines + diagnosis_table(rows, device)) + "\n"
+    measured = [s for s in SIDES if any(s in r.rates or s in r.errors for r in rows)] or ["hand"]
     header = ["model", "px", "K", "batch/member"] + [
-        _fused_label(device) if s == "fused" else LABELS[s] for s in SIDES
+        _fused_label(device) if s == "fused" else LABELS[s] for s in measured
     ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (model, size, K, batch), results in merged.items():
-        if not results:
+        failed = errors[(model, size, K, batch)]
+        if not results and not failed:
             continue
         base = results.get("hand")
         cells = []
-        for side in SIDES:
+        for side in measured:
             value = results.get(side)
-            if value is None:
+            if side in failed:
+                cells.append("failed")
+            elif value is None:
                 cells.append("-")
             elif side == "hand" or not base:
                 cells.append(f"{value:.0f}")
@@ -323,6 +472,11 @@ def report(rows: list[Row], skipped: list[str], args, device: torch.device, elap
                 cells.append(f"{value:.0f} ({value / base:.2f}x)")
         lines.append(f"| `{model}` | {size} | {K} | {batch} | " + " | ".join(cells) + " |")
     lines.append("")
+    for row in rows:
+        for side, error in row.errors.items():
+            lines.append(f"- failed: `{row.model}` K={row.K}, {LABELS[side]}: {error}")
+    if any(row.errors for row in rows):
+        lines.append("")
     if skipped:
         lines.append(f"Skipped (time budget of {args.time_budget:.0f} s used): " + "; ".join(skipped) + ".")
     else:
@@ -333,6 +487,31 @@ def report(rows: list[Row], skipped: list[str], args, device: torch.device, elap
         "fused K=4 `cifar_resnet20` / `cifar_resnet56` >= 2x the hand loop (one GPU).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def diagnosis_table(rows: list[Row], device: torch.device) -> list[str]:
+    cuda = device.type == "cuda"
+    lines = [
+        "Per training step, over the profiled steps: top-level aten operators the host dispatched (backward "
+        "included)" + ("; CUDA kernels launched; host synchronisations (cudaStreamSynchronize, "
+                       "cudaDeviceSynchronize, cudaEventSynchronize, blocking cudaMemcpy); the share of the wall "
+                       "time the GPU spent in kernels" if cuda else "") + "; wall ms per step (under the profiler).",
+        "",
+        "| model | px | K | side | host ops | " + ("kernels | syncs | GPU busy | " if cuda else "") + "ms/step |",
+        "|---|---|---|---|---|" + ("---|---|---|" if cuda else "") + "---|",
+    ]
+    for row in rows:
+        for side in row.sides:
+            if side in row.errors:
+                lines.append(f"| `{row.model}` | {row.size} | {row.K} | {LABELS[side]} | failed: {row.errors[side]} |")
+                continue
+            d = row.diagnosis.get(side)
+            if not d:
+                continue
+            gpu = f"{d['kernels']:.0f} | {d['syncs']:.1f} | {100 * d['gpu_busy']:.0f}% | " if cuda else ""
+            lines.append(f"| `{row.model}` | {row.size} | {row.K} | {LABELS[side]} | {d['host_ops']:.0f} | {gpu}"
+                         f"{d['ms']:.1f} |")
+    return lines
 
 
 def _write(path: str, text: str) -> None:
@@ -362,6 +541,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every side this many times, alternating their order (median reported)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cudnn-benchmark", choices=("on", "off"), default="on",
+                        help="cuDNN autotuning for every side (default on, GraftingTrainer's CUDA default)")
+    parser.add_argument("--graphs-first", action="store_true",
+                        help="on CUDA, measure the CUDA-graph sides of the small nets first (a short window)")
+    parser.add_argument("--diagnose", action="store_true", help="profile each side instead of timing it")
+    parser.add_argument("--diagnose-steps", type=int, default=5, help="steps profiled per side (--diagnose)")
     args = parser.parse_args(argv)
     args.argv = argv
     if args.rounds < 1:
@@ -402,8 +587,19 @@ def main(argv=None) -> int:
             # alternate the order of the sides from round to round: slow drifts of the machine hit all alike
             for side in row.sides if round_index % 2 == 0 else tuple(reversed(row.sides)):
                 side_start = time.perf_counter()
-                rates = measure(row, side, args, device)
-                durations.setdefault(row.model, []).append(time.perf_counter() - side_start)
+                try:
+                    rates = measure(row, side, args, device)
+                except Exception as err:  # one failing side (a compile backend, memory) leaves the others
+                    first = (str(err).strip().splitlines() or [""])[0][:300]
+                    row.errors[side] = f"{type(err).__name__}: {first}"
+                    print(f"{label:<40} {side:<9} failed: {row.errors[side]}", flush=True)
+                    continue
+                finally:
+                    durations.setdefault(row.model, []).append(time.perf_counter() - side_start)
+                if args.diagnose:
+                    row.diagnosis[side] = rates
+                    print(f"{label:<40} {side:<9} {rates}", flush=True)
+                    continue
                 row.rates.setdefault(side, []).append(statistics.median(rates))
                 spread = f"{min(rates):.0f}..{max(rates):.0f}"
                 print(f"{label:<40} {side:<9} {statistics.median(rates):10.1f} member-images/s (windows {spread}, "
@@ -415,6 +611,14 @@ def main(argv=None) -> int:
     print(text, end="")
     if args.out:
         _write(args.out, text)
+    if args.diagnose:
+        first = next((r for r in rows if r.diagnosis), None)
+        if first is None:
+            print("RESULT nothing profiled")
+            return 1
+        ops = ", ".join(f"{side} {d['host_ops']:.0f}" for side, d in first.diagnosis.items())
+        print(f"RESULT {first.model} K={first.K}: host ops per step: {ops}")
+        return 0
     first = next((r for r in rows if r.results.get("hand")), None)
     if first is None:
         print("RESULT nothing measured")

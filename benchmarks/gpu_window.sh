@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU, at most 8 minutes: the step benchmark, then a reduced CIFAR-10 reproduction, in one file.
+# One GPU, at most 8 minutes: a per-step profile, the step benchmark, then the CIFAR-10 epoch timing
+# and a reduced reproduction, in one file.
 #
 #   bash benchmarks/gpu_window.sh [DATASET] [--out FILE] [--quick] [--total SECONDS] [--step-budget SECONDS] [--no-step]
 #
@@ -7,12 +8,16 @@
 # beside the repository. --out: the markdown written (default benchmarks/results/gpu.md); it is
 # rewritten after every part (and on exit or interruption), so a stopped window still leaves what
 # finished; the raw per-run records go beside it (gpu_runs.json for gpu.md). --quick (or
-# GPU_WINDOW_QUICK=1): a CPU smoke run of every part on a tiny subset. --no-step: leave part 1 out
-# (its script has a smoke test of its own).
+# GPU_WINDOW_QUICK=1): a CPU smoke run of every part on a tiny subset. --no-step: leave parts 0 and 1
+# out (their script has a smoke test of its own).
 #
-# Time plan (--total, default 480 s): the card and versions (~10 s); part 1, benchmarks/gpu_step.py
-# with --time-budget 170 (hard stop at 225 s: the budget leaves room for its start-up); part 2, benchmarks/gpu_reproduce.py in the time left
-# less 15 s (its own deadline 10 s before its hard stop). Every part runs under `timeout`.
+# Time plan (--total, default 480 s): the card and versions (~10 s); part 0, `gpu_step.py --diagnose`
+# (hard stop at 90 s): kernels, host operators, host syncs and GPU busy time per step of the hand
+# loop and the trainer's modes; part 1, `gpu_step.py --graphs-first` with --time-budget 150 (hard
+# stop 25 s later: the budget leaves room for its start-up): the CUDA-graph modes of the small nets
+# first; part 2, benchmarks/gpu_reproduce.py in the time left less 15 s (its own deadline 10 s
+# before its hard stop), with 60% of it for the cifar_resnet56 epoch timings (fused + CUDA graphs,
+# then fused). Every part runs under `timeout`.
 # Needs: python (or $PYTHON) with torch, transformers, accelerate, timm and datasets installed; the
 # package itself is taken from this checkout's src/.
 
@@ -22,7 +27,7 @@ DATASET="$REPO/../shared/data/cifar10"
 OUT="$REPO/benchmarks/results/gpu.md"
 QUICK="${GPU_WINDOW_QUICK:-0}"
 TOTAL=480
-STEP_BUDGET=170
+STEP_BUDGET=150
 STEP=1
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -31,14 +36,14 @@ while [ $# -gt 0 ]; do
     --total) TOTAL="$2"; shift 2 ;;
     --step-budget) STEP_BUDGET="$2"; shift 2 ;;
     --no-step) STEP=0; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     -*) echo "gpu_window.sh: unknown option $1 (allowed: DATASET --out FILE --quick --total S --step-budget S --no-step)" >&2
         exit 2 ;;
     *) DATASET="$1"; shift ;;
   esac
 done
 if [ "$QUICK" = 1 ]; then
-  DEVICE=cpu; QUICK_FLAG=--quick; [ "$STEP_BUDGET" = 170 ] && STEP_BUDGET=30
+  DEVICE=cpu; QUICK_FLAG=--quick; [ "$STEP_BUDGET" = 150 ] && STEP_BUDGET=30
 else
   DEVICE=cuda; QUICK_FLAG=
 fi
@@ -63,7 +68,7 @@ log_tail() {  # the end of a part's log, for a part that failed
 
 assemble() {
   {
-    echo "# hf_graft on one GPU: step benchmark and reduced CIFAR-10 reproduction"
+    echo "# hf_graft on one GPU: step profile, step benchmark, epoch timing and reduced CIFAR-10 reproduction"
     echo
     if [ "$QUICK" = 1 ]; then echo "QUICK smoke run on the CPU (tiny subsets): checks that every part runs; no result."; echo; fi
     echo "Command: \`bash benchmarks/gpu_window.sh $DATASET${QUICK_FLAG:+ --quick}\` ($(date -u +%Y-%m-%dT%H:%MZ)); ${SECONDS} s so far of a ${TOTAL} s window."
@@ -73,6 +78,10 @@ assemble() {
     echo "| part | wall s | exit status |"
     echo "| --- | --- | --- |"
     cat "$PARTS"
+    echo
+    echo "## Part 0: step profile (benchmarks/gpu_step.py --diagnose)"
+    echo
+    if [ -s "$WORK/diagnose.md" ]; then cat "$WORK/diagnose.md"; else cat "$WORK/diagnose.note" 2>/dev/null || echo "(not run yet)"; fi
     echo
     echo "## Part 1: step benchmark (benchmarks/gpu_step.py)"
     echo
@@ -137,13 +146,29 @@ if command -v git > /dev/null; then
 fi
 assemble
 
+# ---------------------------------------------------------------- part 0: the step profile
+if [ "$STEP" = 0 ]; then
+  echo "(left out: --no-step)" > "$WORK/diagnose.note"
+  echo "| step profile | 0 | left out (--no-step) |" >> "$PARTS"
+elif [ -f "$REPO/benchmarks/gpu_step.py" ]; then
+  run_part "step profile" 90 "$WORK/diagnose.log" \
+    "$PY" "$REPO/benchmarks/gpu_step.py" --device "$DEVICE" $QUICK_FLAG --diagnose --out "$WORK/diagnose.md"
+  rc=$?
+  if [ "$rc" != 0 ]; then
+    { echo "(gpu_step.py --diagnose exited with status $rc; what it wrote, if anything, is above)"; log_tail "$WORK/diagnose.log"; } > "$WORK/diagnose.note"
+    [ -s "$WORK/diagnose.md" ] && cat "$WORK/diagnose.note" >> "$WORK/diagnose.md"
+  fi
+fi
+assemble
+
 # ---------------------------------------------------------------- part 1: the step benchmark
 if [ "$STEP" = 0 ]; then
   echo "(left out: --no-step)" > "$WORK/step.note"
   echo "| step benchmark | 0 | left out (--no-step) |" >> "$PARTS"
 elif [ -f "$REPO/benchmarks/gpu_step.py" ]; then
   run_part "step benchmark" $((STEP_BUDGET + 25)) "$WORK/step.log" \
-    "$PY" "$REPO/benchmarks/gpu_step.py" --device "$DEVICE" $QUICK_FLAG --time-budget "$STEP_BUDGET" --out "$WORK/step.md"
+    "$PY" "$REPO/benchmarks/gpu_step.py" --device "$DEVICE" ${QUICK_FLAG:---graphs-first} \
+    --time-budget "$STEP_BUDGET" --out "$WORK/step.md"
   rc=$?
   if [ "$rc" != 0 ]; then
     { echo "(gpu_step.py exited with status $rc; what it wrote, if anything, is above)"; log_tail "$WORK/step.log"; } > "$WORK/step.note"
@@ -162,7 +187,7 @@ if [ "$LEFT" -lt 60 ]; then
 else
   run_part "reproduction" "$LEFT" "$WORK/reproduce.log" \
     "$PY" "$REPO/benchmarks/gpu_reproduce.py" "$DATASET" --device "$DEVICE" $QUICK_FLAG \
-    --time-budget $((LEFT - 10)) --out "$WORK/reproduce.md" --work-dir "$WORK/runs"
+    --time-budget $((LEFT - 10)) --resnet56-share 0.6 --out "$WORK/reproduce.md" --work-dir "$WORK/runs"
   rc=$?
   if [ "$rc" != 0 ]; then
     { echo; echo "(gpu_reproduce.py exited with status $rc; the tables above hold the runs that finished)"; log_tail "$WORK/reproduce.log"; } > "$WORK/reproduce.note"

@@ -99,11 +99,13 @@ def test_gpu_window_quick(tmp_path):
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     text = out.read_text()
     assert "- versions: python" in text and "torch" in text and "datasets" in text
-    rows = dict(re.findall(r"^\| (card and versions|step benchmark|reproduction) \| \d+ \| ([^|]+) \|$", text, re.M))
-    assert rows == {"card and versions": "0", "step benchmark": "left out (--no-step)", "reproduction": "0"}, rows
+    rows = dict(re.findall(r"^\| (card and versions|step profile|step benchmark|reproduction) \| \d+ \| ([^|]+) \|$",
+                           text, re.M))
+    assert rows == {"card and versions": "0", "step profile": "left out (--no-step)",
+                    "step benchmark": "left out (--no-step)", "reproduction": "0"}, rows
     assert "Status: finished" in text
     # the epoch timing of cifar_resnet56 and the reproduction table, one row per method
-    assert re.search(r"^\| 1 \| \d+\.\d+ \| \d+\.\d+ \| \d+\.\d+ \|$", text, re.M)
+    assert re.search(r"^\| fused \| 1 \| \d+\.\d+ \| \d+\.\d+ \| \d+\.\d+ \|$", text, re.M)
     for method in ("baseline", "independent2", "ensemble2", "graft2", "graft2_ensemble"):
         assert re.search(rf"^\| {method} \| 0 \| \d+\.\d ± n/a \|", text, re.M), method
     assert re.search(r"^\| graft2 \| 0 \| \d+\.\d \| \d+\.\d \| \d+\.\d \| \d+ \|$", text, re.M)  # 2 epochs
@@ -126,3 +128,18 @@ def test_gpu_step_quick(tmp_path):
     report = out.read_text()
     assert "| `cifar_resnet20` | 16 | 2 | 8 |" in report and "| `cifar_resnet20` | 16 | 4 | 8 |" in report
     assert "torch " in report and "timm " in report and "Skipped: none." in report
+
+
+def test_gpu_step_diagnose_quick(tmp_path):
+    """The per-step profile runs on CPU: host operators per step for every side, the hand loop's close to
+    the trainer's (the trainer adds its per-member norms and loss bookkeeping, not another forward)."""
+    out = tmp_path / "diagnose.md"
+    lines = _run("gpu_step.py", "--device", "cpu", "--diagnose", "--out", str(out))
+    match = re.fullmatch(r"RESULT cifar_resnet20 K=2: host ops per step: hand (\d+), loop_cl (\d+), fused (\d+), "
+                         r"hand_dev (\d+)", lines[-1])
+    assert match, lines[-1]
+    hand, loop_cl, fused, hand_dev = map(int, match.groups())
+    assert hand > 300 and abs(hand - hand_dev) < 0.1 * hand  # a forward and backward of two ResNet-20s
+    assert 0.9 * hand < loop_cl < 1.3 * hand
+    report = out.read_text()
+    assert "| `cifar_resnet20` | 16 | 2 | hand loop |" in report and "| trainer, fused |" in report

@@ -109,7 +109,8 @@ def test_graft_of_half_precision_weights_is_float32_math_rounded_once(dtype):
                 assert torch.equal(t, state_high[name]), name
 
 
-def test_torch_compile_sees_the_grafted_weights(tmp_path, digits_small, single_thread):
+@pytest.mark.parametrize("member_execution", ["loop", "fused"])
+def test_torch_compile_sees_the_grafted_weights(tmp_path, digits_small, single_thread, member_execution):
     """With torch_compile the Trainer trains a compiled population; grafting mixes the weights in place
     and the compiled graph computes with the new values (no stale copy, no recompilation needed).
 
@@ -134,7 +135,8 @@ def test_torch_compile_sees_the_grafted_weights(tmp_path, digits_small, single_t
     backend = "inductor" if torch.cuda.is_available() else "aot_eager"
     trainer = build_trainer(digits_small, tmp_path / "run", trainer_cls=ProbeTrainer, num_train_epochs=2,
                             eval_strategy="no", max_train_samples=32, torch_compile=True,
-                            torch_compile_backend=backend, use_cpu=not torch.cuda.is_available())
+                            torch_compile_backend=backend, use_cpu=not torch.cuda.is_available(),
+                            member_execution=member_execution)
     trainer.probe_input = torch.stack([trainer.eval_dataset[i]["pixel_values"] for i in range(4)]).to(
         trainer.args.device)
     trainer.train()

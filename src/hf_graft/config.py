@@ -205,6 +205,12 @@ class GraftingConfig(TrainingArguments):
                   "(grouped convolutions, one kernel per layer for all members; see README for the "
                   "architectures that fuse)."},
     )
+    cudnn_benchmark: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Let cuDNN time its convolution algorithms on the first batch of each shape and keep the "
+                  "fastest (as timm's training script does; null: on for CUDA runs unless full_determinism). "
+                  "Set for the run only, then restored."},
+    )
 
     # --- grafting+ (distillation from frozen teachers)
     teacher_models: Optional[list[str]] = field(
@@ -297,6 +303,9 @@ class GraftingConfig(TrainingArguments):
             _fail(owner, "data_order", self.data_order, ", ".join(DATA_ORDERS))
         if self.member_execution not in MEMBER_EXECUTIONS:
             _fail(owner, "member_execution", self.member_execution, ", ".join(MEMBER_EXECUTIONS))
+        if self.cudnn_benchmark and self.full_determinism:
+            raise ValueError(f"{owner}.cudnn_benchmark: got true with full_determinism true; cuDNN's timed algorithm "
+                             "choice is not deterministic (allowed with full_determinism: false or null)")
         self.lr_multipliers = self._parse_lr_spread()
         if self.lr_decay_epochs is not None and len(self.lr_decay_epochs) == 0:
             self.lr_decay_epochs = None

@@ -140,6 +140,8 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
             )
         if len(args.lr_multipliers) != model.num_members:
             raise ValueError("GraftingConfig.lr_spread must give one multiplier per member")
+        self._population = model
+        self._member_params: list[list[nn.Parameter]] | None = None
         model.ce_weight, model.kd_weight, model.kd_temperature = args.ce_weight, args.kd_weight, args.kd_temperature
         on_cuda = args.device.type == "cuda"
         self.channels_last = on_cuda if args.channels_last is None else bool(args.channels_last)
@@ -239,7 +241,16 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
     # ------------------------------------------------------------------ optimisation
     @property
     def population(self) -> StudentPopulation:
-        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False) if hasattr(self, "accelerator") else self.model
+        """The StudentPopulation being trained, whatever wraps it for training (DDP, torch.compile): the
+        wrappers hold this very module, and unwrapping costs a walk of every submodule."""
+        return self._population
+
+    def _member_parameters(self) -> list[list[nn.Parameter]]:
+        """Every member's trainable parameters, listed once per `train()` (a walk of the modules each step
+        costs more host time than a small member's step)."""
+        if self._member_params is None:
+            self._member_params = [[p for p in m.parameters() if p.requires_grad] for m in self.population.members]
+        return self._member_params
 
     def create_optimizer(self, model=None):
         """One pair of param groups (decay / no decay) per member, each at its own initial rate."""
@@ -288,12 +299,12 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         fp16 unscaling looks for inf / nan, and the loss scale is undone once, before measuring."""
         self.divergence_monitor.drop_gradients()
         self.accelerator.unscale_gradients()
-        members = self.population.members
+        members = self._member_parameters()
         if clip:
-            norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), self.args.max_grad_norm) for m in members]
+            norms = [torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm) for params in members]
         else:
-            norms = [torch.nn.utils.get_total_norm([p.grad for p in m.parameters() if p.grad is not None])
-                     .to(self.args.device) for m in members]
+            norms = [torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                     .to(self.args.device) for params in members]
         self._member_grad_norms = norms = self.divergence_monitor.mark(torch.stack(norms).detach())
         return norms.norm()
 
@@ -328,13 +339,17 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
             for key in ("member_ce", "member_kd"):
                 if key in outputs:
                     total = self._member_loss_sums.get(key)
-                    self._member_loss_sums[key] = outputs[key] if total is None else total + outputs[key]
+                    # a copy, never the output itself: under torch.compile's CUDA graphs (mode
+                    # "reduce-overhead") the next step's replay overwrites the outputs in place
+                    step_loss = outputs[key].detach()
+                    self._member_loss_sums[key] = step_loss.clone() if total is None else total + step_loss
             self._member_loss_count += 1
             self.divergence_monitor.observe(outputs["member_ce"], outputs.get("member_kd"))
             if self.optimizer is not None:  # the rates this step's update uses (the scheduler steps after it)
                 self._member_lrs = {g.get("member", 0): g["lr"] for g in self.optimizer.param_groups}
         loss = outputs["loss"]
-        return (loss, {"loss": loss, "logits": outputs["logits"]}) if return_outputs else loss
+        # evaluation keeps every batch's logits: copies, for the same reason
+        return (loss, {"loss": loss, "logits": outputs["logits"].clone()}) if return_outputs else loss
 
     # ------------------------------------------------------------------ grafting
     @torch.no_grad()
@@ -468,6 +483,7 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         from .preflight import check_run_settings
 
         started = time.perf_counter()
+        self._member_params = None
         check_run_settings(self.args)
         self.run_identity = run_identity(self)
         claim = OutputDirClaim(
@@ -477,19 +493,28 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         )
         self._claimed_output_dir = True
         try:
-            try:
-                output = self._train_with_nan_inf_filter_on_device(resume_from_checkpoint=claim.resume,
-                                                                   trial=trial, **kwargs)
-            except DivergenceError as err:
-                if self.is_world_process_zero():
-                    self.save_metrics("all", measured_results(self.state, err), combined=False)
-                    self.save_state()
-                raise
-            self._finish_run(output.metrics, started)
+            with _cudnn_benchmark(self._cudnn_benchmark_setting()):
+                try:
+                    output = self._train_with_nan_inf_filter_on_device(resume_from_checkpoint=claim.resume,
+                                                                       trial=trial, **kwargs)
+                except DivergenceError as err:
+                    if self.is_world_process_zero():
+                        self.save_metrics("all", measured_results(self.state, err), combined=False)
+                        self.save_state()
+                    raise
+                self._finish_run(output.metrics, started)
             return output
         finally:
             claim.release()
             self._close_progress_bars()  # an error then starts on a line of its own
+
+    def _cudnn_benchmark_setting(self) -> bool:
+        """`GraftingConfig.cudnn_benchmark`, null read as: on for CUDA unless full_determinism, else unchanged."""
+        if self.args.cudnn_benchmark is not None:
+            return self.args.cudnn_benchmark
+        if self.args.device.type == "cuda":
+            return not self.args.full_determinism
+        return torch.backends.cudnn.benchmark
 
     def _finish_run(self, train_metrics: dict, started: float) -> None:
         self.results = self.run_results(train_metrics)
@@ -739,6 +764,17 @@ def recalibrate_batchnorm(population: nn.Module, dataset, *, num_batches: int, b
     for m, momentum in saved:
         m.momentum = momentum
     population.train(was_training)
+
+
+# ----------------------------------------------------------------------------- global settings
+@contextlib.contextmanager
+def _cudnn_benchmark(enabled: bool):
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 # ----------------------------------------------------------------------------- random streams

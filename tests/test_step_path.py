@@ -1,0 +1,142 @@
+"""What the trainer does around the model at every step: the mode and gradient resets the Trainer calls,
+results that stay right when the model's outputs are overwritten after use (as torch.compile's CUDA
+graphs do), and the cuDNN setting of a run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from hf_graft.config import GraftingConfig
+from hf_graft.population import PopulationSpec, StudentPopulation
+
+from conftest import TINY_SIZE, TINY_STUDENT
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_train_eval_and_zero_grad_reach_every_module_and_parameter(fused):
+    population = StudentPopulation.from_spec(PopulationSpec(TINY_STUDENT, 2, 10), seed=0)
+    population.set_execution(fused=fused, model_name=TINY_STUDENT)
+    modules = list(population.modules())
+    params = list(population.parameters())
+
+    population.members[1].fc.eval()  # one module out of step with the rest
+    population.members[0].layer2.eval()
+    assert population.training
+    population.train()
+    assert all(m.training for m in modules)
+    population.eval()
+    assert not any(m.training for m in modules)
+    population.train()
+    assert all(m.training for m in modules)
+
+    x, y = torch.randn(4, 2, 3, TINY_SIZE, TINY_SIZE), torch.randint(0, 10, (4, 2))
+    population(pixel_values=x, labels=y)["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    population.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in params)
+    population(pixel_values=x, labels=y)["loss"].backward()
+    population.zero_grad()
+    assert all(p.grad is None for p in params)
+    assert len(params) == sum(len(list(m.parameters())) for m in population.members)
+
+
+def _overwrite_outputs_after_use(population: StudentPopulation) -> None:
+    """Each call first fills the previous call's outputs with nan, as a CUDA graph replay overwrites
+    the memory of the outputs it handed out."""
+    forward, previous = population.forward, []
+
+    def replaying_forward(*args, **kwargs):
+        with torch.no_grad():
+            for tensor in previous:
+                tensor.detach().fill_(float("nan"))
+        outputs = forward(*args, **kwargs)
+        previous[:] = [v for v in outputs.values() if torch.is_tensor(v) and v.is_floating_point()]
+        return outputs
+
+    population.forward = replaying_forward
+
+
+@pytest.mark.parametrize("member_execution", ["loop", "fused"])
+def test_logs_and_evaluation_do_not_keep_outputs_a_replay_overwrites(make_trainer, tmp_path, member_execution,
+                                                                     single_thread):
+    """Member losses are summed between logs and evaluation keeps every batch's logits: from copies, so
+    the logged losses and the evaluation equal those of a run whose outputs stay untouched."""
+    kwargs = dict(num_train_epochs=1, logging_steps=2, per_device_eval_batch_size=16,
+                  member_execution=member_execution)
+    plain = make_trainer(output_dir=tmp_path / "plain", **kwargs)
+    plain.train()
+    replayed = make_trainer(output_dir=tmp_path / "replayed", **kwargs)
+    _overwrite_outputs_after_use(replayed.population)
+    replayed.train()
+
+    def logged(trainer):
+        return [{k: v for k, v in e.items() if k.startswith(("member", "loss", "eval_"))
+                 and not k.endswith(("runtime", "per_second"))}
+                for e in trainer.state.log_history if "loss" in e or "eval_loss" in e]
+
+    expected, got = logged(plain), logged(replayed)
+    assert len(expected) == 3  # two training logs (steps 2 and 4) and the epoch's evaluation
+    assert any("member0_ce" in e for e in expected) and any("eval_ensemble_top1" in e for e in expected)
+    assert got == expected
+    measured = ("train_loss", "eval_top1", "eval_ensemble_top1", "eval_member1_top5", "selected_member")
+    assert [replayed.results[k] for k in measured] == [plain.results[k] for k in measured]
+
+
+def test_cudnn_benchmark_is_set_for_the_run_and_restored(make_trainer):
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(torch.backends.cudnn.benchmark)
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        make_trainer(num_train_epochs=1, eval_strategy="no", cudnn_benchmark=True, callbacks=[Probe()]).train()
+        assert seen == [True] * 4 and torch.backends.cudnn.benchmark is False
+        seen.clear()
+        # null on CPU: left as it is
+        torch.backends.cudnn.benchmark = True
+        make_trainer(num_train_epochs=1, eval_strategy="no", callbacks=[Probe()], replace_output_dir=True).train()
+        assert seen == [True] * 4 and torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def test_cudnn_benchmark_with_full_determinism_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"^GraftingConfig.cudnn_benchmark: got true with full_determinism true"):
+        GraftingConfig(output_dir=str(tmp_path), student_model=TINY_STUDENT, cudnn_benchmark=True,
+                       full_determinism=True)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_under_torch_compile_only_the_batch_is_a_per_call_input(fused):
+    """CUDA graphs (torch_compile with the cudagraphs backend or mode reduce-overhead) replay a step
+    only when every tensor it reads or updates in place, other than the batch, keeps its address:
+    the members' parameters, their BatchNorm statistics and, fused, the shared statistics buffers
+    must all reach the compiler as static inputs."""
+    population = StudentPopulation.from_spec(PopulationSpec(TINY_STUDENT, 2, 10), seed=0)
+    population.set_execution(fused=fused, model_name=TINY_STUDENT)
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append([t for t in example_inputs if isinstance(t, torch.Tensor)])
+        return graph_module.forward
+
+    compiled = torch.compile(population, backend=recording_backend)
+    x, y = torch.randn(4, 2, 3, TINY_SIZE, TINY_SIZE), torch.randint(0, 10, (4, 2))
+    compiled(pixel_values=x, labels=y)["loss"].backward()
+    assert len(graphs) == 1  # one graph: no break inside the step
+
+    inputs = graphs[0]
+    per_call = [t for t in inputs if getattr(t, "_dynamo_static_input_type", None) is None]
+    assert sorted(tuple(t.shape) for t in per_call) == sorted([tuple(x.shape), tuple(y.shape)])
+    static = {id(t) for t in inputs} - {id(t) for t in per_call}
+    assert {id(p) for p in population.parameters()} <= static
+    if fused:
+        statistics = [t for norm in population.fused.norms for t in norm.fused.values()]
+        assert len(statistics) == 3 * len(population.fused.norms) and {id(t) for t in statistics} <= static
+    else:
+        assert {id(b) for b in population.buffers()} <= static

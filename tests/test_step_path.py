@@ -140,3 +140,80 @@ def test_under_torch_compile_only_the_batch_is_a_per_call_input(fused):
         assert len(statistics) == 3 * len(population.fused.norms) and {id(t) for t in statistics} <= static
     else:
         assert {id(b) for b in population.buffers()} <= static
+
+
+class _RecordingCopy:
+    """Stands in for the CUDA side-stream copy on CPU: counts the batches it is given, returns copies."""
+
+    def __init__(self):
+        self.batches = 0
+
+    def __call__(self, batch):
+        from hf_graft.transfer import _map_tensors
+
+        self.batches += 1
+        return _map_tensors(batch, lambda t: t.clone())
+
+
+def test_training_batches_reach_the_device_through_the_trainers_copy_only(make_trainer, tmp_path, single_thread):
+    """On CUDA, Accelerate's dataloader leaves the training batches on the host and the trainer copies
+    each one itself (on a side stream): every training batch exactly once, no evaluation batch, the same
+    training, and a mid-epoch resume skips the same batches."""
+    kwargs = dict(num_train_epochs=2, save_strategy="steps", save_steps=6)
+    plain = make_trainer(output_dir=tmp_path / "plain", **kwargs)
+    plain.train()
+    copied = make_trainer(output_dir=tmp_path / "copied", **kwargs)
+    copied._batch_copy = copy = _RecordingCopy()
+    copied.train()
+    assert copy.batches == 8  # 2 epochs of 4 steps; the 2 evaluations and the final one copy nothing
+    from accelerate import skip_first_batches
+
+    assert plain.get_train_dataloader().device is not None  # Accelerate moves the batches itself
+    loader = copied.get_train_dataloader()
+    assert loader.device is None and skip_first_batches(loader, 2).device is None  # resume keeps it so
+    for a, b in zip(plain.population.state_dict().values(), copied.population.state_dict().values()):
+        assert torch.equal(a, b)
+
+    resumed = make_trainer(output_dir=tmp_path / "copied", **kwargs)
+    resumed._batch_copy = copy = _RecordingCopy()
+    resumed.train(resume_from_checkpoint=str(tmp_path / "copied" / "checkpoint-6"))
+    assert copy.batches == 2  # steps 7 and 8
+    for a, b in zip(plain.population.state_dict().values(), resumed.population.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_cuda_the_side_stream_copy_is_complete_before_the_step_reads_it():
+    """A large pinned batch copied on the side stream, read at once by a kernel on the training
+    stream: the values are the batch's (the training stream waited for the copy)."""
+    from hf_graft.transfer import SideStreamCopy
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    batch = {"pixel_values": torch.randn(256, 2, 3, 224, 224).pin_memory(),
+             "labels": [torch.arange(256).pin_memory()]}
+    expected = batch["pixel_values"].double().sum().item()
+    copy = SideStreamCopy(device)
+    for _ in range(3):
+        out = copy(batch)
+        assert out["pixel_values"].device == device and out["labels"][0].device == device
+        assert out["pixel_values"].double().sum().item() == pytest.approx(expected, rel=1e-12)
+        assert torch.equal(out["labels"][0].cpu(), batch["labels"][0])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_cuda_training_through_the_side_stream_copy_matches_accelerates_copy(make_trainer, tmp_path):
+    runs = {}
+    for pinned in (True, False):
+        trainer = make_trainer(output_dir=tmp_path / str(pinned), use_cpu=False, num_train_epochs=1,
+                               eval_strategy="no", dataloader_pin_memory=pinned, cudnn_benchmark=False)
+        assert (trainer._batch_copy is not None) == pinned
+        trainer.train()
+        runs[pinned] = {k: v.float().cpu() for k, v in trainer.population.state_dict().items()}
+    for name, value in runs[True].items():
+        # the same batches and steps; cuDNN's own nondeterminism leaves float-rounding differences
+        torch.testing.assert_close(value, runs[False][name], rtol=1e-3, atol=1e-4, msg=name)

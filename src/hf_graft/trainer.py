@@ -39,6 +39,7 @@ from .model_card import build_model_card
 from .metrics import PopulationMetrics
 from .model_sources import load_teacher
 from .population import PopulationSpec, StudentPopulation, channels_last_batch
+from .transfer import SideStreamCopy, on_host
 from .results import ensemble_metrics, filter_summaries, member_metrics, select_member, summary_lines
 from .run_dir import OutputDirClaim, run_identity, save_run_identity
 from .schedule import step_decay
@@ -166,6 +167,8 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         evaluation = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
         if any(isinstance(d, DeviceImageDataset) for d in (train_dataset, *evaluation)):
             use_main_process_loading(args)
+        # pinned training batches go to the GPU on a stream of their own (transfer.py)
+        self._batch_copy = SideStreamCopy(args.device) if on_cuda and args.dataloader_pin_memory else None
         recalibration = [BatchNormRecalibrationCallback(args.bn_recalibration_batches)] if args.bn_recalibration_batches else []
         # top-1/top-5 through the evaluate metric shipped with hf_graft, plus args.extra_metrics
         self.eval_metrics = PopulationMetrics(
@@ -311,6 +314,18 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
     def _streams_to_device(self) -> bool:
         """Whether the host should run ahead of the device (CUDA): no per-step host syncs."""
         return self.args.device.type == "cuda"
+
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        if self._batch_copy is not None and getattr(loader, "device", None) is not None:
+            loader.device = None  # its batches stay pinned on the host: `_prepare_inputs` copies them
+        return loader
+
+    def _prepare_inputs(self, inputs):
+        # training batches only (`training_step` sets the mode first); evaluation keeps Accelerate's copy
+        if self._batch_copy is not None and self.model.training and on_host(inputs):
+            inputs = self._batch_copy(inputs)
+        return super()._prepare_inputs(inputs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

@@ -21,7 +21,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import default_collate
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import EvalPrediction
@@ -39,18 +38,14 @@ from .model_card import build_model_card
 from .metrics import PopulationMetrics
 from .model_sources import load_teacher
 from .population import PopulationSpec, StudentPopulation, channels_last_batch
-from .transfer import SideStreamCopy, on_host
+from .recalibration import BatchNormRecalibrationCallback
 from .results import ensemble_metrics, filter_summaries, member_metrics, select_member, summary_lines
 from .run_dir import OutputDirClaim, run_identity, save_run_identity
 from .schedule import step_decay
 from .student_folder import save_student
+from .transfer import SideStreamCopy, on_host
 
-__all__ = [
-    "BatchNormRecalibrationCallback",
-    "GraftingCallback",
-    "GraftingTrainer",
-    "recalibrate_batchnorm",
-]
+__all__ = ["GraftingCallback", "GraftingTrainer"]
 
 logger = logging.getLogger(__name__)
 
@@ -732,53 +727,6 @@ def _is_sharded(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-
-
-# ----------------------------------------------------------------------------- BatchNorm recalibration
-class BatchNormRecalibrationCallback(TrainerCallback):
-    """After every graft, re-estimate the BatchNorm running statistics of the mixed weights on
-    `num_batches` training batches (`GraftingConfig.bn_recalibration_batches`).
-
-    Linear mixing of two networks' running means and variances is not the statistics of the mixed
-    network; this pass (cumulative average, train-mode BN, no gradients) replaces them.
-    """
-
-    def __init__(self, num_batches: int):
-        self.num_batches = num_batches
-
-    def on_graft_end(self, args, state, control, *, model, graft_index, train_dataset, data_collator=None, **kwargs):
-        recalibrate_batchnorm(model, train_dataset, num_batches=self.num_batches,
-                              batch_size=args.per_device_train_batch_size, device=args.device,
-                              seed=args.seed + graft_index, collate=data_collator or default_collate)
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(population: nn.Module, dataset, *, num_batches: int, batch_size: int,
-                          device: torch.device, seed: int, collate=default_collate) -> None:
-    """Reset and re-estimate every BatchNorm's running statistics of `population` on `num_batches`
-    batches of `dataset` drawn by `seed` (batched by `collate`), leaving the global random streams untouched."""
-    bns = [m for m in population.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
-        return
-    saved = [(m, m.momentum) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average over the recalibration batches
-    was_training = population.training
-    population.train()
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(dataset), generator=generator)[: num_batches * batch_size].tolist()
-    # forked RNG: the global stream (dropout, augmentation) continues as if no recalibration ran,
-    # which keeps a run resumed at this epoch boundary identical to an uninterrupted one
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for start in range(0, len(order), batch_size):
-            items = collate([dataset[i] for i in order[start:start + batch_size]])
-            population(pixel_values=items["pixel_values"].to(device))
-    for m, momentum in saved:
-        m.momentum = momentum
-    population.train(was_training)
 
 
 # ----------------------------------------------------------------------------- global settings

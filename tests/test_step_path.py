@@ -1,8 +1,11 @@
 """What the trainer does around the model at every step: the mode and gradient resets the Trainer calls,
 results that stay right when the model's outputs are overwritten after use (as torch.compile's CUDA
-graphs do), and the cuDNN setting of a run."""
+graphs do), what a compiled step reads as per-call inputs and how often it is traced, the copy of
+the training batches to the GPU on a side stream, and the cuDNN setting of a run."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -217,3 +220,28 @@ def test_on_cuda_training_through_the_side_stream_copy_matches_accelerates_copy(
     for name, value in runs[True].items():
         # the same batches and steps; cuDNN's own nondeterminism leaves float-rounding differences
         torch.testing.assert_close(value, runs[False][name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_a_compiled_fused_run_with_data_on_the_device_traces_one_graph_per_batch_size(tmp_path, digits_small,
+                                                                                      single_thread):
+    """What a CUDA-graph run (`torch_compile`) of small fused members on device-resident data compiles:
+    the training forward once for the full batches and once for the epoch's last, smaller batch,
+    across two epochs, a graft and two evaluations; no other recompilation. (aot_eager on CPU: the
+    capture without code generation.)"""
+    import dataclasses
+
+    from torch._dynamo.utils import counters
+
+    from _tiny_run import build_trainer
+
+    data_args, data = digits_small
+    digits_on_device = (dataclasses.replace(data_args, data_on_device=True), data)
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = build_trainer(digits_on_device, tmp_path / "run", num_train_epochs=2, max_train_samples=56,
+                            member_execution="fused", torch_compile=True, torch_compile_backend="aot_eager")
+    trainer.train()
+    assert trainer.graft_callback.grafts_done == 1
+    assert len([e for e in trainer.state.log_history if "eval_ensemble_top1" in e]) == 2
+    assert counters["stats"]["unique_graphs"] == 2  # batches of 16, then the epoch's last 8
+    assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)

@@ -8,6 +8,8 @@ Member-images per second (members x images per member x steps / second) of:
              on CUDA) over in-memory synthetic images;
   loop       GraftingTrainer, member_execution loop, channels_last off;
   loop_cl    GraftingTrainer, member_execution loop, channels_last on;
+  loop_u8    loop_cl on uint8 images that the trainer normalises on the device
+             (DataArguments.normalize_on_device: a quarter of the bytes to collate, pin and copy);
   fused      GraftingTrainer, member_execution fused (channels_last as the default: on for CUDA,
              off on CPU);
   fused_graphs   fused, with torch_compile on the "cudagraphs" backend: the forward and backward
@@ -62,7 +64,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-SIDES = ("hand", "loop", "loop_cl", "fused", "fused_graphs", "fused_compile", "hand_dev")
+SIDES = ("hand", "loop", "loop_cl", "loop_u8", "fused", "fused_graphs", "fused_compile", "hand_dev")
 GRAPH_SIDES = ("fused_graphs", "fused_compile")  # CUDA only
 ALL = ("hand", "loop", "loop_cl", "fused", "hand_dev")
 HAND_AND_FUSED = ("hand", "fused")
@@ -96,11 +98,12 @@ def plan(args) -> list[Row]:
         graphs = () if args.quick else ("fused_graphs",)
         rows = [Row("cifar_resnet56" if not args.quick else "cifar_resnet20", 2, size or 32, batch,
                     ("hand", "loop_cl", "fused", *graphs, "hand_dev")),
-                Row("resnet50", 2, size or 224, batch, ("hand", "loop_cl", "hand_dev"))]
+                Row("resnet50", 2, size or 224, batch, ("hand", "loop_cl", "loop_u8", "hand_dev"))]
         if args.quick:
             rows = rows[:1]
     elif args.quick:
         rows = [Row("cifar_resnet20", 2, 16, 8, ALL), Row("cifar_resnet20", 4, 16, 8, HAND_AND_FUSED)]
+        rows[0].sides += ("loop_u8",)
     elif args.graphs_first:
         # the CUDA-graph sides of the launch-bound nets first, then the rest of the table
         big, small = 224, 32
@@ -108,7 +111,7 @@ def plan(args) -> list[Row]:
             Row("cifar_resnet56", 2, small, 128, ("hand", "fused", "fused_graphs")),
             Row("cifar_resnet20", 4, small, 128, ("hand", "fused", "fused_graphs")),
             Row("cifar_resnet56", 4, small, 128, ("hand", "fused", "fused_graphs")),
-            Row("resnet50", 2, big, 128, ("hand", "loop_cl", "hand_dev")),
+            Row("resnet50", 2, big, 128, ("hand", "loop_cl", "loop_u8", "hand_dev")),
             Row("cifar_resnet56", 2, small, 128, ("loop_cl", "fused_compile")),
             Row("cifar_resnet20", 4, small, 128, ("fused_compile",)),
             Row("cifar_resnet20", 8, small, 128, ("hand", "fused", "fused_graphs")),
@@ -116,7 +119,7 @@ def plan(args) -> list[Row]:
     else:
         big, small = 224, 32
         rows = [
-            Row("resnet50", 2, big, 128, ALL),
+            Row("resnet50", 2, big, 128, (*ALL, "loop_u8")),
             Row("cifar_resnet56", 2, small, 128, ALL),
             Row("cifar_resnet20", 4, small, 128, HAND_AND_FUSED),
             Row("cifar_resnet56", 4, small, 128, HAND_AND_FUSED),
@@ -148,12 +151,17 @@ def plan(args) -> list[Row]:
 # ----------------------------------------------------------------------------- data
 class SyntheticImages(torch.utils.data.Dataset):
     """In-memory images for K members: item i is {pixel_values [K, 3, S, S], labels [K]}, drawn from
-    a pool of distinct random images (normalised pixel statistics)."""
+    a pool of distinct random images (normalised pixel statistics; `uint8`: raw pixels, normalised by
+    the trainer)."""
 
-    def __init__(self, length: int, K: int, size: int, num_classes: int, pool: int = 256, seed: int = 0):
+    def __init__(self, length: int, K: int, size: int, num_classes: int, pool: int = 256, seed: int = 0,
+                 uint8: bool = False):
         generator = torch.Generator().manual_seed(seed)
         self.length = length
-        self.images = torch.randn(pool, K, 3, size, size, generator=generator)
+        if uint8:
+            self.images = torch.randint(0, 256, (pool, K, 3, size, size), generator=generator, dtype=torch.uint8)
+        else:
+            self.images = torch.randn(pool, K, 3, size, size, generator=generator)
         self.labels = torch.randint(0, num_classes, (pool, K), generator=generator)
 
     def __len__(self) -> int:
@@ -345,12 +353,13 @@ def run_trainer(row: Row, dataset, args, device: torch.device, side: str, workdi
         output_dir=workdir, student_model=row.model, num_students=row.K, per_device_train_batch_size=row.batch,
         max_steps=clock.total_steps, learning_rate=0.1, seed=args.seed, data_order="independent",
         member_execution="fused" if side.startswith("fused") else "loop",
-        channels_last={"loop": False, "loop_cl": True}.get(side), cudnn_benchmark=args.cudnn_benchmark == "on",
+        channels_last={"loop": False, "loop_cl": True, "loop_u8": True}.get(side), cudnn_benchmark=args.cudnn_benchmark == "on",
         bf16=cuda, use_cpu=not cuda, dataloader_num_workers=args.workers, dataloader_pin_memory=cuda,
         dataloader_drop_last=True, eval_strategy="no", save_strategy="no", logging_strategy="no",
         report_to="none", disable_tqdm=True, export_student=False, **compiled,
     )
     spec = PopulationSpec(row.model, row.K, num_classes_of(row.model))
+    spec.data_config = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # for loop_u8's batches
     population = StudentPopulation.from_spec(spec, seed=args.seed)
     trainer = GraftingTrainer(model=population, args=config, train_dataset=dataset, callbacks=[Clock()])
     trainer.remove_callback(PrinterCallback)  # its end-of-training line would interleave with the report
@@ -363,7 +372,7 @@ def measure(row: Row, side: str, args, device: torch.device):
     """The side's window rates, or with --diagnose its per-step profile summary."""
     clock = make_clock(row, args, device)
     dataset = SyntheticImages((clock.total_steps + 2) * row.batch, row.K, row.size, num_classes_of(row.model),
-                              pool=64 if row.size > 64 else 256, seed=args.seed)
+                              pool=64 if row.size > 64 else 256, seed=args.seed, uint8=side == "loop_u8")
     torch.manual_seed(args.seed)
     try:
         if side in ("hand", "hand_dev"):
@@ -386,6 +395,7 @@ LABELS = {
     "hand": "hand loop",
     "loop": "trainer, loop",
     "loop_cl": "trainer, loop + channels_last",
+    "loop_u8": "trainer, loop + channels_last, uint8 batches",
     "fused": "trainer, fused",
     "fused_graphs": "trainer, fused + CUDA graphs",
     "fused_compile": "trainer, fused + inductor reduce-overhead",

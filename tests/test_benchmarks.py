@@ -122,7 +122,8 @@ def test_gpu_step_quick(tmp_path):
     out = tmp_path / "gpu_step.md"
     lines = _run("gpu_step.py", "--device", "cpu", "--out", str(out))
     match = re.fullmatch(r"RESULT cifar_resnet20 K=2: hand loop (\d+\.\d+) member-images/s; loop (\d+\.\d+)x, "
-                         r"loop_cl (\d+\.\d+)x, fused (\d+\.\d+)x, hand_dev (\d+\.\d+)x", lines[-1])
+                         r"loop_cl (\d+\.\d+)x, loop_u8 (\d+\.\d+)x, fused (\d+\.\d+)x, hand_dev (\d+\.\d+)x",
+                         lines[-1])
     assert match, lines[-1]
     assert float(match.group(1)) > 0 and all(0.05 < float(g) < 20 for g in match.groups()[1:])
     report = out.read_text()

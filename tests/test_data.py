@@ -22,6 +22,8 @@ from hf_graft.data import (
     build_transform,
     load_builtin_digits,
     load_image_data,
+    normalize_pixels,
+    pixel_statistics,
     resolve_student_data_config,
 )
 
@@ -263,6 +265,37 @@ def test_pad_crop_and_random_resized_crop():
         assert not torch.equal(crops[0], crops[1])
     rrc_small = build_transform(config, DataArguments(train_augmentation="rrc"), is_training=True)
     assert not any(isinstance(t, T.RandomCrop) for t in rrc_small.transforms)
+
+
+@pytest.mark.parametrize("mode,is_training,size", [("pad_crop", True, 32), ("rrc", True, 48), ("none", False, 40)])
+def test_uint8_transforms_normalised_on_the_device_give_the_same_input_to_the_last_bit(mode, is_training, size):
+    """`normalize_on_device`: the transforms stop at uint8 pixels (same crops, flips and resizing for
+    the same seeds), and `normalize_pixels` gives exactly the float tensors the usual transforms give."""
+    import random
+
+    config = {"input_size": [3, size, size], "interpolation": "bicubic", "mean": list(CIFAR_MEAN),
+              "std": list(CIFAR_STD), "crop_pct": 0.875, "crop_mode": "center"}
+    float_tf = build_transform(config, DataArguments(train_augmentation=mode), is_training=is_training)
+    uint8_tf = build_transform(config, DataArguments(train_augmentation=mode, normalize_on_device=True),
+                               is_training=is_training)
+    mean, std = pixel_statistics(config, "cpu")
+    rng = np.random.RandomState(0)
+    for i in range(6):
+        image = PILImage.fromarray(rng.randint(0, 256, (37 + i, 45, 3), dtype=np.uint8))
+        outputs = []
+        for tf in (float_tf, uint8_tf):
+            random.seed(i)
+            torch.manual_seed(i)
+            outputs.append(tf(image))
+        expected, raw = outputs
+        assert raw.dtype == torch.uint8 and raw.shape == expected.shape == (3, size, size)
+        assert torch.equal(normalize_pixels(raw, mean, std), expected)
+        batch = torch.stack([raw, raw]).unsqueeze(0)  # [B, K, C, H, W]: the statistics broadcast per channel
+        assert torch.equal(normalize_pixels(batch, mean, std)[0, 1], expected)
+    assert normalize_pixels(expected, mean, std) is expected  # float pixels are already normalised
+    with pytest.raises(ValueError, match="^pixel_values: uint8 batches are normalised") as err:
+        pixel_statistics({"input_size": [3, 32, 32]}, "cpu")
+    _one_line(err, "data_config")
 
 
 # ----------------------------------------------------------------------------- per-member order

@@ -245,3 +245,38 @@ def test_a_compiled_fused_run_with_data_on_the_device_traces_one_graph_per_batch
     assert len([e for e in trainer.state.log_history if "eval_ensemble_top1" in e]) == 2
     assert counters["stats"]["unique_graphs"] == 2  # batches of 16, then the epoch's last 8
     assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
+
+
+def test_uint8_batches_normalised_on_the_device_train_exactly_as_float_batches(tmp_path, digits_small, single_thread):
+    """`DataArguments.normalize_on_device`: the datasets give uint8 pixels, the trainer normalises every
+    training and evaluation batch (and the BatchNorm recalibration after a graft) on the device; the run
+    is the float run to the last bit: weights, logged losses and evaluations."""
+    import dataclasses
+
+    from _tiny_run import build_trainer
+
+    data_args, data = digits_small
+    runs = {}
+    for uint8 in (False, True):
+        digits = (dataclasses.replace(data_args, normalize_on_device=uint8), data)
+        trainer = build_trainer(digits, tmp_path / str(uint8), num_train_epochs=2, bn_recalibration_batches=2)
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert batch["pixel_values"].dtype == (torch.uint8 if uint8 else torch.float32)
+        trainer.train()
+        assert trainer.graft_callback.grafts_done == 1
+        logs = [{k: v for k, v in e.items() if "runtime" not in k and "per_second" not in k}
+                for e in trainer.state.log_history if "loss" in e or "eval_loss" in e]
+        runs[uint8] = (trainer.population.state_dict(), logs)
+    (float_state, float_logs), (uint8_state, uint8_logs) = runs[False], runs[True]
+    assert len(float_logs) == 8 + 2  # a training log every step, an evaluation every epoch
+    assert uint8_logs == float_logs
+    assert all(torch.equal(float_state[k], uint8_state[k]) for k in float_state)
+
+
+def test_uint8_batches_without_the_students_statistics_stop_with_one_line(make_trainer):
+    trainer = make_trainer(num_train_epochs=1)
+    trainer.population.spec.data_config = {}
+    batch = {"pixel_values": torch.zeros(2, 2, 3, TINY_SIZE, TINY_SIZE, dtype=torch.uint8),
+             "labels": torch.zeros(2, 2, dtype=torch.long)}
+    with pytest.raises(ValueError, match=r"^pixel_values: uint8 batches are normalised with the students' mean"):
+        trainer._prepare_inputs(batch)

@@ -82,6 +82,12 @@ class DataArguments:
         metadata={"help": "Decode every split once into a uint8 tensor on the training device and augment "
                   "(pad_crop / none) and normalise batches there; for datasets that fit in its memory."},
     )
+    normalize_on_device: bool = field(
+        default=False,
+        metadata={"help": "The transforms stop at uint8 pixels (a quarter of float32's bytes to collate, pin and "
+                  "copy) and the trainer normalises each batch on the training device, as timm's prefetcher "
+                  "does; the same inputs to the last bit. No effect with data_on_device (normalised there)."},
+    )
 
     def __post_init__(self):
         owner = "DataArguments"

@@ -12,6 +12,8 @@ import torch.nn as nn
 from torch.utils.data import default_collate
 from transformers import TrainerCallback
 
+from .data import normalize_pixels, pixel_statistics
+
 __all__ = ["BatchNormRecalibrationCallback", "recalibrate_batchnorm"]
 
 
@@ -55,7 +57,11 @@ def recalibrate_batchnorm(population: nn.Module, dataset, *, num_batches: int, b
         torch.manual_seed(seed)
         for start in range(0, len(order), batch_size):
             items = collate([dataset[i] for i in order[start:start + batch_size]])
-            population(pixel_values=items["pixel_values"].to(device))
+            pixels = items["pixel_values"].to(device)
+            if pixels.dtype == torch.uint8:  # DataArguments.normalize_on_device
+                spec = getattr(population, "spec", None)
+                pixels = normalize_pixels(pixels, *pixel_statistics(spec.data_config if spec else None, device))
+            population(pixel_values=pixels)
     for m, momentum in saved:
         m.momentum = momentum
     population.train(was_training)

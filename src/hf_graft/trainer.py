@@ -27,7 +27,7 @@ from transformers.trainer_utils import EvalPrediction
 
 from .checkpointing import AtomicCheckpoints
 from .config import GraftingConfig
-from .data import EpochShuffleSampler, MemberOrderDataset, resolve_student_data_config
+from .data import EpochShuffleSampler, MemberOrderDataset, normalize_pixels, pixel_statistics, resolve_student_data_config
 from .device_data import DeviceImageDataset, collate_examples, use_main_process_loading
 from .divergence import DivergenceError, DivergenceMonitor, measured_results
 from .filters import filter_report
@@ -320,7 +320,19 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         # training batches only (`training_step` sets the mode first); evaluation keeps Accelerate's copy
         if self._batch_copy is not None and self.model.training and on_host(inputs):
             inputs = self._batch_copy(inputs)
-        return super()._prepare_inputs(inputs)
+        inputs = super()._prepare_inputs(inputs)
+        pixels = inputs.get("pixel_values") if isinstance(inputs, dict) else None
+        if pixels is not None and pixels.dtype == torch.uint8:  # DataArguments.normalize_on_device
+            inputs = {**inputs, "pixel_values": normalize_pixels(pixels, *self._pixel_statistics(pixels.device))}
+        return inputs
+
+    def _pixel_statistics(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The students' mean and std, on `device` once (a per-step copy from the host would be a host sync)."""
+        cached = getattr(self, "_pixel_stats", None)
+        if cached is None or cached[0].device != device:
+            spec = self.population.spec
+            cached = self._pixel_stats = pixel_statistics(spec.data_config if spec is not None else None, device)
+        return cached
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

@@ -273,16 +273,6 @@ def make_clock(row: Row, args, device: torch.device):
     return WindowClock(device, args.warmup, args.window, args.windows, row.batch * row.K)
 
 
-@contextlib.contextmanager
-def cudnn_benchmark(enabled: bool):
-    previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = previous
-
-
 # ----------------------------------------------------------------------------- sides
 def _loader(dataset, row: Row, args, device: torch.device):
     return torch.utils.data.DataLoader(
@@ -376,8 +366,12 @@ def measure(row: Row, side: str, args, device: torch.device):
     torch.manual_seed(args.seed)
     try:
         if side in ("hand", "hand_dev"):
-            with cudnn_benchmark(args.cudnn_benchmark == "on"):
+            # the setting the trainer sides get from GraftingConfig.cudnn_benchmark (set for a run, then restored)
+            previous, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, args.cudnn_benchmark == "on"
+            try:
                 run_hand(row, dataset, args, device, on_device=side == "hand_dev", clock=clock)
+            finally:
+                torch.backends.cudnn.benchmark = previous
         else:
             with tempfile.TemporaryDirectory(prefix="gpu_step_") as workdir:
                 run_trainer(row, dataset, args, device, side, workdir, clock=clock)

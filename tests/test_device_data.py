@@ -357,3 +357,23 @@ def test_cuda_training_entry_point_keeps_the_data_on_the_gpu(tmp_path):
     assert trainer.graft_callback.grafts_done == 1
     evals = [e for e in trainer.state.log_history if "eval_ensemble_top1" in e]
     assert len(evals) == 2 and all(0.0 <= e["eval_ensemble_top1"] <= 100.0 for e in evals)
+
+
+def test_normalize_on_device_changes_nothing_with_data_on_the_device(digits_small):
+    """data_on_device normalises on the device anyway: with normalize_on_device as well, the decoded
+    splits and the batches are the same."""
+    from hf_graft.data import population_datasets, resolve_student_data_config
+
+    data_args, data = digits_small
+    import timm
+
+    config = resolve_student_data_config(timm.create_model("cifar_resnet20", num_classes=10), data_args.input_size)
+    splits = {}
+    for flag in (False, True):
+        args = dataclasses.replace(data_args, data_on_device=True, normalize_on_device=flag)
+        splits[flag] = population_datasets(data, args, config, num_members=2, order="independent", seed=0)
+    for a, b in zip(splits[False], splits[True]):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+        first_a, first_b = a.__getitems__([0, 1, 2]), b.__getitems__([0, 1, 2])
+        assert first_a["pixel_values"].dtype == torch.float32
+        assert torch.equal(first_a["pixel_values"], first_b["pixel_values"])

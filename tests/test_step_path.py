@@ -275,8 +275,22 @@ def test_uint8_batches_normalised_on_the_device_train_exactly_as_float_batches(t
 
 def test_uint8_batches_without_the_students_statistics_stop_with_one_line(make_trainer):
     trainer = make_trainer(num_train_epochs=1)
-    trainer.population.spec.data_config = {}
+    trainer.population.spec.data_config = {"input_size": [3, TINY_SIZE, TINY_SIZE]}  # no mean, no std
     batch = {"pixel_values": torch.zeros(2, 2, 3, TINY_SIZE, TINY_SIZE, dtype=torch.uint8),
              "labels": torch.zeros(2, 2, dtype=torch.long)}
     with pytest.raises(ValueError, match=r"^pixel_values: uint8 batches are normalised with the students' mean"):
         trainer._prepare_inputs(batch)
+
+
+def test_uint8_batches_of_a_population_without_a_data_config_use_the_students_own(make_trainer):
+    """No data_config in the spec: the statistics are the ones timm resolves for the students (those an
+    exported student records then too)."""
+    from hf_graft.data import resolve_student_data_config
+
+    trainer = make_trainer(num_train_epochs=1)
+    trainer.population.spec.data_config = {}
+    raw = torch.randint(0, 256, (2, 2, 3, TINY_SIZE, TINY_SIZE), dtype=torch.uint8)
+    out = trainer._prepare_inputs({"pixel_values": raw, "labels": torch.zeros(2, 2, dtype=torch.long)})
+    config = resolve_student_data_config(trainer.population.members[0])
+    mean, std = torch.tensor(config["mean"]).view(3, 1, 1), torch.tensor(config["std"]).view(3, 1, 1)
+    assert torch.equal(out["pixel_values"], (raw.float() / 255 - mean) / std)

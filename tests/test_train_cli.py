@@ -138,6 +138,7 @@ def test_bad_values_fail_with_one_line_naming_the_field(overrides, message, tmp_
         ("num_students: null\n", "bad.yaml: num_students: got null (a blank value); allowed: an integer"),
         ("output_dir:\n", "bad.yaml: output_dir: got null (a blank value); allowed: a string"),
         ("use_cpu: maybe\n", "bad.yaml: use_cpu: got 'maybe'; allowed: true or false"),
+        ("channels_last: auto\n", "bad.yaml: channels_last: got 'auto'; allowed: true, false or null"),
         ("filter_thresholds: [0.1, low]\n",
          "bad.yaml: filter_thresholds: got [0.1, 'low']; allowed: a list of numbers"),
         ("student_model_kwargs: [1, 2]\n", "bad.yaml: student_model_kwargs: got [1, 2]; allowed: a mapping or a string"),

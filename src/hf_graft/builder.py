@@ -20,17 +20,21 @@ def load_data(config: GraftingConfig, data_args: DataArguments) -> ImageData:
     return load_image_data(data_args, seed=config.data_seed if config.data_seed is not None else config.seed)
 
 
-def student_data_config(config: GraftingConfig, num_classes: int, input_size: int | None = None) -> dict[str, Any]:
-    """timm's data config of the students (`input_size` overrides the square side), resolved once,
-    before any member exists: from the architecture built on the meta device (no weights)."""
+def _student_probe(config: GraftingConfig, num_classes: int):
+    """The students' architecture built on the meta device (no weights), before any member exists."""
     import timm
 
     kwargs = dict(num_classes=num_classes, **config.student_model_kwargs)
     try:
-        probe = timm.create_model(config.student_model, device="meta", **kwargs)
+        return timm.create_model(config.student_model, device="meta", **kwargs)
     except (NotImplementedError, RuntimeError):  # an architecture that computes with its weights when built
-        probe = timm.create_model(config.student_model, **kwargs)
-    return resolve_student_data_config(probe, input_size)
+        return timm.create_model(config.student_model, **kwargs)
+
+
+def student_data_config(config: GraftingConfig, num_classes: int, input_size: int | None = None) -> dict[str, Any]:
+    """timm's data config of the students (`input_size` overrides the square side), resolved once,
+    from the architecture alone."""
+    return resolve_student_data_config(_student_probe(config, num_classes), input_size)
 
 
 def build_population_and_datasets(
@@ -47,13 +51,18 @@ def build_population_and_datasets(
     the label names and the dataset, which checkpoints and the exported student carry.
     """
     data = load_data(config, data_args) if data is None else data
+    probe = _student_probe(config, data.num_classes)
+    if config.member_execution == "fused":  # refused here, before the population is built or data decoded
+        from .fused import check_fusable
+
+        check_fusable(probe, config.student_model)
     spec = PopulationSpec(
         student_model=config.student_model,
         num_students=config.num_students,
         num_classes=data.num_classes,
         student_model_kwargs=config.student_model_kwargs,
         label_names=data.label_names,
-        data_config=student_data_config(config, data.num_classes, data_args.input_size),
+        data_config=resolve_student_data_config(probe, data_args.input_size),
         dataset_name=data_args.dataset_name,
     )
     population = StudentPopulation.from_spec(

@@ -311,7 +311,7 @@ class GraftingConfig(TrainingArguments):
             _fail(owner, "member_execution", self.member_execution, ", ".join(MEMBER_EXECUTIONS))
         if self.cudnn_benchmark and self.full_determinism:
             raise ValueError(f"{owner}.cudnn_benchmark: got true with full_determinism true; cuDNN's timed algorithm "
-                             "choice is not deterministic (allowed with full_determinism: false or null)")
+                             "choice is not deterministic (allowed with full_determinism true: false or null)")
         self.lr_multipliers = self._parse_lr_spread()
         if self.lr_decay_epochs is not None and len(self.lr_decay_epochs) == 0:
             self.lr_decay_epochs = None

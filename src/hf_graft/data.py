@@ -25,6 +25,7 @@ __all__ = [
     "build_transform",
     "normalize_pixels",
     "pixel_statistics",
+    "students_data_config",
     "load_builtin_digits",
     "load_image_data",
     "member_orders",
@@ -269,6 +270,15 @@ def build_transform(data_config: dict[str, Any], args: DataArguments, is_trainin
         T.RandomHorizontalFlip(args.hflip),
         *([T.PILToTensor()] if uint8 else [T.ToTensor(), T.Normalize(mean, std)]),
     ])
+
+
+def students_data_config(population) -> dict[str, Any]:
+    """The students' timm data config: the population spec's, else resolved from member 0 (what an
+    exported student's config records then too)."""
+    spec = getattr(population, "spec", None)
+    if spec is not None and spec.data_config:
+        return spec.data_config
+    return resolve_student_data_config(population.members[0])
 
 
 def pixel_statistics(data_config: dict[str, Any] | None, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:

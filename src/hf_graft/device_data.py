@@ -243,7 +243,8 @@ def _geometry(transform) -> Callable:
     step before the first random or tensor step."""
     from torchvision import transforms as T
 
-    stop = ("RandomCrop", "RandomHorizontalFlip", "ToTensor", "MaybeToTensor", "Normalize")
+    stop = ("RandomCrop", "RandomHorizontalFlip", "ToTensor", "MaybeToTensor", "PILToTensor", "MaybePILToTensor",
+            "Normalize")
     steps = []
     for step in getattr(transform, "transforms", [transform]):
         if type(step).__name__ in stop:

@@ -30,8 +30,8 @@ What stays exactly as in loop execution:
   Because members then share storage, checkpoints are written through `separate_storage`.
 
 Which architectures fuse is decided by an allow-list of module types whose forward code is known to
-act on each channel on its own (`check_fusable`); anything else fails at trainer construction with a
-one-line error naming the model and the layer type.
+act on each channel on its own (`check_fusable`); anything else fails when a run is built (before any
+data is decoded) or at trainer construction, with a one-line error naming the model and the layer type.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.utils.data import default_collate
 from transformers import TrainerCallback
 
-from .data import normalize_pixels, pixel_statistics
+from .data import normalize_pixels, pixel_statistics, students_data_config
 
 __all__ = ["BatchNormRecalibrationCallback", "recalibrate_batchnorm"]
 
@@ -59,8 +59,7 @@ def recalibrate_batchnorm(population: nn.Module, dataset, *, num_batches: int, b
             items = collate([dataset[i] for i in order[start:start + batch_size]])
             pixels = items["pixel_values"].to(device)
             if pixels.dtype == torch.uint8:  # DataArguments.normalize_on_device
-                spec = getattr(population, "spec", None)
-                pixels = normalize_pixels(pixels, *pixel_statistics(spec.data_config if spec else None, device))
+                pixels = normalize_pixels(pixels, *pixel_statistics(students_data_config(population), device))
             population(pixel_values=pixels)
     for m, momentum in saved:
         m.momentum = momentum

@@ -151,7 +151,10 @@ def _recipe_defaults(recipe: str | os.PathLike, fields: dict[str, Any]) -> dict[
             defaults[key] = _coerce(value, hint, convert=True)
         except _Mismatch:
             shown = "null (a blank value)" if value is None else repr(value)
-            raise RecipeError(f"{recipe}: {key}: got {shown}; allowed: {_describe(hint)}") from None
+            allowed = _describe(hint)
+            if nullable:
+                allowed = "true, false or null" if allowed == "true or false" else f"{allowed}, or null"
+            raise RecipeError(f"{recipe}: {key}: got {shown}; allowed: {allowed}") from None
     return defaults
 
 

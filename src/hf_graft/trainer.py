@@ -27,7 +27,8 @@ from transformers.trainer_utils import EvalPrediction
 
 from .checkpointing import AtomicCheckpoints
 from .config import GraftingConfig
-from .data import EpochShuffleSampler, MemberOrderDataset, normalize_pixels, pixel_statistics, resolve_student_data_config
+from .data import (EpochShuffleSampler, MemberOrderDataset, normalize_pixels, pixel_statistics,
+                   resolve_student_data_config, students_data_config)
 from .device_data import DeviceImageDataset, collate_examples, use_main_process_loading
 from .divergence import DivergenceError, DivergenceMonitor, measured_results
 from .filters import filter_report
@@ -330,8 +331,7 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         """The students' mean and std, on `device` once (a per-step copy from the host would be a host sync)."""
         cached = getattr(self, "_pixel_stats", None)
         if cached is None or cached[0].device != device:
-            spec = self.population.spec
-            cached = self._pixel_stats = pixel_statistics(spec.data_config if spec is not None else None, device)
+            cached = self._pixel_stats = pixel_statistics(students_data_config(self.population), device)
         return cached
 
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -87,7 +87,7 @@ def test_logs_and_evaluation_do_not_keep_outputs_a_replay_overwrites(make_traine
     assert [replayed.results[k] for k in measured] == [plain.results[k] for k in measured]
 
 
-def test_cudnn_benchmark_is_set_for_the_run_and_restored(make_trainer):
+def test_cudnn_benchmark_is_set_for_the_run_and_restored(make_trainer, caplog):
     seen = []
 
     class Probe(TrainerCallback):
@@ -99,6 +99,7 @@ def test_cudnn_benchmark_is_set_for_the_run_and_restored(make_trainer):
         torch.backends.cudnn.benchmark = False
         make_trainer(num_train_epochs=1, eval_strategy="no", cudnn_benchmark=True, callbacks=[Probe()]).train()
         assert seen == [True] * 4 and torch.backends.cudnn.benchmark is False
+        assert caplog.text.count("GraftingConfig.cudnn_benchmark: true has no effect on cpu") == 1
         seen.clear()
         # null on CPU: left as it is
         torch.backends.cudnn.benchmark = True

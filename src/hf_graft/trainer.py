@@ -533,6 +533,9 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
     def _cudnn_benchmark_setting(self) -> bool:
         """`GraftingConfig.cudnn_benchmark`, null read as: on for CUDA unless full_determinism, else unchanged."""
         if self.args.cudnn_benchmark is not None:
+            if self.args.cudnn_benchmark and self.args.device.type != "cuda":
+                logger.warning("GraftingConfig.cudnn_benchmark: true has no effect on %s (cuDNN runs on CUDA devices)",
+                               self.args.device.type)
             return self.args.cudnn_benchmark
         if self.args.device.type == "cuda":
             return not self.args.full_determinism

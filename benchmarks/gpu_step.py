@@ -601,8 +601,15 @@ def main(argv=None) -> int:
                 finally:
                     durations.setdefault(row.model, []).append(time.perf_counter() - side_start)
                 if args.diagnose:
-                    row.diagnosis[side] = rates
-                    print(f"{label:<40} {side:<9} {rates}", flush=True)
+                    if rates:
+                        row.diagnosis[side] = rates
+                    else:  # the run ended before the profiled steps
+                        row.errors[side] = "no profiled steps"
+                    print(f"{label:<40} {side:<9} {rates or row.errors[side]}", flush=True)
+                    continue
+                if not rates:  # the run ended before its first timed window
+                    row.errors[side] = "no timed window"
+                    print(f"{label:<40} {side:<9} failed: {row.errors[side]}", flush=True)
                     continue
                 row.rates.setdefault(side, []).append(statistics.median(rates))
                 spread = f"{min(rates):.0f}..{max(rates):.0f}"

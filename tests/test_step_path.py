@@ -153,10 +153,10 @@ class _RecordingCopy:
         self.batches = 0
 
     def __call__(self, batch):
-        from hf_graft.transfer import _map_tensors
+        from accelerate.utils import recursively_apply
 
         self.batches += 1
-        return _map_tensors(batch, lambda t: t.clone())
+        return recursively_apply(lambda t: t.clone(), batch)
 
 
 def test_training_batches_reach_the_device_through_the_trainers_copy_only(make_trainer, tmp_path, single_thread):

@@ -40,6 +40,7 @@ from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import default_collate
 
 from .config import DataArguments
+from .data import _mix_seed, member_orders, normalize_pixels
 from .data_checks import DECODE_ERRORS, undecodable_image
 
 __all__ = [
@@ -104,7 +105,6 @@ class DeviceImageDataset(TorchDataset):
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, mean, std, augmentation: str = "none",
                  crop_padding: int = 4, hflip: float = 0.0, num_members: int = 1, order: str = "shared",
                  seed: int = 0):
-        from .data import _mix_seed, member_orders
 
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"DeviceImageDataset: images must be uint8 [N, C, H, W], got {images.dtype} "
@@ -118,9 +118,8 @@ class DeviceImageDataset(TorchDataset):
                              f"{', '.join(DEVICE_AUGMENTATIONS)}")
         self.images, self.labels = images, labels.to(device=images.device, dtype=torch.long)
         self.device = images.device
-        channels = images.shape[1]
-        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device).view(1, channels, 1, 1)
-        self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device).view(1, channels, 1, 1)
+        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device)
+        self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device)
         self.augmentation = augmentation
         self.crop_padding = int(crop_padding) if augmentation == "pad_crop" else 0
         hflip = float(hflip) if augmentation == "pad_crop" else 0.0
@@ -155,8 +154,7 @@ class DeviceImageDataset(TorchDataset):
         images = self.images[row]
         if self.augments:
             images = self._pad_crop_flip(images, *self.augmentation_params(epoch, row, member))
-        # the PIL path's ToTensor + Normalize, as the same operations
-        return images.float().div_(255).sub_(self.mean).div_(self.std)
+        return normalize_pixels(images, self.mean, self.std)  # the PIL path's ToTensor + Normalize
 
     def _pad_crop_flip(self, images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor):
         """Crop every image at its offset in the image padded with `crop_padding` zeros, mirror some:

@@ -53,13 +53,15 @@ def recalibrate_batchnorm(population: nn.Module, dataset, *, num_batches: int, b
     # forked RNG: the global stream (dropout, augmentation) continues as if no recalibration ran,
     # which keeps a run resumed at this epoch boundary identical to an uninterrupted one
     devices = [device.index or 0] if device.type == "cuda" else []
+    statistics = None  # the students' mean and std, for uint8 batches (DataArguments.normalize_on_device)
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for start in range(0, len(order), batch_size):
             items = collate([dataset[i] for i in order[start:start + batch_size]])
             pixels = items["pixel_values"].to(device)
-            if pixels.dtype == torch.uint8:  # DataArguments.normalize_on_device
-                pixels = normalize_pixels(pixels, *pixel_statistics(students_data_config(population), device))
+            if pixels.dtype == torch.uint8:
+                statistics = statistics or pixel_statistics(students_data_config(population), device)
+                pixels = normalize_pixels(pixels, *statistics)
             population(pixel_values=pixels)
     for m, momentum in saved:
         m.momentum = momentum

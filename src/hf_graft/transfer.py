@@ -11,28 +11,18 @@ copy only where it first reads the batch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from accelerate.utils import recursively_apply
 
 __all__ = ["SideStreamCopy", "on_host"]
-
-
-def _map_tensors(data: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(data, torch.Tensor):
-        return fn(data)
-    if isinstance(data, Mapping):
-        return type(data)({k: _map_tensors(v, fn) for k, v in data.items()})
-    if isinstance(data, (list, tuple)):
-        return type(data)(_map_tensors(v, fn) for v in data)
-    return data
 
 
 def on_host(batch: Any) -> bool:
     """Whether `batch` holds a tensor, and every tensor it holds is in CPU memory."""
     devices = []
-    _map_tensors(batch, lambda t: devices.append(t.device.type) or t)
+    recursively_apply(lambda t: devices.append(t.device.type), batch)
     return bool(devices) and all(d == "cpu" for d in devices)
 
 
@@ -55,7 +45,7 @@ class SideStreamCopy:
             return out
 
         with torch.cuda.stream(self.stream):
-            out = _map_tensors(batch, copy)
+            out = recursively_apply(copy, batch)
         compute.wait_stream(self.stream)
         for tensor in copied:
             # allocated on the copy stream, read on the training stream: the allocator must not give

@@ -223,28 +223,45 @@ def test_on_cuda_training_through_the_side_stream_copy_matches_accelerates_copy(
         torch.testing.assert_close(value, runs[False][name], rtol=1e-3, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("dynamic", [False, None])
 def test_a_compiled_fused_run_with_data_on_the_device_traces_one_graph_per_batch_size(tmp_path, digits_small,
-                                                                                      single_thread):
+                                                                                      single_thread, monkeypatch,
+                                                                                      dynamic):
     """What a CUDA-graph run (`torch_compile`) of small fused members on device-resident data compiles:
     the training forward once for the full batches and once for the epoch's last, smaller batch,
-    across two epochs, a graft and two evaluations; no other recompilation. (aot_eager on CPU: the
-    capture without code generation.)"""
+    across two epochs, a graft and two evaluations; no other recompilation. With
+    `torch_compile_dynamic: false` (the default) both graphs have fixed sizes; with null, torch makes
+    the second one shape-generic, and every later full batch then runs through it. (aot_eager on CPU:
+    the capture without code generation.)"""
     import dataclasses
 
+    from torch._dynamo.backends import registry
     from torch._dynamo.utils import counters
 
     from _tiny_run import build_trainer
 
+    aot_eager = registry.lookup_backend("aot_eager")
+    traced = []  # per graph: its batch sizes, or "shape-generic"
+
+    def recording(gm, example_inputs):
+        symbolic = any(isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and any(
+            isinstance(d, torch.SymInt) for d in x.shape)) for x in example_inputs)
+        traced.append("shape-generic" if symbolic else "fixed")
+        return aot_eager(gm, example_inputs)
+
+    monkeypatch.setitem(registry._COMPILER_FNS, "aot_eager", recording)
     data_args, data = digits_small
     digits_on_device = (dataclasses.replace(data_args, data_on_device=True), data)
     torch._dynamo.reset()
     counters.clear()
     trainer = build_trainer(digits_on_device, tmp_path / "run", num_train_epochs=2, max_train_samples=56,
-                            member_execution="fused", torch_compile=True, torch_compile_backend="aot_eager")
+                            member_execution="fused", torch_compile=True, torch_compile_backend="aot_eager",
+                            torch_compile_dynamic=dynamic)
     trainer.train()
     assert trainer.graft_callback.grafts_done == 1
     assert len([e for e in trainer.state.log_history if "eval_ensemble_top1" in e]) == 2
     assert counters["stats"]["unique_graphs"] == 2  # batches of 16, then the epoch's last 8
+    assert traced == (["fixed", "fixed"] if dynamic is False else ["fixed", "shape-generic"])
     assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
 
 

@@ -103,6 +103,22 @@ def test_unknown_recipe_key_fails_before_any_work(tmp_path):
         parse_recipe(None, ["--graft_sorce", "noise"])
 
 
+def test_a_refused_value_names_where_it_was_written(tmp_path):
+    """A value of the right type that a field refuses names the recipe file when the file set it, the
+    command line when an override did, and both when the error names no single field."""
+    recipe = tmp_path / "wide.yaml"
+    recipe.write_text(f"output_dir: {tmp_path / 'o'}\nmember_execution: wide\n")
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(recipe)
+    assert str(err.value) == f"{recipe}: GraftingConfig.member_execution: got 'wide'; allowed: loop, fused"
+    with pytest.raises(RecipeError) as err:  # the override is the refused value, not the file's
+        parse_recipe(recipe, ["--member_execution", "fused", "--num_students", "0"])
+    assert str(err.value).startswith("command line: GraftingConfig.num_students: got 0")
+    with pytest.raises(RecipeError) as err:  # TrainingArguments' own check names no field
+        parse_recipe(ROOT / "recipes/quickstart.yaml", ["--fp16", "true", "--bf16", "true"])
+    assert str(err.value).startswith(f"{ROOT / 'recipes/quickstart.yaml'} with the command line: ")
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -122,6 +138,7 @@ def test_bad_values_fail_with_one_line_naming_the_field(overrides, message, tmp_
     with pytest.raises(ValueError) as err:
         parse_recipe(recipe, ["--output_dir", str(tmp_path / "o"), *overrides])
     assert message in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith("command line: ")  # where the refused value was written
     # the CLI prints it as one line and exits 2
     assert main([str(recipe), "--output_dir", str(tmp_path / "o"), *overrides]) == 2
     err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-graft train:")]

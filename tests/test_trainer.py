@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file
 from torch.utils.data import default_collate
 from transformers import TrainerCallback
 
 from hf_graft.config import GraftingConfig
 from hf_graft.grafting import adaptive_alpha, anchor_plan, layer_information
+from hf_graft.grad_norms import member_grad_norms
 from hf_graft.metrics import population_metrics
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -299,6 +301,42 @@ def test_each_member_is_clipped_on_its_own(make_trainer):
     assert torch.cat([p.grad.flatten() for p in members[1].parameters()]).norm().item() == pytest.approx(1.0, rel=1e-4)
     assert trainer._member_grad_norms.tolist() == pytest.approx([0.5, 1000.0], rel=1e-4)
     assert float(total) == pytest.approx(math.hypot(0.5, 1000.0), rel=1e-4)
+
+
+def test_member_grad_norms_equal_torch_clip_grad_norm_per_member():
+    """The per-member norms and clipping in a few operations give torch's own per-member results, to the
+    last bit: the logged norms and the clipped gradients do not depend on which computes them."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(16, 3, 3, 3), (16,), (16,), (10, 16), (10,)]
+
+    def members():
+        scales = (0.01, 50.0, 2.0)
+        made = [[nn.Parameter(torch.zeros(s)) for s in shapes] for _ in scales]
+        for params, scale in zip(made, scales):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator) * scale
+        made[2][1].grad = None  # a parameter without a gradient is skipped, as torch skips it
+        return made
+
+    for max_norm in (None, 1.5):
+        ours = members()
+        theirs = [[nn.Parameter(p.detach().clone()) for p in params] for params in ours]
+        for mine, other in zip(ours, theirs):
+            for p, q in zip(mine, other):
+                q.grad = None if p.grad is None else p.grad.clone()
+        norms = member_grad_norms(ours, torch.device("cpu"), max_norm=max_norm)
+        if max_norm is None:
+            expected = [torch.nn.utils.get_total_norm([q.grad for q in params if q.grad is not None]) for params in theirs]
+        else:
+            expected = [torch.nn.utils.clip_grad_norm_(params, max_norm) for params in theirs]
+        assert torch.equal(norms, torch.stack(expected))
+        assert norms.shape == (3,) and float(norms[0]) < 1.5 < float(norms[1])
+        for mine, other in zip(ours, theirs):
+            for p, q in zip(mine, other):
+                assert (p.grad is None) == (q.grad is None)
+                assert p.grad is None or torch.equal(p.grad, q.grad)
+    empty = member_grad_norms([[nn.Parameter(torch.ones(2))]], torch.device("cpu"), max_norm=1.0)
+    assert empty.tolist() == [0.0]  # no gradients (a diverged member's are dropped): norm 0, nothing scaled
 
 
 def test_clipping_during_training_bounds_every_member_separately(make_trainer):

@@ -211,6 +211,13 @@ class GraftingConfig(TrainingArguments):
                   "(grouped convolutions, one kernel per layer for all members; see README for the "
                   "architectures that fuse)."},
     )
+    torch_compile_dynamic: Optional[bool] = field(
+        default=False,
+        metadata={"help": "torch.compile's `dynamic` when torch_compile is on. false: one static graph per batch "
+                  "size (the full batches, and an epoch's last, smaller one), as CUDA graphs want; null: torch's "
+                  "default, which recompiles the graph shape-generic when a second batch size appears and then "
+                  "runs every later step through it; true: shape-generic from the start."},
+    )
     cudnn_benchmark: Optional[bool] = field(
         default=None,
         metadata={"help": "Let cuDNN time its convolution algorithms on the first batch of each shape and keep the "

@@ -5,12 +5,18 @@ line is parsed on top of them. Every YAML value is checked against its field's t
 a wrong value is one line naming the file, the field and the value, never an argparse usage dump:
 
     recipes/x.yaml: num_students: got 'two'; allowed: an integer
+
+A value of the right type that a field does not allow is refused by the dataclass itself, and the
+line says where it was written:
+
+    recipes/x.yaml: GraftingConfig.member_execution: got 'wide'; allowed: loop, fused
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from enum import Enum
@@ -177,10 +183,30 @@ def parse_recipe(
                 raise RecipeError(
                     f"command line: unknown option --{key} (not a field of DataArguments or GraftingConfig)")
     parser = _RecipeParser((DataArguments, GraftingConfig))
-    if recipe is not None:
-        parser.set_defaults(**_recipe_defaults(recipe, fields))
-    data_args, config, remaining = parser.parse_args_into_dataclasses(
-        args=list(overrides), return_remaining_strings=True)
+    defaults = _recipe_defaults(recipe, fields) if recipe is not None else {}
+    parser.set_defaults(**defaults)
+    try:
+        data_args, config, remaining = parser.parse_args_into_dataclasses(
+            args=list(overrides), return_remaining_strings=True)
+    except RecipeError:
+        raise
+    except ValueError as err:  # a value the dataclasses refuse: say where it was written
+        raise RecipeError(f"{_source(err, recipe, defaults, overrides)}: {err}") from None
     if remaining:
         raise RecipeError(f"command line: could not use {' '.join(remaining)!r}")
     return data_args, config
+
+
+def _source(err: ValueError, recipe, recipe_values: dict[str, Any], overrides: Sequence[str]) -> str:
+    """Where the value an error names came from: the command line, the recipe file, or (for an error
+    that names no field, or a field left at its default) the recipe with its overrides."""
+    match = re.match(r"\w+\.(\w+)", str(err))
+    field = match.group(1) if match else None
+    given = {t[2:].split("=", 1)[0].replace("-", "_") for t in overrides if t.startswith("--")}
+    if field in given:
+        return "command line"
+    if recipe is None:
+        return "command line" if overrides else "defaults"
+    if field in recipe_values or not overrides:
+        return str(recipe)
+    return f"{recipe} with the command line"

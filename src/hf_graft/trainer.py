@@ -34,6 +34,7 @@ from .divergence import DivergenceError, DivergenceMonitor, measured_results
 from .filters import filter_report
 from .fused import separate_storage
 from .grafting import GraftReport, graft_internal, graft_members, graft_noise
+from .grad_norms import member_grad_norms
 from .hub import push_student
 from .model_card import build_model_card
 from .metrics import PopulationMetrics
@@ -251,6 +252,15 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
             self._member_params = [[p for p in m.parameters() if p.requires_grad] for m in self.population.members]
         return self._member_params
 
+    def _build_accelerator_args(self, **kwargs) -> dict:
+        """The Trainer's Accelerator settings, with `GraftingConfig.torch_compile_dynamic` as
+        torch.compile's `dynamic` (the Trainer leaves it to torch's automatic choice)."""
+        accelerator_args = super()._build_accelerator_args(**kwargs)
+        plugin = accelerator_args.get("dynamo_plugin")
+        if plugin is not None and self.args.torch_compile:
+            plugin.dynamic = self.args.torch_compile_dynamic
+        return accelerator_args
+
     def create_optimizer(self, model=None):
         """One pair of param groups (decay / no decay) per member, each at its own initial rate."""
         if self.optimizer is None:
@@ -298,13 +308,9 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         fp16 unscaling looks for inf / nan, and the loss scale is undone once, before measuring."""
         self.divergence_monitor.drop_gradients()
         self.accelerator.unscale_gradients()
-        members = self._member_parameters()
-        if clip:
-            norms = [torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm) for params in members]
-        else:
-            norms = [torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                     .to(self.args.device) for params in members]
-        self._member_grad_norms = norms = self.divergence_monitor.mark(torch.stack(norms).detach())
+        norms = member_grad_norms(self._member_parameters(), self.args.device,
+                                  max_norm=self.args.max_grad_norm if clip else None)
+        self._member_grad_norms = norms = self.divergence_monitor.mark(norms.detach())
         return norms.norm()
 
     def _streams_to_device(self) -> bool:

@@ -303,18 +303,21 @@ def test_each_member_is_clipped_on_its_own(make_trainer):
     assert float(total) == pytest.approx(math.hypot(0.5, 1000.0), rel=1e-4)
 
 
-def test_member_grad_norms_equal_torch_clip_grad_norm_per_member():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_member_grad_norms_equal_torch_clip_grad_norm_per_member(device):
     """The per-member norms and clipping in a few operations give torch's own per-member results, to the
     last bit: the logged norms and the clipped gradients do not depend on which computes them."""
+    device = torch.device(device)
     generator = torch.Generator().manual_seed(0)
     shapes = [(16, 3, 3, 3), (16,), (16,), (10, 16), (10,)]
 
     def members():
         scales = (0.01, 50.0, 2.0)
-        made = [[nn.Parameter(torch.zeros(s)) for s in shapes] for _ in scales]
+        made = [[nn.Parameter(torch.zeros(s, device=device)) for s in shapes] for _ in scales]
         for params, scale in zip(made, scales):
             for p in params:
-                p.grad = torch.randn(p.shape, generator=generator) * scale
+                p.grad = (torch.randn(p.shape, generator=generator) * scale).to(device)
         made[2][1].grad = None  # a parameter without a gradient is skipped, as torch skips it
         return made
 
@@ -324,7 +327,7 @@ def test_member_grad_norms_equal_torch_clip_grad_norm_per_member():
         for mine, other in zip(ours, theirs):
             for p, q in zip(mine, other):
                 q.grad = None if p.grad is None else p.grad.clone()
-        norms = member_grad_norms(ours, torch.device("cpu"), max_norm=max_norm)
+        norms = member_grad_norms(ours, device, max_norm=max_norm)
         if max_norm is None:
             expected = [torch.nn.utils.get_total_norm([q.grad for q in params if q.grad is not None]) for params in theirs]
         else:
@@ -335,7 +338,7 @@ def test_member_grad_norms_equal_torch_clip_grad_norm_per_member():
             for p, q in zip(mine, other):
                 assert (p.grad is None) == (q.grad is None)
                 assert p.grad is None or torch.equal(p.grad, q.grad)
-    empty = member_grad_norms([[nn.Parameter(torch.ones(2))]], torch.device("cpu"), max_norm=1.0)
+    empty = member_grad_norms([[nn.Parameter(torch.ones(2, device=device))]], device, max_norm=1.0)
     assert empty.tolist() == [0.0]  # no gradients (a diverged member's are dropped): norm 0, nothing scaled
 
 

@@ -103,6 +103,24 @@ def test_unknown_recipe_key_fails_before_any_work(tmp_path):
         parse_recipe(None, ["--graft_sorce", "noise"])
 
 
+def test_null_on_the_command_line_means_null_as_in_a_recipe(tmp_path):
+    """`--field null` sets a field that may be null to null, over the recipe's value, as `field: null`
+    does in the YAML; argparse alone would refuse the word for a boolean field."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output_dir: {tmp_path / 'o'}\ncudnn_benchmark: false\nchannels_last: true\nmax_train_samples: 64\n")
+    data_args, config = parse_recipe(recipe)
+    assert (config.cudnn_benchmark, config.channels_last, config.torch_compile_dynamic) == (False, True, False)
+    assert data_args.max_train_samples == 64
+    data_args, config = parse_recipe(recipe, ["--cudnn_benchmark", "null", "--channels_last=NULL",
+                                              "--torch-compile-dynamic", "null", "--max_train_samples", "null"])
+    assert (config.cudnn_benchmark, config.channels_last, config.torch_compile_dynamic) == (None, None, None)
+    assert data_args.max_train_samples is None
+    _, config = parse_recipe(recipe, ["--torch_compile_dynamic"])  # a bare boolean flag still means true
+    assert config.torch_compile_dynamic is True
+    with pytest.raises(RecipeError, match="^command line: argument --num_students"):  # not a field that may be null
+        parse_recipe(recipe, ["--num_students", "null"])
+
+
 def test_a_refused_value_names_where_it_was_written(tmp_path):
     """A value of the right type that a field refuses names the recipe file when the file set it, the
     command line when an override did, and both when the error names no single field."""

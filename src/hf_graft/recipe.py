@@ -1,4 +1,5 @@
-"""Recipes: a flat YAML file of `DataArguments` / `GraftingConfig` fields, plus `--field value` overrides.
+"""Recipes: a flat YAML file of `DataArguments` / `GraftingConfig` fields, plus `--field value` overrides
+(`--field null` for null, as in the YAML).
 
 As TRL and timm do, the recipe's values become the command-line parser's defaults, and the command
 line is parsed on top of them. Every YAML value is checked against its field's type first, so that
@@ -184,10 +185,11 @@ def parse_recipe(
                     f"command line: unknown option --{key} (not a field of DataArguments or GraftingConfig)")
     parser = _RecipeParser((DataArguments, GraftingConfig))
     defaults = _recipe_defaults(recipe, fields) if recipe is not None else {}
-    parser.set_defaults(**defaults)
+    arguments, nulls = _command_line_nulls(overrides, fields)
+    parser.set_defaults(**{**defaults, **nulls})
     try:
         data_args, config, remaining = parser.parse_args_into_dataclasses(
-            args=list(overrides), return_remaining_strings=True)
+            args=arguments, return_remaining_strings=True)
     except RecipeError:
         raise
     except ValueError as err:  # a value the dataclasses refuse: say where it was written
@@ -195,6 +197,29 @@ def parse_recipe(
     if remaining:
         raise RecipeError(f"command line: could not use {' '.join(remaining)!r}")
     return data_args, config
+
+
+def _command_line_nulls(overrides: Sequence[str], fields: dict[str, Any]) -> tuple[list[str], dict[str, None]]:
+    """`--field null` (or `--field=null`) for a field that may be null means null, as `field: null` does
+    in a recipe (argparse would read the word as a value of the field's type). Returns the other
+    arguments and the fields set to null."""
+    arguments, nulls = [], {}
+    tokens = list(overrides)
+    i = 0
+    while i < len(tokens):
+        key, has_value, value = tokens[i][2:].partition("=") if tokens[i].startswith("--") else ("", False, "")
+        name = key.replace("-", "_")
+        nullable = name in fields and type(None) in typing.get_args(fields[name]) and name not in _NULL_NOT_ALLOWED
+        if nullable and has_value and value.lower() == "null":
+            nulls[name] = None
+            i += 1
+        elif nullable and not has_value and i + 1 < len(tokens) and tokens[i + 1].lower() == "null":
+            nulls[name] = None
+            i += 2
+        else:
+            arguments.append(tokens[i])
+            i += 1
+    return arguments, nulls
 
 
 def _source(err: ValueError, recipe, recipe_values: dict[str, Any], overrides: Sequence[str]) -> str:

@@ -56,6 +56,35 @@ def test_replace_output_dir_lets_the_quickstart_run_twice(finished_run, tmp_path
     assert (out / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("refused", [
+    (["--member_execution", "fused", "--student_model", "vit_tiny_patch16_224"], "has no fused form"),  # the build
+    (["--fsdp", "full_shard"], "fsdp"),  # the Trainer's construction
+])
+def test_a_run_refused_while_it_is_built_leaves_the_run_it_would_replace(finished_run, tmp_path, capsys, refused):
+    """replace_output_dir removes the previous run only when the new one starts training: a run refused
+    while its data, population or trainer is built loses nothing."""
+    overrides, message = refused
+    out = copy_run(finished_run, tmp_path / "run")
+    before = _listing(out)
+    assert cli(out, *overrides) == 2  # the quickstart recipe sets replace_output_dir: true
+    (line,) = error_lines(capsys)
+    assert message in line
+    assert _listing(out) == before
+
+
+def test_the_room_check_counts_what_replacing_the_previous_run_frees(finished_run, tmp_path, capsys, monkeypatch):
+    """A folder whose previous run takes the room the new checkpoints need: replacing it frees that
+    room, so the run is not refused; the same free space without the previous run is refused."""
+    import hf_graft.run_dir as run_dir
+
+    out = copy_run(finished_run, tmp_path / "run")  # two checkpoints of the same population
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(run_dir.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 4096, 4096))
+    assert cli(out, "--save_strategy", "epoch") == 0
+    assert cli(tmp_path / "empty", "--save_strategy", "epoch") == 2
+    assert "MB free" in error_lines(capsys)[-1]
+
+
 def test_library_trainer_refuses_another_run_and_may_train_again(make_trainer, tmp_path):
     first = make_trainer(num_train_epochs=1, save_strategy="epoch")
     first.train()

@@ -236,8 +236,9 @@ def _natural(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _replace_previous_run(output_dir: str | os.PathLike) -> list[str]:
-    """Delete what a previous run wrote in `output_dir` (and leftovers of interrupted saves); keep the rest."""
+def _previous_run_to_replace(output_dir: str | os.PathLike) -> list[Path]:
+    """What `replace_output_dir` removes from `output_dir`: a previous run's checkpoints and results and
+    leftovers of interrupted saves; refused if its student folder holds files a run did not write."""
     folder = Path(output_dir)
     student = folder / STUDENT_DIR
     if student.is_dir():
@@ -247,12 +248,13 @@ def _replace_previous_run(output_dir: str | os.PathLike) -> list[str]:
                 f"replace_output_dir: {student} holds files that are not an exported student ({', '.join(foreign[:5])}); "
                 "move them away or choose another output_dir"
             )
-    removed = previous_run_entries(folder)
-    removed += sorted(p.name for p in folder.iterdir() if p.is_dir() and is_unfinished_checkpoint(p))
-    for name in removed:
-        path = folder / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return removed
+    names = previous_run_entries(folder)
+    names += sorted(p.name for p in folder.iterdir() if p.is_dir() and is_unfinished_checkpoint(p))
+    return [folder / name for name in names]
+
+
+def _size(paths: list[Path]) -> int:
+    return sum(f.stat().st_size for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -437,8 +439,8 @@ def _on_main_process(args, work: Callable[[], Any]) -> Any:
     return result
 
 
-def _check_room(output_dir: str, needed_bytes: int) -> None:
-    free = shutil.disk_usage(output_dir).free
+def _check_room(output_dir: str, needed_bytes: int, freed_bytes: int = 0) -> None:
+    free = shutil.disk_usage(output_dir).free + freed_bytes
     if free < needed_bytes:
         mb = 1024 * 1024
         raise OutputDirError(
@@ -453,41 +455,47 @@ class OutputDirClaim:
     `resume`: the `resume_from_checkpoint` value (see `resolve_resume`), checked and resolved into
     `self.resume`. `check_fresh`: refuse (or, with `args.replace_output_dir`, clear) a folder holding
     another run when not resuming. `identity`: this run's identity, compared with the checkpoint's.
-    `needed_bytes`: free space the folder must have.
+    `needed_bytes`: free space the folder must have. `clear`: with `replace_output_dir`, whether this
+    claim clears the previous run now; False leaves it for a later claim (the trainer's, once the run
+    is built and about to train), so that a run refused while it is being built loses nothing.
     """
 
     def __init__(self, args, resume: str | bool | None = None, *, check_fresh: bool = True,
-                 identity: dict[str, Any] | None = None, needed_bytes: int = 0):
+                 identity: dict[str, Any] | None = None, needed_bytes: int = 0, clear: bool = True):
         self.args = args
         self.lock: OutputDirLock | None = None
+        self.clear = clear
         self.resume = _on_main_process(args, lambda: self._claim(resume, check_fresh, identity, needed_bytes))
 
     def _claim(self, resume, check_fresh, identity, needed_bytes) -> str | None:
         output_dir = self.args.output_dir
         self.lock = lock_output_dir(output_dir)
         try:
-            if needed_bytes:
-                _check_room(output_dir, needed_bytes)
             checkpoint = resolve_resume(output_dir, resume)
+            replaced = self._check_fresh(output_dir) if checkpoint is None and check_fresh else []
+            if needed_bytes:  # counting the room the previous run's files leave when they are replaced
+                _check_room(output_dir, needed_bytes, freed_bytes=_size(replaced))
             if checkpoint is not None:
                 check_checkpoint_folder(checkpoint)
                 if identity is not None:
                     check_resume_identity(checkpoint, identity)
-            elif check_fresh:
-                self._check_fresh(output_dir)
+            if replaced and self.clear:
+                for path in replaced:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                logger.warning("replace_output_dir: removed the previous run's %s from %s",
+                               ", ".join(p.name for p in replaced), output_dir)
         except BaseException:
             self.release()
             raise
         return checkpoint
 
-    def _check_fresh(self, output_dir: str) -> None:
+    def _check_fresh(self, output_dir: str) -> list[Path]:
+        """Refuse a folder holding another run, or (with `replace_output_dir`) list what replacing it removes."""
         previous = previous_run_entries(output_dir)
         if not previous:
-            return
+            return []
         if getattr(self.args, "replace_output_dir", False):
-            removed = _replace_previous_run(output_dir)
-            logger.warning("replace_output_dir: removed the previous run's %s from %s", ", ".join(removed), output_dir)
-            return
+            return _previous_run_to_replace(output_dir)
         shown = ", ".join(previous[:4]) + (f", ... ({len(previous)} in all)" if len(previous) > 4 else "")
         raise OutputDirError(f"output_dir: {output_dir} holds another run's checkpoints or results ({shown}); {WAYS_OUT}")
 

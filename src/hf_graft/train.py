@@ -50,12 +50,14 @@ def run_training(data_args: DataArguments, config: GraftingConfig, callbacks=Non
 
     The trainer's own checks that need no data (settings this device cannot honour; the output folder
     locked, writable, free of another run unless resuming) run first here too, so that a refused run
-    loads no data; the lock is held until the push is done."""
+    loads no data; the lock is held until the push is done. With `replace_output_dir`, the previous
+    run's files are removed only when the trainer starts training: a run refused while its data,
+    population or trainer is being built leaves them as they were."""
     from .preflight import check_run_settings
     from .run_dir import OutputDirClaim
 
     check_run_settings(config)
-    with OutputDirClaim(config, config.resume_from_checkpoint) as claim:
+    with OutputDirClaim(config, config.resume_from_checkpoint, clear=False) as claim:
         trainer = build_trainer(data_args, config, callbacks=callbacks)
         trainer.train(resume_from_checkpoint=claim.resume)
         if config.push_student_to_hub:

@@ -97,10 +97,31 @@ def test_overrides_win_over_the_recipe(tmp_path):
 def test_unknown_recipe_key_fails_before_any_work(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("student_model: cifar_resnet20\nnum_studnets: 3\n")
-    with pytest.raises(RecipeError, match=r"bad\.yaml: unknown key\(s\) 'num_studnets'"):
+    with pytest.raises(RecipeError, match=r"bad\.yaml: unknown key\(s\) 'num_studnets'.*; did you mean "
+                                          r"'num_students' for 'num_studnets'\?$"):
         parse_recipe(recipe)
     with pytest.raises(RecipeError, match="unknown option --graft_sorce"):
         parse_recipe(None, ["--graft_sorce", "noise"])
+
+
+def test_recipe_syntax_errors_and_repeated_keys_name_the_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("student_model: cifar_resnet20\nnum_students: 2\nlearning_rate: 0.1\nnum_students: 3\n")
+    with pytest.raises(RecipeError) as err:  # YAML itself keeps the last value without a word
+        parse_recipe(recipe)
+    assert str(err.value) == f"{recipe}: not valid YAML at line 4, column 1 ('num_students' is given twice)"
+    recipe.write_text("student_model: cifar_resnet20\nlr_spread: [1.0, 2.0\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml: not valid YAML at line 3, column 1 \(expected ',' or ']'"):
+        parse_recipe(recipe)
+
+
+def test_a_wrong_boolean_on_the_command_line_is_said_as_in_a_recipe(tmp_path):
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(ROOT / "recipes/quickstart.yaml", ["--torch_compile_dynamic", "none"])
+    assert str(err.value) == "command line: --torch_compile_dynamic: got 'none'; allowed: true, false or null"
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(ROOT / "recipes/quickstart.yaml", ["--export-student", "maybe"])
+    assert str(err.value) == "command line: --export_student: got 'maybe'; allowed: true or false"
 
 
 def test_null_on_the_command_line_means_null_as_in_a_recipe(tmp_path):
@@ -149,6 +170,10 @@ def test_a_refused_value_names_where_it_was_written(tmp_path):
         (["--kd_temperature", "0"], "GraftingConfig.kd_temperature: got 0.0; allowed: a number > 0"),
         (["--lr_decay_epochs", "-3"], "GraftingConfig.lr_decay_epochs"),
         (["--train_augmentation", "mixup"], "DataArguments.train_augmentation: got 'mixup'"),
+        # torch.compile's settings: refused here, not when the Trainer starts or the first step compiles
+        (["--torch_compile_backend", "nonsense"], "GraftingConfig.torch_compile_backend: got 'nonsense'; allowed: eager"),
+        (["--torch_compile", "true", "--torch_compile_mode", "bogus"],
+         "GraftingConfig.torch_compile_mode: got 'bogus'; allowed: default"),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_field(overrides, message, tmp_path, capsys):

@@ -347,9 +347,26 @@ class GraftingConfig(TrainingArguments):
         # selected student folder instead (GraftingTrainer.push_to_hub).
         self.push_student_to_hub = bool(self.push_to_hub)
         self.push_to_hub = False
+        self._check_compile_settings(owner)
         super().__post_init__()
         if self.push_student_to_hub and not self.hub_model_id:
             raise ValueError(f"{owner}.hub_model_id: required when push_to_hub is true")
+
+    def _check_compile_settings(self, owner: str) -> None:
+        """torch.compile's backend and mode, here rather than when the Trainer builds its Accelerator (the
+        backend) or compiles the model at the first step (the mode)."""
+        if self.torch_compile_backend is not None:
+            from accelerate.utils import DynamoBackend
+
+            backends = [b.value.lower() for b in DynamoBackend if b.value != "NO"]
+            if str(self.torch_compile_backend).lower() not in backends:
+                _fail(owner, "torch_compile_backend", self.torch_compile_backend, ", ".join(backends))
+        if self.torch_compile_mode is not None:
+            import torch._inductor
+
+            modes = list(torch._inductor.list_mode_options())
+            if self.torch_compile_mode not in modes:
+                _fail(owner, "torch_compile_mode", self.torch_compile_mode, ", ".join(modes))
 
     def __getstate__(self) -> dict[str, Any]:
         """What pickling writes (`training_args.bin` in every checkpoint): every field but the secrets, which

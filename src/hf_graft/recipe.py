@@ -16,6 +16,7 @@ line says where it was written:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import types
@@ -45,9 +46,33 @@ class _Mismatch(Exception):
     pass
 
 
+_NOT_A_BOOLEAN = re.compile(r"argument --([\w-]+)(?:/--[\w-]+)?: Truthy value expected: got (.*?) but expected")
+
+
 class _RecipeParser(HfArgumentParser):
+    fields: dict[str, Any] = {}
+
     def error(self, message: str):  # argparse would print the whole usage first; one line says enough
+        wrong = _NOT_A_BOOLEAN.search(message)
+        if wrong:  # said as a recipe's wrong value is said
+            name = wrong.group(1).replace("-", "_")
+            nullable = type(None) in typing.get_args(self.fields.get(name))
+            allowed = "true, false or null" if nullable else "true or false"
+            raise RecipeError(f"command line: --{name}: got {wrong.group(2)!r}; allowed: {allowed}")
         raise RecipeError(f"command line: {message} (see `hf-graft train --help`)")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice (YAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def _describe(hint: Any) -> str:
@@ -132,18 +157,23 @@ def _recipe_defaults(recipe: str | os.PathLike, fields: dict[str, Any]) -> dict[
     if not path.is_file():
         raise RecipeError(f"{recipe}: recipe file not found")
     try:
-        content = yaml.safe_load(path.read_text())
+        content = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
-        raise RecipeError(f"{recipe}: not valid YAML ({str(err).splitlines()[0]})") from err
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"{recipe}: not valid YAML{where} ({problem})") from None
     if content is None:
         raise RecipeError(f"{recipe}: empty recipe; a recipe is a flat mapping of field: value")
     if not isinstance(content, dict):
         raise RecipeError(f"{recipe}: a recipe is a flat mapping of field: value")
     unknown = sorted(str(k) for k in content if k not in fields)
     if unknown:
+        close = {k: difflib.get_close_matches(k, list(fields), n=1) for k in unknown}
+        hints = "; ".join(f"did you mean {match[0]!r} for {k!r}?" for k, match in close.items() if match)
         raise RecipeError(
             f"{recipe}: unknown key(s) {', '.join(map(repr, unknown))} "
-            "(not a field of DataArguments or GraftingConfig; see `hf-graft train --help`)"
+            "(not a field of DataArguments or GraftingConfig; see `hf-graft train --help`)" + (f"; {hints}" if hints else "")
         )
     defaults = {}
     for key, value in content.items():
@@ -184,6 +214,7 @@ def parse_recipe(
                 raise RecipeError(
                     f"command line: unknown option --{key} (not a field of DataArguments or GraftingConfig)")
     parser = _RecipeParser((DataArguments, GraftingConfig))
+    parser.fields = fields
     defaults = _recipe_defaults(recipe, fields) if recipe is not None else {}
     arguments, nulls = _command_line_nulls(overrides, fields)
     parser.set_defaults(**{**defaults, **nulls})

@@ -70,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         from transformers import HfArgumentParser
 
-        HfArgumentParser((DataArguments, GraftingConfig)).print_help()
+        HfArgumentParser((DataArguments, GraftingConfig), prog="hf-graft train",
+                         usage="hf-graft train RECIPE.yaml [--field value ...]").print_help()
         return 0
     recipe = None
     if argv and not argv[0].startswith("-"):

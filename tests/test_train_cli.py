@@ -138,6 +138,10 @@ def test_null_on_the_command_line_means_null_as_in_a_recipe(tmp_path):
     assert data_args.max_train_samples is None
     _, config = parse_recipe(recipe, ["--torch_compile_dynamic"])  # a bare boolean flag still means true
     assert config.torch_compile_dynamic is True
+    _, config = parse_recipe(recipe, ["--cudnn_benchmark", "--channels_last", "false"])  # true / false / null too
+    assert (config.cudnn_benchmark, config.channels_last) == (True, False)
+    _, config = parse_recipe(recipe, ["--channels_last"])
+    assert config.channels_last is True
     with pytest.raises(RecipeError, match="^command line: argument --num_students"):  # not a field that may be null
         parse_recipe(recipe, ["--num_students", "null"])
 

@@ -216,8 +216,8 @@ def parse_recipe(
     parser = _RecipeParser((DataArguments, GraftingConfig))
     parser.fields = fields
     defaults = _recipe_defaults(recipe, fields) if recipe is not None else {}
-    arguments, nulls = _command_line_nulls(overrides, fields)
-    parser.set_defaults(**{**defaults, **nulls})
+    arguments, given = _command_line_nulls(overrides, fields)
+    parser.set_defaults(**{**defaults, **given})
     try:
         data_args, config, remaining = parser.parse_args_into_dataclasses(
             args=arguments, return_remaining_strings=True)
@@ -230,27 +230,33 @@ def parse_recipe(
     return data_args, config
 
 
-def _command_line_nulls(overrides: Sequence[str], fields: dict[str, Any]) -> tuple[list[str], dict[str, None]]:
+def _command_line_nulls(overrides: Sequence[str], fields: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     """`--field null` (or `--field=null`) for a field that may be null means null, as `field: null` does
-    in a recipe (argparse would read the word as a value of the field's type). Returns the other
-    arguments and the fields set to null."""
-    arguments, nulls = [], {}
+    in a recipe (argparse would read the word as a value of the field's type); a bare `--field` of a
+    true / false / null field means true, as it does for the true / false ones. Returns the other
+    arguments and the fields so set."""
+    arguments, values = [], {}
     tokens = list(overrides)
     i = 0
     while i < len(tokens):
         key, has_value, value = tokens[i][2:].partition("=") if tokens[i].startswith("--") else ("", False, "")
         name = key.replace("-", "_")
-        nullable = name in fields and type(None) in typing.get_args(fields[name]) and name not in _NULL_NOT_ALLOWED
+        options = typing.get_args(fields.get(name))
+        nullable = type(None) in options and name not in _NULL_NOT_ALLOWED
+        following = tokens[i + 1] if i + 1 < len(tokens) else None
         if nullable and has_value and value.lower() == "null":
-            nulls[name] = None
+            values[name] = None
             i += 1
-        elif nullable and not has_value and i + 1 < len(tokens) and tokens[i + 1].lower() == "null":
-            nulls[name] = None
+        elif nullable and not has_value and following is not None and following.lower() == "null":
+            values[name] = None
             i += 2
+        elif nullable and bool in options and not has_value and (following is None or following.startswith("--")):
+            values[name] = True
+            i += 1
         else:
             arguments.append(tokens[i])
             i += 1
-    return arguments, nulls
+    return arguments, values
 
 
 def _source(err: ValueError, recipe, recipe_values: dict[str, Any], overrides: Sequence[str]) -> str:

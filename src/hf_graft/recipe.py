@@ -216,7 +216,7 @@ def parse_recipe(
     parser = _RecipeParser((DataArguments, GraftingConfig))
     parser.fields = fields
     defaults = _recipe_defaults(recipe, fields) if recipe is not None else {}
-    arguments, given = _command_line_nulls(overrides, fields)
+    arguments, given = _nulls_and_bare_flags(overrides, fields)
     parser.set_defaults(**{**defaults, **given})
     try:
         data_args, config, remaining = parser.parse_args_into_dataclasses(
@@ -230,7 +230,7 @@ def parse_recipe(
     return data_args, config
 
 
-def _command_line_nulls(overrides: Sequence[str], fields: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+def _nulls_and_bare_flags(overrides: Sequence[str], fields: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     """`--field null` (or `--field=null`) for a field that may be null means null, as `field: null` does
     in a recipe (argparse would read the word as a value of the field's type); a bare `--field` of a
     true / false / null field means true, as it does for the true / false ones. Returns the other

@@ -208,11 +208,9 @@ def parse_recipe(
         hints = typing.get_type_hints(cls)
         fields.update({f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init})
     for token in overrides:
-        if token.startswith("--"):
-            key = token[2:].split("=", 1)[0]
-            if key not in fields and key.replace("-", "_") not in fields and not key.startswith("no_"):
-                raise RecipeError(
-                    f"command line: unknown option --{key} (not a field of DataArguments or GraftingConfig)")
+        name, option = _option_name(token), token.split("=", 1)[0]
+        if name is not None and name not in fields and not option.startswith("--no_"):
+            raise RecipeError(f"command line: unknown option {option} (not a field of DataArguments or GraftingConfig)")
     parser = _RecipeParser((DataArguments, GraftingConfig))
     parser.fields = fields
     defaults = _recipe_defaults(recipe, fields) if recipe is not None else {}
@@ -230,6 +228,11 @@ def parse_recipe(
     return data_args, config
 
 
+def _option_name(token: str) -> str | None:
+    """The field a command-line token names (`--field`, `--field=value`, `--fie-ld`), or None for a value."""
+    return token[2:].split("=", 1)[0].replace("-", "_") if token.startswith("--") else None
+
+
 def _nulls_and_bare_flags(overrides: Sequence[str], fields: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     """`--field null` (or `--field=null`) for a field that may be null means null, as `field: null` does
     in a recipe (argparse would read the word as a value of the field's type); a bare `--field` of a
@@ -239,8 +242,8 @@ def _nulls_and_bare_flags(overrides: Sequence[str], fields: dict[str, Any]) -> t
     tokens = list(overrides)
     i = 0
     while i < len(tokens):
-        key, has_value, value = tokens[i][2:].partition("=") if tokens[i].startswith("--") else ("", False, "")
-        name = key.replace("-", "_")
+        name = _option_name(tokens[i])
+        _, has_value, value = tokens[i].partition("=")
         options = typing.get_args(fields.get(name))
         nullable = type(None) in options and name not in _NULL_NOT_ALLOWED
         following = tokens[i + 1] if i + 1 < len(tokens) else None
@@ -264,7 +267,7 @@ def _source(err: ValueError, recipe, recipe_values: dict[str, Any], overrides: S
     that names no field, or a field left at its default) the recipe with its overrides."""
     match = re.match(r"\w+\.(\w+)", str(err))
     field = match.group(1) if match else None
-    given = {t[2:].split("=", 1)[0].replace("-", "_") for t in overrides if t.startswith("--")}
+    given = {_option_name(t) for t in overrides} - {None}
     if field in given:
         return "command line"
     if recipe is None:

@@ -162,8 +162,9 @@ class Bench:
         import timm
 
         from hf_graft.config import DataArguments
-        from hf_graft.data import load_image_data, resolve_student_data_config
-        from hf_graft.device_data import decode_to_device
+        from hf_graft.data.loading import load_image_data
+        from hf_graft.data.transforms import resolve_student_data_config
+        from hf_graft.data.on_device import decode_to_device
 
         a = self.args
         self.data_args = DataArguments(
@@ -205,8 +206,8 @@ class Bench:
         return GraftingConfig(**kwargs)
 
     def trainer(self, config, callbacks):
-        from hf_graft.population import PopulationSpec, StudentPopulation
-        from hf_graft.trainer import GraftingTrainer
+        from hf_graft.population.students import PopulationSpec, StudentPopulation
+        from hf_graft.training.trainer import GraftingTrainer
 
         spec = PopulationSpec(config.student_model, config.num_students, self.data.num_classes,
                               label_names=self.data.label_names)

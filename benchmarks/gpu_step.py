@@ -282,7 +282,7 @@ def _loader(dataset, row: Row, args, device: torch.device):
 
 
 def run_hand(row: Row, dataset, args, device: torch.device, on_device: bool, clock) -> list[float]:
-    from hf_graft.population import create_member
+    from hf_graft.population.students import create_member
 
     cuda = device.type == "cuda"
     memory_format = torch.channels_last if cuda else torch.contiguous_format
@@ -327,8 +327,8 @@ def run_trainer(row: Row, dataset, args, device: torch.device, side: str, workdi
     from transformers.trainer_callback import PrinterCallback
 
     from hf_graft.config import GraftingConfig
-    from hf_graft.population import PopulationSpec, StudentPopulation
-    from hf_graft.trainer import GraftingTrainer
+    from hf_graft.population.students import PopulationSpec, StudentPopulation
+    from hf_graft.training.trainer import GraftingTrainer
 
     cuda = device.type == "cuda"
     compiled = {"fused_graphs": dict(torch_compile=True, torch_compile_backend="cudagraphs"),

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import timm  # noqa: E402
 
 import hf_graft  # noqa: E402,F401  (registers cifar_resnet56 in timm)
-from hf_graft.grafting import graft_members  # noqa: E402
+from hf_graft.graft.grafting import graft_members  # noqa: E402
 
 CIFAR10_TRAIN_IMAGES = 50_000
 
@@ -167,7 +167,7 @@ def bench_model(name: str, K: int, repeats: int, workdir: Path) -> dict:
 def step_time_estimate(steps: int, batch: int = 128, K: int = 2) -> dict:
     """Median seconds of one training step of a K-member cifar_resnet56 population (SGD, batch
     `batch` per member, each member its own batch), after one warm-up step."""
-    from hf_graft.population import PopulationSpec, StudentPopulation
+    from hf_graft.population.students import PopulationSpec, StudentPopulation
 
     population = StudentPopulation.from_spec(PopulationSpec("cifar_resnet56", K, 10), seed=0).train()
     opt = torch.optim.SGD(population.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)

@@ -124,7 +124,7 @@ class GraftDiagnostics(TrainerCallback):
         self._before = self.member_top1(model, args.device) if self._measured(args, graft_index) else None
 
     def on_graft_end(self, args, state, control, *, model, graft_index, train_dataset, report=None, **kwargs):
-        from hf_graft.recalibration import recalibrate_batchnorm
+        from hf_graft.training.recalibration import recalibrate_batchnorm
 
         if report is not None:
             self.alphas.append([a for member in report.members for a in member.alpha_values])
@@ -162,8 +162,8 @@ class GraftDiagnostics(TrainerCallback):
 # ----------------------------------------------------------------------------- one run
 def run_one(method: str, seed: int, args) -> dict:
     from hf_graft.config import DataArguments, GraftingConfig
-    from hf_graft.filters import threshold_key
-    from hf_graft.train import run_training
+    from hf_graft.graft.filters import threshold_key
+    from hf_graft.cli.train import run_training
 
     out_dir = Path(args.work_dir) / f"{method}_seed{seed}"
     data_args = DataArguments(dataset_name=args.dataset, eval_split="test", max_train_samples=args.train_samples,

@@ -60,9 +60,10 @@ def cpu_seconds() -> float:
 def load_data(args):
     """The CIFAR subset (loaded once, shared by both sides) and, for the plain loop, the training
     transform GraftingTrainer's datasets use (timm's, for the student's data config)."""
-    from hf_graft.builder import student_data_config
+    from hf_graft.training.builder import student_data_config
     from hf_graft.config import DataArguments, GraftingConfig
-    from hf_graft.data import build_transform, load_image_data
+    from hf_graft.data.transforms import build_transform
+    from hf_graft.data.loading import load_image_data
 
     data_args = DataArguments(dataset_name=args.dataset, eval_split="test", max_train_samples=args.train_samples,
                               max_eval_samples=16)
@@ -103,7 +104,7 @@ class PlainDataset(torch.utils.data.Dataset):
 def run_plain(args, data, transform, seed: int) -> list[float]:
     import timm
 
-    from hf_graft.population import create_member
+    from hf_graft.population.students import create_member
 
     models = [create_member(args.model, num_classes=data.num_classes, seed=seed + 1000 * k) for k in range(args.K)]
     base_lr = 0.1
@@ -143,9 +144,9 @@ def run_trainer(args, data_args, data, seed: int, workdir: str) -> list[float]:
     """GraftingTrainer on a run built as the command line builds it (`build_population_and_datasets`)."""
     from transformers import TrainerCallback
 
-    from hf_graft.builder import build_population_and_datasets
+    from hf_graft.training.builder import build_population_and_datasets
     from hf_graft.config import GraftingConfig
-    from hf_graft.trainer import GraftingTrainer
+    from hf_graft.training.trainer import GraftingTrainer
 
     class EpochTimer(TrainerCallback):
         def __init__(self):
@@ -178,7 +179,7 @@ def run_trainer(args, data_args, data, seed: int, workdir: str) -> list[float]:
 # ----------------------------------------------------------------------------- GPU: one member vs timm
 def run_timm_gpu_step(args, data, transform, seed: int) -> list[float]:
     """timm's own training step on one member: channels_last + bf16 autocast (GPU only)."""
-    from hf_graft.population import create_member
+    from hf_graft.population.students import create_member
 
     device = torch.device("cuda")
     model = create_member(args.model, num_classes=data.num_classes, seed=seed).to(device)

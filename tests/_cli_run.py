@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hf_graft.train import main
+from hf_graft.cli.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -37,7 +37,7 @@ def copy_run(source: Path, target: Path) -> Path:
 
 def start_lock_holder(folder: Path) -> subprocess.Popen:
     """Another process that locks `folder` as a run would, and waits to be killed."""
-    code = ("import sys, time\nfrom hf_graft.run_dir import lock_output_dir\n"
+    code = ("import sys, time\nfrom hf_graft.run.output_dir import lock_output_dir\n"
             "lock_output_dir(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(120)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, env=env)

@@ -24,10 +24,11 @@ import torch
 torch.set_num_threads(1)
 
 import hf_graft  # noqa: E402,F401  (registers the cifar_* models in timm)
-from hf_graft.builder import build_population_and_datasets  # noqa: E402
+from hf_graft.training.builder import build_population_and_datasets  # noqa: E402
 from hf_graft.config import DataArguments, GraftingConfig  # noqa: E402
-from hf_graft.data import MemberOrderDataset, load_image_data  # noqa: E402
-from hf_graft.trainer import GraftingTrainer  # noqa: E402
+from hf_graft.data.sampling import MemberOrderDataset  # noqa: E402
+from hf_graft.data.loading import load_image_data  # noqa: E402
+from hf_graft.training.trainer import GraftingTrainer  # noqa: E402
 
 
 def member_digests(population) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import default_collate
 
-from hf_graft.trainer import GraftingTrainer
+from hf_graft.training.trainer import GraftingTrainer
 
 FLOAT64_EXACT = 1e-12  # float64 runs of two executions agree to this (0.0 measured on the CPU here)
 

@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 import hf_graft  # noqa: F401
 import timm
-from hf_graft.filters import filter_report
-from hf_graft.grafting import graft_members
+from hf_graft.graft.filters import filter_report
+from hf_graft.graft.grafting import graft_members
 
 
 def main(out_path: str) -> None:

@@ -20,8 +20,10 @@ torch.set_num_threads(1)
 
 import hf_graft  # noqa: E402,F401
 from hf_graft.config import DataArguments, GraftingConfig  # noqa: E402
-from hf_graft.data import load_image_data, population_datasets, resolve_student_data_config  # noqa: E402
-from hf_graft.population import PopulationSpec, StudentPopulation  # noqa: E402
+from hf_graft.data.loading import load_image_data  # noqa: E402
+from hf_graft.data.populations import population_datasets  # noqa: E402
+from hf_graft.data.transforms import resolve_student_data_config  # noqa: E402
+from hf_graft.population.students import PopulationSpec, StudentPopulation  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _float64 import Float64Trainer  # noqa: E402

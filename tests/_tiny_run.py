@@ -14,9 +14,9 @@ import torch
 from transformers import TrainerCallback
 
 import hf_graft  # noqa: F401  (registers the cifar_* models in timm)
-from hf_graft.builder import build_population_and_datasets
+from hf_graft.training.builder import build_population_and_datasets
 from hf_graft.config import GraftingConfig
-from hf_graft.trainer import GraftingTrainer
+from hf_graft.training.trainer import GraftingTrainer
 
 
 def build_trainer(digits, output_dir, *, trainer_cls=GraftingTrainer, callbacks=None, teachers=None,

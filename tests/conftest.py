@@ -31,7 +31,7 @@ def single_thread():
 def digits_small():
     """builtin:digits, 64 training and 64 held-out images (real data, loaded once per test run)."""
     from hf_graft.config import DataArguments
-    from hf_graft.data import load_image_data
+    from hf_graft.data.loading import load_image_data
 
     args = DataArguments(dataset_name="builtin:digits", max_train_samples=64, max_eval_samples=64, input_size=TINY_SIZE)
     return args, load_image_data(args, seed=0)

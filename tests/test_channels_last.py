@@ -17,9 +17,9 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 import hf_graft  # noqa: F401
-from hf_graft.export import save_student
-from hf_graft.grafting import graft_internal, graft_members, graft_noise
-from hf_graft.population import channels_last_batch, load_checkpoint_members
+from hf_graft.cli.export import save_student
+from hf_graft.graft.grafting import graft_internal, graft_members, graft_noise
+from hf_graft.population.students import channels_last_batch, load_checkpoint_members
 
 from _float64 import FLOAT64_EXACT, Float64Trainer, max_difference
 from _tiny_run import SaveAndStopAtStep, assert_bit_identical, build_trainer, population_state
@@ -189,7 +189,7 @@ def test_nan_loss_filter_on_the_device_logs_what_the_trainer_logs(tmp_path, digi
 
 def test_fused_members_copy_keeps_working():
     """copy.deepcopy of a channels_last, fused population (e.g. an EMA copy) runs on its own."""
-    from hf_graft.population import PopulationSpec, StudentPopulation
+    from hf_graft.population.students import PopulationSpec, StudentPopulation
 
     population = StudentPopulation.from_spec(PopulationSpec("cifar_resnet20", 2, 10), seed=0)
     population.set_execution(channels_last=True, fused=True)

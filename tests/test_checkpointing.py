@@ -1,6 +1,6 @@
 """The one piece of hf_graft that relies on transformers' Trainer internals: atomic checkpoints.
 
-`hf_graft.checkpointing.AtomicCheckpoints` runs transformers' own `Trainer._save_checkpoint` with the
+`hf_graft.run.checkpoints.AtomicCheckpoints` runs transformers' own `Trainer._save_checkpoint` with the
 run folder (`Trainer._get_output_dir`) redirected to a staging folder, then renames the staged
 checkpoint into place. These tests fail loudly when the installed transformers stops writing its
 checkpoint where that redirection sends it, and when it is newer than the bound in pyproject.toml
@@ -18,7 +18,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 from transformers import Trainer
 
-from hf_graft.checkpointing import AtomicCheckpoints
+from hf_graft.run.checkpoints import AtomicCheckpoints
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -60,7 +60,7 @@ def test_a_save_outside_the_staging_folder_is_an_error(make_trainer, tmp_path, m
 
 
 def test_the_mixin_comes_before_trainer():
-    from hf_graft.trainer import GraftingTrainer
+    from hf_graft.training.trainer import GraftingTrainer
 
     mro = GraftingTrainer.__mro__
     assert mro.index(AtomicCheckpoints) < mro.index(Trainer)

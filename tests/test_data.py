@@ -17,15 +17,11 @@ from torchvision import transforms as T
 
 import hf_graft  # noqa: F401  (registers cifar_* in timm)
 from hf_graft.config import DataArguments
-from hf_graft.data import (
-    MemberOrderDataset,
-    build_transform,
-    load_builtin_digits,
-    load_image_data,
-    normalize_pixels,
-    pixel_statistics,
-    resolve_student_data_config,
+from hf_graft.data.sampling import MemberOrderDataset
+from hf_graft.data.transforms import (
+    build_transform, normalize_pixels, pixel_statistics, resolve_student_data_config,
 )
+from hf_graft.data.loading import load_builtin_digits, load_image_data
 
 CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 if not CIFAR10.is_dir():
@@ -381,8 +377,8 @@ def test_independent_orders_survive_sharding_across_two_processes(indexed):
 
 def test_grafting_trainer_dataloader_gives_each_member_its_own_full_epoch(indexed, tmp_path, single_thread):
     from hf_graft.config import GraftingConfig
-    from hf_graft.population import PopulationSpec, StudentPopulation
-    from hf_graft.trainer import GraftingTrainer
+    from hf_graft.population.students import PopulationSpec, StudentPopulation
+    from hf_graft.training.trainer import GraftingTrainer
 
     def epoch_orders(seed, order="independent"):
         config = GraftingConfig(output_dir=str(tmp_path), num_students=2, per_device_train_batch_size=8,

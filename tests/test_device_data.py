@@ -17,10 +17,12 @@ import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader
 
 import hf_graft  # noqa: F401  (registers cifar_* in timm)
-from hf_graft import device_data
+from hf_graft.data import on_device as device_data
 from hf_graft.config import DataArguments
-from hf_graft.data import EpochShuffleSampler, MemberOrderDataset, load_image_data, population_datasets
-from hf_graft.device_data import DeviceImageDataset, collate_examples, decode_to_device
+from hf_graft.data.sampling import EpochShuffleSampler, MemberOrderDataset
+from hf_graft.data.loading import load_image_data
+from hf_graft.data.populations import population_datasets
+from hf_graft.data.on_device import DeviceImageDataset, collate_examples, decode_to_device
 
 from _tiny_run import CountingTrainer, assert_bit_identical, build_trainer, population_state
 
@@ -117,8 +119,8 @@ def test_offsets_and_flips_are_uniform(images):
 # ----------------------------------------------------------------------------- order and sharding
 def test_each_member_sees_every_example_once_per_epoch(images, tmp_path, single_thread):
     from hf_graft.config import GraftingConfig
-    from hf_graft.population import PopulationSpec, StudentPopulation
-    from hf_graft.trainer import GraftingTrainer
+    from hf_graft.population.students import PopulationSpec, StudentPopulation
+    from hf_graft.training.trainer import GraftingTrainer
 
     def trainer_for(order, workers=2):
         config = GraftingConfig(output_dir=str(tmp_path), num_students=3, per_device_train_batch_size=8, use_cpu=True,
@@ -245,7 +247,7 @@ def test_evaluation_equals_the_pil_path(tmp_path, digits_small, single_thread):
 def test_cifar10_eval_at_native_size_equals_the_pil_transform():
     import timm
 
-    from hf_graft.data import build_transform, resolve_student_data_config
+    from hf_graft.data.transforms import build_transform, resolve_student_data_config
 
     args = DataArguments(dataset_name=str(CIFAR10), max_train_samples=64, max_eval_samples=64, data_on_device=True)
     data = load_image_data(args, seed=0)
@@ -295,8 +297,8 @@ def test_a_dataset_that_does_not_fit_fails_before_decoding(digits_small, monkeyp
 
 
 def test_the_training_entry_point_puts_the_data_on_the_device(tmp_path, single_thread):
-    from hf_graft.train import build_trainer as build_from_arguments
-    from hf_graft.train import parse_recipe
+    from hf_graft.cli.train import build_trainer as build_from_arguments
+    from hf_graft.cli.train import parse_recipe
 
     root = Path(__file__).resolve().parents[1]
     data_args, config = parse_recipe(root / "recipes" / "quickstart.yaml", [
@@ -340,8 +342,8 @@ def test_cuda_batches_equal_cpu_batches(images):
 
 @needs_cuda
 def test_cuda_training_entry_point_keeps_the_data_on_the_gpu(tmp_path):
-    from hf_graft.train import build_trainer as build_from_arguments
-    from hf_graft.train import parse_recipe
+    from hf_graft.cli.train import build_trainer as build_from_arguments
+    from hf_graft.cli.train import parse_recipe
 
     root = Path(__file__).resolve().parents[1]
     data_args, config = parse_recipe(root / "recipes" / "quickstart.yaml", [
@@ -362,7 +364,8 @@ def test_cuda_training_entry_point_keeps_the_data_on_the_gpu(tmp_path):
 def test_normalize_on_device_changes_nothing_with_data_on_the_device(digits_small):
     """data_on_device normalises on the device anyway: with normalize_on_device as well, the decoded
     splits and the batches are the same."""
-    from hf_graft.data import population_datasets, resolve_student_data_config
+    from hf_graft.data.populations import population_datasets
+    from hf_graft.data.transforms import resolve_student_data_config
 
     data_args, data = digits_small
     import timm

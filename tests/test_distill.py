@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hf_graft.distill import averaged_teacher_probs, kd_loss
+from hf_graft.graft.distill import averaged_teacher_probs, kd_loss
 
 
 def ref_kd(student, teachers, tau):

@@ -1,4 +1,4 @@
-"""hf_graft.export: one folder that timm (`local-dir:`) and transformers (TimmWrapper, pipeline) both load."""
+"""hf_graft.cli.export: one folder that timm (`local-dir:`) and transformers (TimmWrapper, pipeline) both load."""
 
 from __future__ import annotations
 
@@ -16,17 +16,12 @@ import torch
 from PIL import Image
 
 import hf_graft  # noqa: F401  (registers cifar_* architectures)
-from hf_graft import export, student_folder
-from hf_graft.export import (
-    EXPORT_FILES,
-    PAPER_BIBTEX,
-    PushToHubError,
-    build_model_card,
-    push_student,
-    save_student,
-    select_member,
+from hf_graft.cli import export
+from hf_graft.export import student_folder
+from hf_graft.cli.export import (
+    EXPORT_FILES, PAPER_BIBTEX, PushToHubError, build_model_card, push_student, save_student, select_member,
 )
-from hf_graft.population import PopulationSpec, StudentPopulation
+from hf_graft.population.students import PopulationSpec, StudentPopulation
 
 TINY_ARCH = "test_resnet"  # timm's own ~0.5M-parameter test network
 LABELS = ["airplane", "bird", "cat"]
@@ -476,7 +471,7 @@ def test_cli_push_to_unreachable_hub_fails_cleanly(checkpoint, tmp_path):
     env.pop("HF_HUB_OFFLINE", None)  # reach the (dead) endpoint rather than the offline guard
     env.pop("HF_TOKEN", None)
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1")
-    command = [sys.executable, "-m", "hf_graft.export", str(folder), "--member", "1", "--out", str(out),
+    command = [sys.executable, "-m", "hf_graft.cli.export", str(folder), "--member", "1", "--out", str(out),
                "--push-to-hub", "someone/grafted-student", "--token", FAKE_TOKEN]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr

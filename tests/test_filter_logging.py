@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from hf_graft.filters import filter_report
+from hf_graft.graft.filters import filter_report
 
 
 def test_filter_metrics_at_graft_and_eval_and_alpha_histograms(make_trainer, tmp_path, monkeypatch):

@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 
 import hf_graft  # noqa: F401  (registers the cifar_* architectures)
-from hf_graft.analyze import main as analyze_main
-from hf_graft.filters import filter_report, plot_reports
+from hf_graft.cli.analyze import main as analyze_main
+from hf_graft.graft.filters import filter_report, plot_reports
 
 THRESHOLDS = (1e-3, 1e-2, 0.1, 1.0)
 KEYS = ("0.001", "0.01", "0.1", "1.0")
@@ -276,7 +276,7 @@ def test_cli_on_a_timm_model_name(tmp_path, capsys):
 def _write_checkpoint(folder, model_name: str, k: int) -> list[nn.Module]:
     from safetensors.torch import save_file
 
-    from hf_graft.population import PopulationSpec, create_member
+    from hf_graft.population.students import PopulationSpec, create_member
 
     PopulationSpec(student_model=model_name, num_students=k, num_classes=10).save(folder)
     members = [create_member(model_name, num_classes=10, seed=100 + i) for i in range(k)]
@@ -363,7 +363,7 @@ def test_cli_hf_hub_offline_fails_with_one_line(monkeypatch, capsys):
 def test_python_dash_m_entry_point(tmp_path):
     bad = tmp_path / "missing"
     result = subprocess.run(
-        [sys.executable, "-m", "hf_graft.analyze", str(bad)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "hf_graft.cli.analyze", str(bad)], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 2
     assert str(bad) in result.stderr

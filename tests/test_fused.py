@@ -19,9 +19,9 @@ from transformers import TrainerCallback
 
 import hf_graft  # noqa: F401
 from hf_graft.config import GraftingConfig
-from hf_graft.export import save_student
-from hf_graft.fused import FusionError, _FusedDropPath, separate_storage
-from hf_graft.population import PopulationSpec, StudentPopulation, load_checkpoint_members
+from hf_graft.cli.export import save_student
+from hf_graft.population.fused import FusionError, _FusedDropPath, separate_storage
+from hf_graft.population.students import PopulationSpec, StudentPopulation, load_checkpoint_members
 
 from _float64 import FLOAT64_EXACT, Float64Trainer, max_difference as _max_difference
 from _tiny_run import SaveAndStopAtStep, build_trainer, population_state

@@ -23,10 +23,12 @@ import torch
 import torch.nn as nn
 
 import hf_graft  # noqa: F401  (registers cifar_resnet20 in timm)
-from hf_graft.grafting import GraftReport, adaptive_alpha, anchor_plan, graft_internal, graft_members, graft_noise
-from hf_graft.information import COUNT_METHODS, _row_bin_counts, _scaled, batched_entropy, layer_information
-from hf_graft.schedule import cosine_lr_multipliers
-from hf_graft.sharded import sharded_information, sharded_layer_information
+from hf_graft.graft.grafting import (
+    GraftReport, adaptive_alpha, anchor_plan, graft_internal, graft_members, graft_noise,
+)
+from hf_graft.graft.information import COUNT_METHODS, _row_bin_counts, _scaled, batched_entropy, layer_information
+from hf_graft.graft.schedule import cosine_lr_multipliers
+from hf_graft.graft.sharded import sharded_information, sharded_layer_information
 
 
 # ----------------------------------------------------------------------------- reference
@@ -639,7 +641,7 @@ def test_sharded_information_equals_whole_tensor(world):
 
 
 def test_sharded_counts_equal_whole_histogram_exactly():
-    from hf_graft.sharded import _sharded_histograms
+    from hf_graft.graft.sharded import _sharded_histograms
 
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(37, 5, 3, 3, generator=gen)
@@ -718,7 +720,7 @@ def _free_port() -> int:
                     reason="torch.distributed with the gloo backend is not available in this torch build")
 def test_sharded_information_on_two_gloo_processes(tmp_path):
     """Two real processes, each holding its uneven piece (plain tensors and FSDP2-style DTensors)."""
-    import hf_graft.sharded as sharded
+    import hf_graft.graft.sharded as sharded
 
     port = str(_free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from hf_graft.config import GraftingConfig
-from hf_graft.export import save_student
-from hf_graft.model_sources import load_teacher
+from hf_graft.cli.export import save_student
+from hf_graft.population.sources import load_teacher
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

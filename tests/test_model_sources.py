@@ -7,7 +7,7 @@ import pytest
 
 import hf_graft  # noqa: F401  (registers the cifar_* architectures)
 from hf_graft.config import GraftingConfig
-from hf_graft.model_sources import ModelSourceError, check_model_name, resolve_model_source
+from hf_graft.population.sources import ModelSourceError, check_model_name, resolve_model_source
 
 
 @pytest.fixture

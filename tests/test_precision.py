@@ -15,8 +15,8 @@ import torch.nn as nn
 from transformers import TrainerCallback
 
 import hf_graft  # noqa: F401
-from hf_graft.grafting import graft_members
-from hf_graft.trainer import GraftingTrainer
+from hf_graft.graft.grafting import graft_members
+from hf_graft.training.trainer import GraftingTrainer
 
 from _tiny_run import CountingTrainer, build_trainer
 

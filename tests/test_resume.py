@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_graft.population import load_checkpoint_members
-from hf_graft.run_dir import LOCK_FILE
+from hf_graft.population.students import load_checkpoint_members
+from hf_graft.run.output_dir import LOCK_FILE
 
 from _tiny_run import CountingTrainer, assert_bit_identical, build_trainer, population_state
 
@@ -192,7 +192,7 @@ def test_training_batches_depend_only_on_seed_and_epoch(tmp_path, digits_small, 
 
 def test_publishing_a_checkpoint_replaces_an_older_copy_of_the_same_step(tmp_path):
     """A second save of one step (e.g. a resumed run saving again) swaps the folders whole."""
-    from hf_graft.checkpointing import publish_dir
+    from hf_graft.run.checkpoints import publish_dir
 
     final, staging = tmp_path / "checkpoint-8", tmp_path / "tmp-checkpoint-8"
     final.mkdir()

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from hf_graft import export
-from hf_graft.analyze import main as analyze_main
-from hf_graft.run_dir import LOCK_FILE, RUN_IDENTITY_FILE, OutputDirError
+from hf_graft.cli import export
+from hf_graft.cli.analyze import main as analyze_main
+from hf_graft.run.output_dir import LOCK_FILE, RUN_IDENTITY_FILE, OutputDirError
 
 from _cli_run import cli, copy_run, error_lines, start_lock_holder
 
@@ -75,7 +75,7 @@ def test_a_run_refused_while_it_is_built_leaves_the_run_it_would_replace(finishe
 def test_the_room_check_counts_what_replacing_the_previous_run_frees(finished_run, tmp_path, capsys, monkeypatch):
     """A folder whose previous run takes the room the new checkpoints need: replacing it frees that
     room, so the run is not refused; the same free space without the previous run is refused."""
-    import hf_graft.run_dir as run_dir
+    import hf_graft.run.output_dir as run_dir
 
     out = copy_run(finished_run, tmp_path / "run")  # two checkpoints of the same population
     usage = namedtuple("usage", "total used free")
@@ -210,7 +210,7 @@ def test_an_output_dir_that_cannot_be_written_fails_before_training(tmp_path, ca
 
 
 def test_no_room_for_a_checkpoint_fails_before_training(tmp_path, capsys, monkeypatch):
-    import hf_graft.run_dir as run_dir
+    import hf_graft.run.output_dir as run_dir
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(run_dir.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))

@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-from hf_graft.analyze import main as analyze_main
+from hf_graft.cli.analyze import main as analyze_main
 from hf_graft.config import DataArguments
-from hf_graft.data import load_image_data
-from hf_graft.data_checks import CorruptImageError, LabelError
-from hf_graft.divergence import DivergenceError
-from hf_graft.filters import filter_report
+from hf_graft.data.loading import load_image_data
+from hf_graft.data.checks import CorruptImageError, LabelError
+from hf_graft.training.divergence import DivergenceError
+from hf_graft.graft.filters import filter_report
 
 from _cli_run import cli, error_lines
 
@@ -95,7 +95,7 @@ def test_a_corrupt_image_stops_the_run_with_one_line_naming_the_file(tmp_path, c
 
 
 def test_corrupt_image_error_from_a_worker_is_reduced_to_its_line():
-    from hf_graft.data_checks import undecodable_image
+    from hf_graft.data.checks import undecodable_image
 
     class Rows(list):
         split = "train"
@@ -104,7 +104,7 @@ def test_corrupt_image_error_from_a_worker_is_reduced_to_its_line():
     assert error.one_line() == str(error) and "row 1 of split 'train'" in str(error)
     # how torch re-raises an exception of a DataLoader worker: its traceback becomes the message
     wrapped = CorruptImageError(f"Caught CorruptImageError in DataLoader worker process 0.\nOriginal Traceback "
-                                f"(most recent call last):\n  File \"x\", line 1\nhf_graft.data_checks.CorruptImageError: "
+                                f"(most recent call last):\n  File \"x\", line 1\nhf_graft.data.checks.CorruptImageError: "
                                 f"{error}\n")
     assert wrapped.one_line() == str(error)
 

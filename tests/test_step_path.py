@@ -12,7 +12,7 @@ import torch
 from transformers import TrainerCallback
 
 from hf_graft.config import GraftingConfig
-from hf_graft.population import PopulationSpec, StudentPopulation
+from hf_graft.population.students import PopulationSpec, StudentPopulation
 
 from conftest import TINY_SIZE, TINY_STUDENT
 
@@ -194,7 +194,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_on_cuda_the_side_stream_copy_is_complete_before_the_step_reads_it():
     """A large pinned batch copied on the side stream, read at once by a kernel on the training
     stream: the values are the batch's (the training stream waited for the copy)."""
-    from hf_graft.transfer import SideStreamCopy
+    from hf_graft.data.transfer import SideStreamCopy
 
     device = torch.device("cuda", torch.cuda.current_device())
     batch = {"pixel_values": torch.randn(256, 2, 3, 224, 224).pin_memory(),
@@ -303,7 +303,7 @@ def test_uint8_batches_without_the_students_statistics_stop_with_one_line(make_t
 def test_uint8_batches_of_a_population_without_a_data_config_use_the_students_own(make_trainer):
     """No data_config in the spec: the statistics are the ones timm resolves for the students (those an
     exported student records then too)."""
-    from hf_graft.data import resolve_student_data_config
+    from hf_graft.data.transforms import resolve_student_data_config
 
     trainer = make_trainer(num_train_epochs=1)
     trainer.population.spec.data_config = {}

@@ -13,8 +13,8 @@ import torch
 import yaml
 
 import hf_graft  # noqa: F401
-from hf_graft.schedule import cosine_lr_multipliers
-from hf_graft.train import RecipeError, main, parse_recipe
+from hf_graft.graft.schedule import cosine_lr_multipliers
+from hf_graft.cli.train import RecipeError, main, parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -257,8 +257,8 @@ def test_missing_dataset_fails_before_training_and_writes_nothing(tmp_path, caps
 
 def test_step_decay_schedule_keeps_member_rates(tmp_path):
     from hf_graft.config import GraftingConfig
-    from hf_graft.population import PopulationSpec, StudentPopulation
-    from hf_graft.trainer import GraftingTrainer
+    from hf_graft.population.students import PopulationSpec, StudentPopulation
+    from hf_graft.training.trainer import GraftingTrainer
 
     config = GraftingConfig(
         output_dir=str(tmp_path), num_students=2, lr_spread=["cosine"], learning_rate=0.1, num_train_epochs=3,
@@ -284,7 +284,7 @@ def test_quickstart_end_to_end_from_the_console_script(tmp_path):
     transformers and the pipeline load with the same logits and the dataset's label names."""
     out = tmp_path / "quick"
     exe = Path(sys.executable).with_name("hf-graft")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "hf_graft.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "hf_graft.cli.main"]
     proc = subprocess.run(
         [*cmd, "train", str(ROOT / "recipes/quickstart.yaml"), "--output_dir", str(out)],
         env=ENV, capture_output=True, text=True, timeout=600, cwd=tmp_path,
@@ -322,7 +322,7 @@ def test_quickstart_end_to_end_from_the_console_script(tmp_path):
     from PIL import Image
     from transformers import AutoModelForImageClassification, pipeline
 
-    from hf_graft.data import load_builtin_digits
+    from hf_graft.data.loading import load_builtin_digits
 
     student = out / "student"
     assert sorted(p.name for p in student.iterdir()) == ["README.md", "config.json", "model.safetensors"]

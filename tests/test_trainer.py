@@ -17,8 +17,8 @@ from torch.utils.data import default_collate
 from transformers import TrainerCallback
 
 from hf_graft.config import GraftingConfig
-from hf_graft.grafting import adaptive_alpha, anchor_plan, layer_information
-from hf_graft.grad_norms import member_grad_norms
+from hf_graft.graft.grafting import adaptive_alpha, anchor_plan, layer_information
+from hf_graft.training.grad_norms import member_grad_norms
 from hf_graft.metrics import population_metrics
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -515,11 +515,11 @@ def test_the_end_of_a_run_evaluates_selects_and_measures_once(make_trainer, tmp_
 
     import timm
 
-    import hf_graft.filters
+    import hf_graft.graft.filters
     import hf_graft.trainer as trainer_module
 
     reports, selections = [], []
-    original_report, original_select = hf_graft.filters.filter_report, trainer_module.select_member
+    original_report, original_select = hf_graft.graft.filters.filter_report, trainer_module.select_member
 
     def counting_report(*args, **kwargs):
         reports.append(1)
@@ -529,7 +529,7 @@ def test_the_end_of_a_run_evaluates_selects_and_measures_once(make_trainer, tmp_
         selections.append(1)
         return original_select(*args, **kwargs)
 
-    monkeypatch.setattr(hf_graft.filters, "filter_report", counting_report)
+    monkeypatch.setattr(hf_graft.graft.filters, "filter_report", counting_report)
     monkeypatch.setattr(trainer_module, "filter_report", counting_report)
     monkeypatch.setattr(trainer_module, "select_member", counting_select)
     counter = EvaluationCounter(reports)
@@ -566,7 +566,7 @@ def test_the_end_of_a_run_evaluates_selects_and_measures_once(make_trainer, tmp_
         torch.testing.assert_close(student(x), member(x), rtol=1e-5, atol=1e-5)
 
     # the run ends with a summary, and nothing about temporary folders
-    closing = [r.getMessage() for r in caplog.records if r.name == "hf_graft.trainer"]
+    closing = [r.getMessage() for r in caplog.records if r.name == "hf_graft.training.trainer"]
     selected = results["selected_member"]
     assert closing[0] == f"student: member {selected}, written to {out / 'student'}"
     assert closing[1].startswith(f"selected because member {selected} has the highest eval top1")

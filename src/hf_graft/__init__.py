@@ -15,20 +15,20 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 # Registers the CIFAR architectures (cifar_resnet20/32/56/110, cifar_mobilenetv2) in timm.
-from . import models  # noqa: F401
+from hf_graft import models  # noqa: F401
 
 # Public name -> the submodule that defines it: the one place to edit when a name moves.
 _PUBLIC = {
     "GraftingConfig": "config",
     "DataArguments": "config",
-    "GraftingTrainer": "trainer",
-    "StudentPopulation": "population",
-    "PopulationSpec": "population",
-    "graft_members": "grafting",
-    "layer_information": "grafting",
-    "adaptive_alpha": "grafting",
-    "kd_loss": "distill",
-    "filter_report": "filters",
+    "GraftingTrainer": "training.trainer",
+    "StudentPopulation": "population.students",
+    "PopulationSpec": "population.students",
+    "graft_members": "graft.grafting",
+    "layer_information": "graft.grafting",
+    "adaptive_alpha": "graft.grafting",
+    "kd_loss": "graft.distill",
+    "filter_report": "graft.filters",
 }
 
 __all__ = sorted(_PUBLIC)
@@ -48,9 +48,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the names without importing them at run time
-    from .config import DataArguments, GraftingConfig
-    from .distill import kd_loss
-    from .filters import filter_report
-    from .grafting import adaptive_alpha, graft_members, layer_information
-    from .population import PopulationSpec, StudentPopulation
-    from .trainer import GraftingTrainer
+    from hf_graft.config import DataArguments, GraftingConfig
+    from hf_graft.graft.distill import kd_loss
+    from hf_graft.graft.filters import filter_report
+    from hf_graft.graft.grafting import adaptive_alpha, graft_members, layer_information
+    from hf_graft.population.students import PopulationSpec, StudentPopulation
+    from hf_graft.training.trainer import GraftingTrainer

@@ -8,10 +8,10 @@ from typing import Any, Optional, Union
 
 from transformers import TrainingArguments
 
-from .grafting import CRITERIA, LEVELS
-from .schedule import cosine_lr_multipliers
+from hf_graft.graft.grafting import CRITERIA, LEVELS
+from hf_graft.graft.schedule import cosine_lr_multipliers
 
-__all__ = ["DataArguments", "GraftingConfig", "GRAFT_SOURCES", "DATA_ORDERS", "MEMBER_EXECUTIONS", "TRAIN_AUGMENTATIONS"]
+__all__ = ["DataArguments", "GraftingConfig", "as_mapping", "GRAFT_SOURCES", "DATA_ORDERS", "MEMBER_EXECUTIONS", "TRAIN_AUGMENTATIONS"]
 
 GRAFT_SOURCES = ("external", "noise", "internal", "none")
 DATA_ORDERS = ("independent", "shared")
@@ -23,7 +23,7 @@ def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"{owner}.{name}: got {value!r}; allowed: {allowed}")
 
 
-def _as_dict(owner: str, name: str, value: Any) -> dict:
+def as_mapping(owner: str, name: str, value: Any) -> dict:
     """Dict fields arrive as dicts (Python, YAML) or JSON strings (command line)."""
     if value is None or value == "":
         return {}
@@ -273,11 +273,11 @@ class GraftingConfig(TrainingArguments):
 
     def __post_init__(self):
         owner = "GraftingConfig"
-        self.student_model_kwargs = _as_dict(owner, "student_model_kwargs", self.student_model_kwargs)
-        self.teacher_model_kwargs = _as_dict(owner, "teacher_model_kwargs", self.teacher_model_kwargs)
-        from .model_sources import check_model_name  # names fail here, before any data is loaded
+        self.student_model_kwargs = as_mapping(owner, "student_model_kwargs", self.student_model_kwargs)
+        self.teacher_model_kwargs = as_mapping(owner, "teacher_model_kwargs", self.teacher_model_kwargs)
+        from hf_graft.population.sources import check_model_name  # names fail here, before any data is loaded
 
-        self.extra_metric_kwargs = _as_dict(owner, "extra_metric_kwargs", self.extra_metric_kwargs)
+        self.extra_metric_kwargs = as_mapping(owner, "extra_metric_kwargs", self.extra_metric_kwargs)
         if not self.student_model:
             _fail(owner, "student_model", self.student_model, "a timm model name or an 'hf-hub:'/'local-dir:' id")
         self.student_model = check_model_name(owner, "student_model", self.student_model).timm_name
@@ -334,7 +334,7 @@ class GraftingConfig(TrainingArguments):
             _fail(owner, "filter_thresholds", self.filter_thresholds, "positive numbers")
         self.extra_metrics = [str(m) for m in self.extra_metrics] if self.extra_metrics else None
         if self.extra_metrics or self.extra_metric_kwargs:
-            from .metrics import check_extra_metrics  # loads each metric: fails here, not at the first evaluation
+            from hf_graft.metrics import check_extra_metrics  # loads each metric: fails here, not at the first evaluation
 
             check_extra_metrics(self.extra_metrics, self.extra_metric_kwargs, owner)
         if self.kd_temperature <= 0:

@@ -1,0 +1,42 @@
+"""`hf-graft` console script: train | export | analyze | evaluate."""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+USAGE = """usage: hf-graft <command> [args]
+
+commands:
+  train RECIPE.yaml [--field value ...]   train a grafted population (same as python -m hf_graft.train)
+  export CHECKPOINT_DIR --member K --out FOLDER [--overwrite] [--push-to-hub REPO]
+                                          write one member of a training checkpoint as a timm/transformers model
+  analyze PATH [PATH ...] [--reference PATH] [--json F] [--plot F]
+                                          filter statistics (invalid filters, entropy) of models or checkpoints
+  evaluate MODEL --dataset_name NAME [--split S] [--extra_metrics M ...] [--json F]
+                                          top-1/top-5 (and evaluate metrics) of a model or checkpoint member
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from hf_graft.cli.train import main as run
+    elif command == "export":
+        from hf_graft.cli.export import main as run
+    elif command == "analyze":
+        from hf_graft.cli.analyze import main as run
+    elif command == "evaluate":
+        from hf_graft.cli.evaluate import main as run
+    else:
+        print(f"hf-graft: unknown command {command!r}; allowed: train, export, analyze, evaluate", file=sys.stderr)
+        return 2
+    return run(rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

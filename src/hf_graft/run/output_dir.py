@@ -1,0 +1,494 @@
+"""One run per output folder: the folder lock, the run's identity, and the checks of a fresh run or a resume.
+
+* **Lock.** A run holds `output_dir/.hf_graft.lock` (an exclusive `flock` on it, and the holder's process id
+  and host written in it) from its start to its end; a second run into the same folder fails at once,
+  naming the holder. The kernel drops the lock when its process dies, so the file a killed run leaves
+  behind is stale and the next run takes it over (where `flock` is not available, a lock whose process
+  no longer exists on this host is taken over).
+* **Fresh run.** A run that does not resume refuses a folder holding another run's checkpoints or
+  results, unless `replace_output_dir` is set, which deletes them first (only what a run writes there:
+  checkpoints, unfinished checkpoints, results, the exported student).
+* **Resume.** The checkpoint must be a complete `checkpoint-N` folder (not a `tmp-` or `-replaced`
+  leftover of an interrupted save, with readable weights) of the same experiment: every checkpoint holds
+  `graft_run.json`, the run identity (architecture, number of members and classes, label names, data,
+  optimisation and grafting settings), and a resume whose settings differ refuses with one line naming
+  the field and both values.
+
+In a distributed run, process 0 does the file work and every process raises the same error.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+
+from hf_graft.utils.files import (
+    CHECKPOINT_RE, EXPORT_FILES, LOCK_FILE, POPULATION_FILE, RESULT_FILES, RUN_IDENTITY_FILE, STUDENT_DIR,
+    TRAINER_STATE_FILE, WEIGHTS_FILE, is_unfinished_checkpoint,
+)
+
+__all__ = [
+    "LOCK_FILE",
+    "RUN_IDENTITY_FILE",
+    "OutputDirError",
+    "OutputDirClaim",
+    "check_checkpoint_folder",
+    "check_resume_identity",
+    "lock_output_dir",
+    "previous_run_entries",
+    "run_identity",
+    "save_run_identity",
+]
+
+logger = logging.getLogger("hf_graft.run.output_dir")
+
+WAYS_OUT = (
+    "resume it (resume_from_checkpoint: true), use another or an emptied output_dir, "
+    "or set replace_output_dir: true to replace it"
+)
+
+
+class OutputDirError(ValueError):
+    """The output folder or the checkpoint cannot be used for this run; the message is one line."""
+
+
+# ----------------------------------------------------------------------------- lock
+_held: dict[str, "OutputDirLock"] = {}
+
+
+class OutputDirLock:
+    """An exclusive lock on an output folder, re-entrant within one process (see `lock_output_dir`)."""
+
+    def __init__(self, folder: str, fd: int | None, path: str, created: bool = False):
+        self.folder, self.fd, self.path, self.count = folder, fd, path, 1
+        self.created = created  # the folder was made for this run: removed again if the run wrote nothing
+
+    def release(self) -> None:
+        self.count -= 1
+        if self.count > 0:
+            return
+        _held.pop(self.folder, None)
+        try:
+            os.unlink(self.path)  # before closing: a waiter then finds the file gone and makes a new one
+        except OSError:
+            pass
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.created:
+            try:
+                os.rmdir(self.folder)  # only if empty: a run refused before writing leaves nothing behind
+            except OSError:
+                pass
+
+
+def _flock(fd: int) -> bool | None:
+    """True: locked; False: another process holds it; None: this platform / file system has no flock."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+
+
+def _holder(fd: int) -> dict[str, Any]:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return json.loads(os.read(fd, 4096).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    if not holder.get("pid"):
+        return "another process"
+    started = holder.get("started")
+    when = f", started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}" if started else ""
+    return f"process {holder['pid']} on {holder.get('host', '?')}{when}"
+
+
+def lock_output_dir(output_dir: str | os.PathLike) -> OutputDirLock:
+    """Create `output_dir` if needed and lock it for this process; raise `OutputDirError` if another holds it.
+
+    Creating the lock file is also the check that the folder is writable.
+    """
+    folder = os.path.realpath(output_dir)
+    held = _held.get(folder)
+    if held is not None:
+        held.count += 1
+        return held
+    created = not os.path.isdir(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise OutputDirError(f"output_dir: cannot create {str(output_dir)!r} ({err.strerror or err})") from None
+    path = os.path.join(folder, LOCK_FILE)
+    for _attempt in range(10):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise OutputDirError(
+                f"output_dir: {str(output_dir)!r} is not writable ({err.strerror or err}); choose a folder this user "
+                "can write to"
+            ) from None
+        locked = _flock(fd)
+        holder = _holder(fd)
+        if locked is False or (locked is None and _held_elsewhere(holder)):
+            os.close(fd)
+            raise OutputDirError(
+                f"output_dir: {output_dir} is in use by another run ({_describe(holder)}); wait for it to end "
+                f"or choose another output_dir (if no such run exists, delete {path})"
+            )
+        try:  # the file locked must still be the one at `path` (a releasing holder unlinks it)
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            continue
+        if holder.get("pid"):
+            logger.info("output_dir %s: taking over the lock left by %s, which has ended", output_dir, _describe(holder))
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record.encode(), 0)
+        lock = _held[folder] = OutputDirLock(folder, fd, path, created)
+        return lock
+    raise OutputDirError(f"output_dir: could not lock {output_dir} (its lock file keeps changing); try again")
+
+
+def _held_elsewhere(holder: dict[str, Any]) -> bool:
+    """Without flock: is the recorded holder still running (or on another host, where we cannot tell)?"""
+    pid = holder.get("pid")
+    if not pid:
+        return False
+    if holder.get("host") != socket.gethostname():
+        return True
+    return pid != os.getpid() and _alive(int(pid))
+
+
+@atexit.register
+def _release_all() -> None:
+    for lock in list(_held.values()):
+        lock.count = 1
+        lock.release()
+
+
+# ----------------------------------------------------------------------------- folder content
+def previous_run_entries(output_dir: str | os.PathLike) -> list[str]:
+    """Names of the checkpoints and results of a run in `output_dir` (sorted; empty for a new folder)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in folder.iterdir():
+        if entry.is_dir() and (CHECKPOINT_RE.match(entry.name) or entry.name == STUDENT_DIR):
+            found.append(entry.name)
+        elif entry.is_file() and entry.name in RESULT_FILES:
+            found.append(entry.name)
+    return sorted(found, key=_natural)
+
+
+def _natural(name: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _previous_run_to_replace(output_dir: str | os.PathLike) -> list[Path]:
+    """What `replace_output_dir` removes from `output_dir`: a previous run's checkpoints and results and
+    leftovers of interrupted saves; refused if its student folder holds files a run did not write."""
+    folder = Path(output_dir)
+    student = folder / STUDENT_DIR
+    if student.is_dir():
+        foreign = sorted(p.name for p in student.iterdir() if p.name not in EXPORT_FILES)
+        if foreign:
+            raise OutputDirError(
+                f"replace_output_dir: {student} holds files that are not an exported student ({', '.join(foreign[:5])}); "
+                "move them away or choose another output_dir"
+            )
+    names = previous_run_entries(folder)
+    names += sorted(p.name for p in folder.iterdir() if p.is_dir() and is_unfinished_checkpoint(p))
+    return [folder / name for name in names]
+
+
+def _size(paths: list[Path]) -> int:
+    return sum(f.stat().st_size for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot be read (truncated, damaged header), or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: all mean "cannot be read"
+        return " ".join(str(err).split()) or type(err).__name__
+    return None
+
+
+def check_checkpoint_folder(path: str | os.PathLike, *, what: str = "resume_from_checkpoint") -> Path:
+    """A complete hf_graft training checkpoint, or `OutputDirError` naming `what`, the folder and the problem."""
+    import zipfile
+
+    folder = Path(path)
+    if not folder.exists():
+        raise OutputDirError(f"{what}: {path} does not exist (expected a checkpoint-N folder of a training run)")
+    if not folder.is_dir():
+        raise OutputDirError(f"{what}: {path} is a file, not a checkpoint-N folder")
+    if is_unfinished_checkpoint(folder):
+        raise OutputDirError(
+            f"{what}: {path} is what an interrupted checkpoint save left behind, not a checkpoint; use a checkpoint-N folder"
+        )
+    if not (folder / POPULATION_FILE).is_file():
+        raise OutputDirError(f"{what}: {path} has no {POPULATION_FILE}; is it a hf_graft training checkpoint?")
+    if what == "resume_from_checkpoint" and not (folder / TRAINER_STATE_FILE).is_file():
+        raise OutputDirError(f"{what}: {path} has no trainer_state.json; it is not a complete checkpoint")
+    weights = folder / WEIGHTS_FILE
+    if weights.is_file():
+        problem = _safetensors_problem(weights)
+        if problem:
+            raise OutputDirError(f"{what}: {weights} cannot be read ({problem}); use another checkpoint")
+    # torch.save files are zip archives: a truncated one has no central directory at its end
+    for name in ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth"):
+        file = folder / name
+        if file.is_file() and not zipfile.is_zipfile(file):
+            raise OutputDirError(f"{what}: {file} is damaged (truncated?); use another checkpoint")
+    return folder
+
+
+def _last_checkpoint(output_dir: str) -> str | None:
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = [int(p.name.split("-")[1]) for p in folder.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
+    return str(folder / f"checkpoint-{max(steps)}") if steps else None
+
+
+def resolve_resume(output_dir: str, resume: str | bool | None) -> str | None:
+    """The checkpoint folder a `resume_from_checkpoint` value names (None: a fresh run).
+
+    True names the last `checkpoint-N` of `output_dir` and fails without one; the strings "true" / "last"
+    (recipes, command line) do the same but start fresh, with a warning, when there is none.
+    """
+    if resume is None or resume is False or resume == "":
+        return None
+    if resume is True or str(resume) in ("true", "True", "last"):
+        last = _last_checkpoint(output_dir)
+        if last is None and resume is True:
+            raise OutputDirError(f"resume_from_checkpoint: no checkpoint-N folder in output_dir {output_dir}")
+        if last is None:
+            logger.warning("resume_from_checkpoint: no checkpoint in %s; starting from scratch", output_dir)
+        return last
+    return str(resume)
+
+
+# ----------------------------------------------------------------------------- run identity
+def _jsonable(value: Any) -> Any:
+    value = getattr(value, "value", value)  # enums of TrainingArguments
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+# settings of the config that make a different experiment (the ones a resume may change are left out:
+# epochs and steps, logging, evaluation, saving, precision, workers, output_dir)
+_CONFIG_IDENTITY_FIELDS = (
+    "student_model", "student_model_kwargs", "student_pretrained", "shared_init", "seed", "data_seed",
+    "learning_rate", "lr_spread", "optim", "optim_args", "weight_decay", "lr_scheduler_type", "lr_decay_epochs",
+    "lr_decay_gamma", "max_grad_norm", "graft_source", "graft_level", "graft_criterion", "graft_bins", "graft_A",
+    "graft_c", "graft_every_epochs", "graft_every_steps", "graft_start_epoch", "graft_noise_a",
+    "graft_invalid_threshold", "bn_recalibration_batches", "data_order", "teacher_models", "kd_temperature",
+    "kd_weight", "ce_weight",
+)
+
+
+def run_identity(trainer) -> dict[str, Any]:
+    """What makes this run's result a particular experiment, as JSON values keyed by setting name."""
+    args = trainer.args
+    population = trainer.population
+    spec = population.spec
+    first = population.members[0]
+    # the most telling differences first: a resume names the first setting that differs
+    identity: dict[str, Any] = {
+        "student_model": args.student_model if spec is None else spec.student_model,
+        "student_model_kwargs": args.student_model_kwargs if spec is None else spec.student_model_kwargs,
+        "num_students": population.num_members,
+        "num_classes": getattr(first, "num_classes", None) if spec is None else spec.num_classes,
+    }
+    if spec is not None:
+        identity["label_names"] = spec.label_names
+        identity["input_size"] = (spec.data_config or {}).get("input_size")
+    dataset = trainer.train_dataset
+    identity["num_train_examples"] = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+    identity["total_train_batch_size"] = (
+        args.per_device_train_batch_size * max(1, args.world_size) * args.gradient_accumulation_steps
+    )
+    for name in _CONFIG_IDENTITY_FIELDS:
+        identity.setdefault(name, getattr(args, name, None))
+    return _jsonable(identity)
+
+
+def save_run_identity(folder: str | os.PathLike, identity: dict[str, Any]) -> None:
+    (Path(folder) / RUN_IDENTITY_FILE).write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+
+
+_FIELD_NAMES = {
+    "total_train_batch_size": "total_train_batch_size (per_device_train_batch_size x processes x "
+    "gradient_accumulation_steps)",
+    "num_train_examples": "the number of training examples",
+    "num_classes": "the number of classes",
+}
+
+
+def check_resume_identity(checkpoint: str | os.PathLike, identity: dict[str, Any]) -> None:
+    """Refuse (one line, the first differing setting and both values) a checkpoint of another experiment.
+
+    Checkpoints without `graft_run.json` are compared on what their `graft_population.json` holds.
+    """
+    folder = Path(checkpoint)
+    saved_path = folder / RUN_IDENTITY_FILE
+    if saved_path.is_file():
+        saved = json.loads(saved_path.read_text())
+    else:
+        population = json.loads((folder / POPULATION_FILE).read_text())
+        saved = {key: population.get(key) for key in ("student_model", "num_students", "num_classes", "label_names",
+                                                      "student_model_kwargs")}
+        saved["input_size"] = (population.get("data_config") or {}).get("input_size")
+    for key, now in identity.items():
+        if key not in saved:
+            continue
+        before = saved[key]
+        if _jsonable(before) != now:
+            name = _FIELD_NAMES.get(key, key)
+            raise OutputDirError(
+                f"resume_from_checkpoint: {checkpoint} was trained with {name} = {_short(before)}, this run has "
+                f"{_short(now)}; resume with the checkpoint's settings, or start a fresh run in another output_dir"
+            )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+# ----------------------------------------------------------------------------- the claim
+def _on_main_process(args, work: Callable[[], Any]) -> Any:
+    """Run `work` on process 0 only; every process returns its result or raises its `OutputDirError`."""
+    result, error = None, None
+    _ = args.device  # sets up the processes (before it, every process would call itself process 0)
+    if args.process_index == 0:
+        try:
+            result = work()
+        except OutputDirError as err:
+            error = str(err)
+    if args.world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            payload = [result, error]
+            dist.broadcast_object_list(payload, src=0)
+            result, error = payload
+    if error is not None:
+        raise OutputDirError(error)
+    return result
+
+
+def _check_room(output_dir: str, needed_bytes: int, freed_bytes: int = 0) -> None:
+    free = shutil.disk_usage(output_dir).free + freed_bytes
+    if free < needed_bytes:
+        mb = 1024 * 1024
+        raise OutputDirError(
+            f"output_dir: {output_dir} has {free / mb:.1f} MB free, and a checkpoint of this run needs about "
+            f"{needed_bytes / mb:.1f} MB; free some space or choose another output_dir"
+        )
+
+
+class OutputDirClaim:
+    """Lock `args.output_dir` and check it for this run; `release()` (or the `with` block's end) unlocks it.
+
+    `resume`: the `resume_from_checkpoint` value (see `resolve_resume`), checked and resolved into
+    `self.resume`. `check_fresh`: refuse (or, with `args.replace_output_dir`, clear) a folder holding
+    another run when not resuming. `identity`: this run's identity, compared with the checkpoint's.
+    `needed_bytes`: free space the folder must have. `clear`: with `replace_output_dir`, whether this
+    claim clears the previous run now; False leaves it for a later claim (the trainer's, once the run
+    is built and about to train), so that a run refused while it is being built loses nothing.
+    """
+
+    def __init__(self, args, resume: str | bool | None = None, *, check_fresh: bool = True,
+                 identity: dict[str, Any] | None = None, needed_bytes: int = 0, clear: bool = True):
+        self.args = args
+        self.lock: OutputDirLock | None = None
+        self.clear = clear
+        self.resume = _on_main_process(args, lambda: self._claim(resume, check_fresh, identity, needed_bytes))
+
+    def _claim(self, resume, check_fresh, identity, needed_bytes) -> str | None:
+        output_dir = self.args.output_dir
+        self.lock = lock_output_dir(output_dir)
+        try:
+            checkpoint = resolve_resume(output_dir, resume)
+            replaced = self._check_fresh(output_dir) if checkpoint is None and check_fresh else []
+            if needed_bytes:  # counting the room the previous run's files leave when they are replaced
+                _check_room(output_dir, needed_bytes, freed_bytes=_size(replaced))
+            if checkpoint is not None:
+                check_checkpoint_folder(checkpoint)
+                if identity is not None:
+                    check_resume_identity(checkpoint, identity)
+            if replaced and self.clear:
+                for path in replaced:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                logger.warning("replace_output_dir: removed the previous run's %s from %s",
+                               ", ".join(p.name for p in replaced), output_dir)
+        except BaseException:
+            self.release()
+            raise
+        return checkpoint
+
+    def _check_fresh(self, output_dir: str) -> list[Path]:
+        """Refuse a folder holding another run, or (with `replace_output_dir`) list what replacing it removes."""
+        previous = previous_run_entries(output_dir)
+        if not previous:
+            return []
+        if getattr(self.args, "replace_output_dir", False):
+            return _previous_run_to_replace(output_dir)
+        shown = ", ".join(previous[:4]) + (f", ... ({len(previous)} in all)" if len(previous) > 4 else "")
+        raise OutputDirError(f"output_dir: {output_dir} holds another run's checkpoints or results ({shown}); {WAYS_OUT}")
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> "OutputDirClaim":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,141 @@
+"""What a finished run reports: which member is the student and why, each member's numbers, and
+the closing summary. Plain functions of the final metrics (`GraftingTrainer.train` calls them once)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+__all__ = [
+    "ensemble_metrics",
+    "filter_summaries",
+    "format_number",
+    "member_metrics",
+    "select_member",
+    "summary_lines",
+]
+
+TOPK = ("top1", "top5")
+
+
+def _lower_is_better(metric: str) -> bool:
+    return metric.endswith("loss") or metric.endswith("error")
+
+
+def select_member(
+    member_metrics: Mapping[int, Mapping[str, float]],
+    select_student: str | int,
+    metric: str = "top1",
+    *,
+    num_members: int | None = None,
+) -> tuple[int, str]:
+    """Which member to export, and why.
+
+    `"best"`: the member with the best eval `metric` (highest; lowest for *loss / *error metrics), ties to the
+    lowest index. An int or digit string: that member, checked against 0..num_members-1 (num_members
+    defaults to the number of members in `member_metrics`).
+    """
+    metrics = {int(k): dict(v) for k, v in member_metrics.items()}
+    if isinstance(select_student, str) and select_student.strip().lower() == "best":
+        scored = {k: float(m[metric]) for k, m in metrics.items() if m.get(metric) is not None}
+        scored = {k: v for k, v in scored.items() if not math.isnan(v)}
+        if not scored:
+            available = sorted({name for m in metrics.values() for name in m})
+            raise ValueError(
+                f"select_student=best needs the eval metric {metric!r} for at least one member; "
+                f"available metrics: {', '.join(available) or 'none'}"
+            )
+        sign = -1.0 if _lower_is_better(metric) else 1.0
+        best = min(scored, key=lambda k: (-sign * scored[k], k))
+        direction = "lowest" if sign < 0 else "highest"
+        reason = (
+            f"member {best} has the {direction} eval {metric} ({format_number(scored[best])}) "
+            f"of the {len(scored)} evaluated members"
+        )
+        tied = sorted(k for k, v in scored.items() if v == scored[best] and k != best)
+        if tied:
+            reason += f" (tied with member(s) {', '.join(map(str, tied))}; the lowest index wins)"
+        return best, reason
+
+    if isinstance(select_student, bool):
+        raise ValueError(f"select_student must be 'best' or a member index, got {select_student!r}")
+    if isinstance(select_student, int):
+        index = select_student
+    elif isinstance(select_student, str) and select_student.strip().isdigit():
+        index = int(select_student.strip())
+    else:
+        raise ValueError(f"select_student must be 'best' or a member index, got {select_student!r}")
+    count = num_members if num_members is not None else (max(metrics) + 1 if metrics else 0)
+    if not 0 <= index < count:
+        valid = f"0..{count - 1}" if count else "none known"
+        raise ValueError(f"select_student={index}: no such member (members: {valid})")
+    return index, f"member {index} was chosen explicitly (select_student={index})"
+
+
+def format_number(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value) or math.isinf(value):
+        return str(value)
+    return f"{value:.4f}".rstrip("0").rstrip(".") if value != 0 else "0"
+
+
+def member_metrics(metrics: Mapping[str, Any], num_members: int, prefix: str = "eval") -> dict[int, dict[str, float]]:
+    """{k: {"top1": ..., "top5": ...}} from flat `{prefix}_member{k}_top1` metrics (those present)."""
+    return {
+        k: {name: metrics[f"{prefix}_member{k}_{name}"] for name in TOPK if f"{prefix}_member{k}_{name}" in metrics}
+        for k in range(num_members)
+    }
+
+
+def ensemble_metrics(metrics: Mapping[str, Any], prefix: str = "eval") -> dict[str, float]:
+    return {name: metrics[f"{prefix}_ensemble_{name}"] for name in TOPK if f"{prefix}_ensemble_{name}" in metrics}
+
+
+def filter_summaries(metrics: Mapping[str, Any], members: Sequence, *, thresholds: Sequence[float], bins: int,
+                     prefix: str = "eval") -> dict[str, dict[str, float]]:
+    """Each member's filter health (`FilterReport.summary`: invalid-filter ratios and total entropy):
+    taken from the evaluation's metrics when it logged them, computed from the weights otherwise."""
+    from hf_graft.graft.filters import filter_report, threshold_key
+
+    names = [f"invalid_ratio@{threshold_key(t)}" for t in thresholds] + ["total_entropy"]
+    summaries = {}
+    for k, member in enumerate(members):
+        keys = [f"{prefix}_member{k}_{name}" for name in names]
+        if all(key in metrics for key in keys):
+            summaries[f"member{k}"] = {name: metrics[key] for name, key in zip(names, keys)}
+        else:
+            summaries[f"member{k}"] = filter_report(member, thresholds=thresholds, bins=bins).summary()
+    return summaries
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{seconds:.1f} s" if seconds < 60 else f"{minutes} min {rest:02d} s"
+
+
+def summary_lines(results: Mapping[str, Any], num_members: int) -> list[str]:
+    """The closing lines of a run: where the student is, which member and why, each member's and the
+    ensemble's top-1, and the wall time."""
+    selected = results.get("selected_member")
+    folder = results.get("student_dir")
+    if selected is None:
+        lines = [f"no student selected: {results.get('selection_reason')}"]
+    elif folder:
+        lines = [f"student: member {selected}, written to {folder}"]
+    else:
+        lines = [f"student: member {selected} (not written: export_student is false)"]
+    if selected is not None:
+        lines.append(f"selected because {results.get('selection_reason')}")
+    members = member_metrics(results, num_members)
+    scores = [f"member {k} {format_number(v['top1'])}" for k, v in members.items() if "top1" in v]
+    ensemble = ensemble_metrics(results).get("top1")
+    if ensemble is not None and num_members > 1:
+        scores.append(f"ensemble {format_number(ensemble)}")
+    if scores:
+        lines.append("eval top-1 (%): " + ", ".join(scores))
+    if "wall_time_s" in results:
+        lines.append(f"wall time: {_duration(results['wall_time_s'])}")
+    return lines

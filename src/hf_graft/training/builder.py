@@ -1,0 +1,78 @@
+"""From arguments to the parts of a run: the data, the student population and its datasets.
+
+`python -m hf_graft.train`, the tests and the benchmarks all build a run with
+`build_population_and_datasets`, so that they train exactly what the command line trains.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hf_graft.config import DataArguments, GraftingConfig
+from hf_graft.data.loading import ImageData, load_image_data
+from hf_graft.data.sampling import MemberOrderDataset
+from hf_graft.data.populations import population_datasets
+from hf_graft.data.transforms import resolve_student_data_config
+from hf_graft.population.students import PopulationSpec, StudentPopulation
+
+__all__ = ["build_population_and_datasets", "load_data", "student_data_config"]
+
+
+def load_data(config: GraftingConfig, data_args: DataArguments) -> ImageData:
+    """The images named by `data_args`, split and subsampled with `data_seed` (or `seed`)."""
+    return load_image_data(data_args, seed=config.data_seed if config.data_seed is not None else config.seed)
+
+
+def _student_probe(config: GraftingConfig, num_classes: int):
+    """The students' architecture built on the meta device (no weights), before any member exists."""
+    import timm
+
+    kwargs = dict(num_classes=num_classes, **config.student_model_kwargs)
+    try:
+        return timm.create_model(config.student_model, device="meta", **kwargs)
+    except (NotImplementedError, RuntimeError):  # an architecture that computes with its weights when built
+        return timm.create_model(config.student_model, **kwargs)
+
+
+def student_data_config(config: GraftingConfig, num_classes: int, input_size: int | None = None) -> dict[str, Any]:
+    """timm's data config of the students (`input_size` overrides the square side), resolved once,
+    from the architecture alone."""
+    return resolve_student_data_config(_student_probe(config, num_classes), input_size)
+
+
+def build_population_and_datasets(
+    config: GraftingConfig,
+    data_args: DataArguments,
+    *,
+    data: ImageData | None = None,
+    train_dataset_cls: type = MemberOrderDataset,
+) -> tuple[StudentPopulation, MemberOrderDataset, MemberOrderDataset]:
+    """(population, train dataset, eval dataset) for `GraftingTrainer`.
+
+    `data` (from `load_data`) is loaded here when not given. Member k is seeded `seed + 1000 k`
+    (`seed` for every member with `shared_init`); the population's spec records the data config,
+    the label names and the dataset, which checkpoints and the exported student carry.
+    """
+    data = load_data(config, data_args) if data is None else data
+    probe = _student_probe(config, data.num_classes)
+    if config.member_execution == "fused":  # refused here, before the population is built or data decoded
+        from hf_graft.population.fused import check_fusable
+
+        check_fusable(probe, config.student_model)
+    spec = PopulationSpec(
+        student_model=config.student_model,
+        num_students=config.num_students,
+        num_classes=data.num_classes,
+        student_model_kwargs=config.student_model_kwargs,
+        label_names=data.label_names,
+        data_config=resolve_student_data_config(probe, data_args.input_size),
+        dataset_name=data_args.dataset_name,
+    )
+    population = StudentPopulation.from_spec(
+        spec, seed=config.seed, pretrained=config.student_pretrained, shared_init=config.shared_init
+    )
+    train_dataset, eval_dataset = population_datasets(
+        data, data_args, spec.data_config, num_members=config.num_students, order=config.data_order,
+        seed=config.seed, train_cls=train_dataset_cls, device=config.device,
+    )
+    return population, train_dataset, eval_dataset

@@ -124,7 +124,7 @@ class GraftDiagnostics(TrainerCallback):
         self._before = self.member_top1(model, args.device) if self._measured(args, graft_index) else None
 
     def on_graft_end(self, args, state, control, *, model, graft_index, train_dataset, report=None, **kwargs):
-        from hf_graft.training.recalibration import recalibrate_batchnorm
+        from hf_graft.population.recalibration import recalibrate_batchnorm
 
         if report is not None:
             self.alphas.append([a for member in report.members for a in member.alpha_values])

@@ -9,6 +9,8 @@ flip) and dropout, so the data order, the augmentation and the global RNG all ha
 
 from __future__ import annotations
 
+import logging
+
 import json
 import os
 
@@ -16,7 +18,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from hf_graft.population.students import load_checkpoint_members
 from hf_graft.run.output_dir import LOCK_FILE
@@ -55,13 +56,13 @@ def test_reference_run_grafts_after_the_epoch_checkpoints(reference):
     ]
     # the checkpoint of an epoch's last step is written before that boundary's graft
     assert [_grafts_done_in(out / f"checkpoint-{s}") for s in (2, 4, 6, 8, 10, 12)] == [0, 0, 1, 1, 2, 2]
-    assert not [p for p in out.iterdir() if p.name.startswith("tmp-")]
 
 
 def test_crash_while_saving_keeps_previous_checkpoint_and_resume_mid_epoch_is_exact(
-        tmp_path, digits_small, reference, single_thread):
+        tmp_path, digits_small, reference, single_thread, caplog):
     """A save killed half-way (model and optimizer written, RNG state not) leaves checkpoint-6
-    usable; resuming from it (mid-epoch 1) ends bit-identical to the uninterrupted run."""
+    usable; resuming (mid-epoch 1) skips the incomplete checkpoint-8 and ends bit-identical to the
+    uninterrupted run."""
     out = tmp_path / "run"
     crashing = build_trainer(digits_small, out, **COMMON)
     original = crashing._save_rng_state
@@ -75,22 +76,23 @@ def test_crash_while_saving_keeps_previous_checkpoint_and_resume_mid_epoch_is_ex
     with pytest.raises(RuntimeError, match="simulated kill"):
         crashing.train()
 
-    staging = out / "tmp-checkpoint-8" / "checkpoint-8"
-    assert (staging / "model.safetensors").is_file() and (staging / "optimizer.pt").is_file()
-    assert not (staging / "rng_state.pth").exists()  # the save really stopped half-way
-    assert not (out / "checkpoint-8").exists()
-    assert get_last_checkpoint(str(out)) == str(out / "checkpoint-6")
+    partial = out / "checkpoint-8"
+    assert (partial / "model.safetensors").is_file() and (partial / "optimizer.pt").is_file()
+    assert not (partial / "rng_state.pth").exists()  # the save really stopped half-way
+    assert not (partial / "trainer_state.json").exists()
     assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
             "graft_population.json"} <= {p.name for p in (out / "checkpoint-6").iterdir()}
 
     resumed = build_trainer(digits_small, out, trainer_cls=CountingTrainer, **COMMON)
-    resumed.train(resume_from_checkpoint=get_last_checkpoint(str(out)))
+    with caplog.at_level(logging.WARNING, logger="hf_graft.run.output_dir"):
+        resumed.train(resume_from_checkpoint=True)  # the newest complete checkpoint: checkpoint-6
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skipped) == 1 and "checkpoint-8" in skipped[0] and "trainer_state.json" in skipped[0]
     assert resumed.graft_log == [(1, 8)]  # graft 0 was before checkpoint-6; graft 1 not repeated
     assert resumed.graft_callback.grafts_done == 2
     assert_bit_identical(population_state(resumed), reference["state"])
-    # the re-save of step 8 replaced the half-written staging folder
-    assert (out / "checkpoint-8" / "rng_state.pth").is_file()
-    assert not [p for p in out.iterdir() if p.name.startswith("tmp-")]
+    # the re-save of step 8 is complete
+    assert (out / "checkpoint-8" / "rng_state.pth").is_file() and (out / "checkpoint-8" / "trainer_state.json").is_file()
 
 
 @pytest.mark.parametrize("step, restore_callbacks", [(4, True), (8, False)])
@@ -190,17 +192,3 @@ def test_training_batches_depend_only_on_seed_and_epoch(tmp_path, digits_small, 
     assert all(torch.equal(dataset[n + i]["pixel_values"], dataset[n + i]["pixel_values"]) for i in range(4))
 
 
-def test_publishing_a_checkpoint_replaces_an_older_copy_of_the_same_step(tmp_path):
-    """A second save of one step (e.g. a resumed run saving again) swaps the folders whole."""
-    from hf_graft.run.checkpoints import publish_dir
-
-    final, staging = tmp_path / "checkpoint-8", tmp_path / "tmp-checkpoint-8"
-    final.mkdir()
-    (final / "model.safetensors").write_text("old")
-    (final / "stale.pt").write_text("old")
-    staging.mkdir()
-    (staging / "model.safetensors").write_text("new")
-    publish_dir(str(staging), str(final))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-8"]
-    assert sorted(p.name for p in final.iterdir()) == ["model.safetensors"]
-    assert (final / "model.safetensors").read_text() == "new"

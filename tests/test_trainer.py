@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from hf_graft.config import GraftingConfig
 from hf_graft.graft.grafting import adaptive_alpha, anchor_plan, layer_information
-from hf_graft.training.grad_norms import member_grad_norms
+from hf_graft.training.optimization import member_grad_norms
 from hf_graft.metrics import population_metrics
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -299,7 +299,7 @@ def test_each_member_is_clipped_on_its_own(make_trainer):
     assert all(torch.equal(p.grad, g) for p, g in zip(members[0].parameters(), small_before))
     # ... and the loud one is clipped to max_grad_norm
     assert torch.cat([p.grad.flatten() for p in members[1].parameters()]).norm().item() == pytest.approx(1.0, rel=1e-4)
-    assert trainer._member_grad_norms.tolist() == pytest.approx([0.5, 1000.0], rel=1e-4)
+    assert trainer.member_logs.grad_norms.tolist() == pytest.approx([0.5, 1000.0], rel=1e-4)
     assert float(total) == pytest.approx(math.hypot(0.5, 1000.0), rel=1e-4)
 
 

@@ -10,8 +10,10 @@ from transformers import TrainingArguments
 
 from hf_graft.graft.grafting import CRITERIA, LEVELS
 from hf_graft.graft.schedule import cosine_lr_multipliers
+from hf_graft import _compat
+from hf_graft.errors import HfGraftError
 
-__all__ = ["DataArguments", "GraftingConfig", "as_mapping", "GRAFT_SOURCES", "DATA_ORDERS", "MEMBER_EXECUTIONS", "TRAIN_AUGMENTATIONS"]
+__all__ = ["ConfigError", "DataArguments", "GraftingConfig", "as_mapping", "GRAFT_SOURCES", "DATA_ORDERS", "MEMBER_EXECUTIONS", "TRAIN_AUGMENTATIONS"]
 
 GRAFT_SOURCES = ("external", "noise", "internal", "none")
 DATA_ORDERS = ("independent", "shared")
@@ -19,8 +21,19 @@ MEMBER_EXECUTIONS = ("loop", "fused")
 TRAIN_AUGMENTATIONS = ("auto", "rrc", "pad_crop", "none")
 
 
+class ConfigError(HfGraftError, ValueError):
+    """A config value that is not allowed; the message is one line naming the field and what is allowed."""
+
+
 def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{owner}.{name}: got {value!r}; allowed: {allowed}")
+    raise ConfigError(f"{owner}.{name}: got {value!r}; allowed: {allowed}")
+
+
+def _lr_spread_words(spread: Any) -> list[str]:
+    """`lr_spread` as a list of words ("0.5, 1" on a command line is ["0.5", "1"])."""
+    if isinstance(spread, str):
+        spread = [s for s in spread.replace(",", " ").split() if s]
+    return [str(s) for s in spread]
 
 
 def as_mapping(owner: str, name: str, value: Any) -> dict:
@@ -92,7 +105,7 @@ class DataArguments:
     def __post_init__(self):
         owner = "DataArguments"
         if self.dataset_name == "imagefolder" and not self.data_dir:
-            raise ValueError(f"{owner}.data_dir: required when dataset_name is 'imagefolder'")
+            raise ConfigError(f"{owner}.data_dir: required when dataset_name is 'imagefolder'")
         if self.train_augmentation not in TRAIN_AUGMENTATIONS:
             _fail(owner, "train_augmentation", self.train_augmentation, ", ".join(TRAIN_AUGMENTATIONS))
         if not 0 < self.validation_split_percentage < 100:
@@ -275,20 +288,15 @@ class GraftingConfig(TrainingArguments):
         owner = "GraftingConfig"
         self.student_model_kwargs = as_mapping(owner, "student_model_kwargs", self.student_model_kwargs)
         self.teacher_model_kwargs = as_mapping(owner, "teacher_model_kwargs", self.teacher_model_kwargs)
-        from hf_graft.population.sources import check_model_name  # names fail here, before any data is loaded
-
         self.extra_metric_kwargs = as_mapping(owner, "extra_metric_kwargs", self.extra_metric_kwargs)
         if not self.student_model:
             _fail(owner, "student_model", self.student_model, "a timm model name or an 'hf-hub:'/'local-dir:' id")
-        self.student_model = check_model_name(owner, "student_model", self.student_model).timm_name
-        for name in self.teacher_models or []:
-            check_model_name(owner, "teacher_models", name)
         if self.num_students < 1:
             _fail(owner, "num_students", self.num_students, "an integer >= 1 (>= 2 to graft among students)")
         if self.graft_source not in GRAFT_SOURCES:
             _fail(owner, "graft_source", self.graft_source, ", ".join(GRAFT_SOURCES))
         if self.graft_source == "external" and self.num_students < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"{owner}.num_students: got {self.num_students}; graft_source 'external' needs >= 2 "
                 "(use graft_source: none for a single baseline network)"
             )
@@ -317,9 +325,10 @@ class GraftingConfig(TrainingArguments):
         if self.member_execution not in MEMBER_EXECUTIONS:
             _fail(owner, "member_execution", self.member_execution, ", ".join(MEMBER_EXECUTIONS))
         if self.cudnn_benchmark and self.full_determinism:
-            raise ValueError(f"{owner}.cudnn_benchmark: got true with full_determinism true; cuDNN's timed algorithm "
+            raise ConfigError(f"{owner}.cudnn_benchmark: got true with full_determinism true; cuDNN's timed algorithm "
                              "choice is not deterministic (allowed with full_determinism true: false or null)")
-        self.lr_multipliers = self._parse_lr_spread()
+        self.lr_spread = _lr_spread_words(self.lr_spread)
+        self.lr_multipliers  # noqa: B018 - refuses a bad spread here
         if self.lr_decay_epochs is not None and len(self.lr_decay_epochs) == 0:
             self.lr_decay_epochs = None
         if self.lr_decay_epochs and any(e <= 0 for e in self.lr_decay_epochs):
@@ -333,24 +342,23 @@ class GraftingConfig(TrainingArguments):
         if any(t <= 0 for t in self.filter_thresholds):
             _fail(owner, "filter_thresholds", self.filter_thresholds, "positive numbers")
         self.extra_metrics = [str(m) for m in self.extra_metrics] if self.extra_metrics else None
-        if self.extra_metrics or self.extra_metric_kwargs:
-            from hf_graft.metrics import check_extra_metrics  # loads each metric: fails here, not at the first evaluation
-
-            check_extra_metrics(self.extra_metrics, self.extra_metric_kwargs, owner)
+        names = list(self.extra_metrics or [])
+        for name, value in self.extra_metric_kwargs.items():  # the metrics themselves load in the builder
+            if name not in names:
+                raise ConfigError(f"{owner}.extra_metric_kwargs: {name!r} is not one of extra_metrics {names}")
+            if not isinstance(value, dict):
+                raise ConfigError(f"{owner}.extra_metric_kwargs: the arguments of {name!r} must be a mapping, "
+                                  f"e.g. {{\"{name}\": {{\"average\": \"macro\"}}}}; got {value!r}")
         if self.kd_temperature <= 0:
             _fail(owner, "kd_temperature", self.kd_temperature, "a number > 0")
         if self.kd_weight < 0 or self.ce_weight < 0:
             _fail(owner, "kd_weight/ce_weight", (self.kd_weight, self.ce_weight), "numbers >= 0")
         if self.teacher_models is not None and len(self.teacher_models) == 0:
             self.teacher_models = None
-        # Trainer's own push would upload the whole population checkpoint: hf_graft pushes only the
-        # selected student folder instead (GraftingTrainer.push_to_hub).
-        self.push_student_to_hub = bool(self.push_to_hub)
-        self.push_to_hub = False
         self._check_compile_settings(owner)
         super().__post_init__()
-        if self.push_student_to_hub and not self.hub_model_id:
-            raise ValueError(f"{owner}.hub_model_id: required when push_to_hub is true")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError(f"{owner}.hub_model_id: required when push_to_hub is true")
 
     def _check_compile_settings(self, owner: str) -> None:
         """torch.compile's backend and mode, here rather than when the Trainer builds its Accelerator (the
@@ -362,9 +370,7 @@ class GraftingConfig(TrainingArguments):
             if str(self.torch_compile_backend).lower() not in backends:
                 _fail(owner, "torch_compile_backend", self.torch_compile_backend, ", ".join(backends))
         if self.torch_compile_mode is not None:
-            import torch._inductor
-
-            modes = list(torch._inductor.list_mode_options())
+            modes = _compat.inductor_modes()
             if self.torch_compile_mode not in modes:
                 _fail(owner, "torch_compile_mode", self.torch_compile_mode, ", ".join(modes))
 
@@ -391,12 +397,10 @@ class GraftingConfig(TrainingArguments):
             clone.__dict__[key] = copy.deepcopy(value, memo)
         return clone
 
-    def _parse_lr_spread(self) -> list[float]:
-        spread = self.lr_spread
-        if isinstance(spread, str):
-            spread = [s for s in spread.replace(",", " ").split() if s]
-        spread = [str(s) for s in spread]
-        self.lr_spread = spread
+    @property
+    def lr_multipliers(self) -> list[float]:
+        """Each member's multiplier of `learning_rate`, from `lr_spread`."""
+        spread = _lr_spread_words(self.lr_spread)
         allowed = "none, cosine, or one positive multiplier per member"
         if spread in (["none"], []):
             return [1.0] * self.num_students

@@ -28,6 +28,7 @@ import numpy as np
 from hf_graft.graft.filters import DEFAULT_THRESHOLDS, FilterReport, filter_report, plot_reports, threshold_key
 from hf_graft.population.sources import ACCEPTED, ModelSource, ModelSourceError, resolve_model_source
 from hf_graft.models.registry import check_folder_architecture
+from hf_graft.errors import HfGraftError, one_line
 
 __all__ = ["build_parser", "load_models", "main"]
 
@@ -136,13 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_with_type(error: BaseException) -> str:
+    return one_line(error, with_type=True)
+
+
 def _error(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             reference_source.member = 0
         try:
             ((reference_name, reference_model),) = load_models(reference_source, pretrained=args.pretrained)
-        except Exception as exc:  # noqa: BLE001 - one line for the user, whatever went wrong
-            _error(f"cannot load reference {reference_source.spec!r}: {_first_line(exc)}")
+        except (HfGraftError, ValueError, OSError) as exc:
+            _error(f"cannot load reference {reference_source.spec!r}: {_one_line_with_type(exc)}")
             return 1
 
     named_reports: list[tuple[str, FilterReport]] = []
@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         for source in sources:
             try:
                 models = load_models(source, pretrained=args.pretrained)
-            except Exception as exc:  # noqa: BLE001
-                _error(f"cannot load {source.spec!r}: {_first_line(exc)}")
+            except (HfGraftError, ValueError, OSError) as exc:
+                _error(f"cannot load {source.spec!r}: {_one_line_with_type(exc)}")
                 return 1
             for name, model in models:
                 try:

@@ -16,17 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 from hf_graft.utils.files import CONFIG_FILE
+from hf_graft.errors import HfGraftError, OneLineErrorParser, debug_enabled, one_line
 
 __all__ = ["EvaluationError", "LoadedModel", "build_parser", "evaluate_model", "load_model", "main"]
 
 PROG = "hf-graft evaluate"
 
 
-class EvaluationError(ValueError):
+class EvaluationError(HfGraftError, ValueError):
     """A model or dataset that cannot be evaluated; the message is one line."""
 
 
@@ -200,13 +202,8 @@ def _format(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("model", metavar="MODEL",
                         help="exported student folder, CHECKPOINT#K, timm name, hf-hub:/local-dir: id, "
                         "or a transformers image-classification folder")
@@ -234,15 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_enabled(argv)  # HF_GRAFT_DEBUG=1 or --debug: a refusal's traceback too
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
 
-    def fail(code: int, message: str) -> int:
+    def fail(code: int, message: str, error: BaseException | None = None) -> int:
+        if debug and error is not None:
+            traceback.print_exception(error, file=sys.stderr)
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return code
 
@@ -264,15 +260,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             label_column=args.label_column, max_eval_samples=args.max_samples,
         )
         model = load_model(args.model)
-    except (ValueError, OSError, RuntimeError) as error:
-        return fail(2, _first_line(error))
+    except (HfGraftError, ValueError, OSError) as error:
+        return fail(2, one_line(error), error)
     try:
         results = evaluate_model(
             model, data_args, extra_metrics=args.extra_metrics, extra_metric_kwargs=kwargs,
             batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed, progress=not args.no_progress,
         )
-    except (ValueError, OSError, RuntimeError, KeyError) as error:
-        return fail(1, _first_line(error))
+    except (HfGraftError, ValueError, OSError) as error:
+        return fail(1, one_line(error), error)
 
     print(f"{results['model']} on {results['dataset']} ({results['split']}, {results['num_examples']} images)")
     for key, value in results.items():

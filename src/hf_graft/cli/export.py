@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -19,6 +20,7 @@ from hf_graft.run.results import select_member
 from hf_graft.export.student_folder import (
     CONFIG_FILE, EXPORT_FILES, MODEL_CARD_FILE, WEIGHTS_FILE, build_student_config, save_student,
 )
+from hf_graft.errors import HfGraftError, OneLineErrorParser, debug_enabled
 
 __all__ = [
     "CONFIG_FILE",
@@ -125,13 +127,8 @@ def export_from_checkpoint(
     return folder
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse prints usage + error; keep it to one line
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser(prog: str = "hf-graft export") -> argparse.ArgumentParser:
-    parser = _OneLineErrorParser(
+    parser = OneLineErrorParser(
         prog=prog,
         description="Export one member of a hf_graft training checkpoint as a timm + transformers model folder, "
         "optionally pushing it to the Hugging Face Hub.",
@@ -155,12 +152,16 @@ def build_parser(prog: str = "hf-graft export") -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_enabled(argv)  # HF_GRAFT_DEBUG=1 or --debug: a refusal's traceback too
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args([a for a in argv if a != "--debug"])
     prog = parser.prog
     token = args.token
 
-    def fail(code: int, message: str) -> int:
+    def fail(code: int, message: str, error: BaseException | None = None) -> int:
+        if debug and error is not None:
+            traceback.print_exception(error, file=sys.stderr)
         print(f"{prog}: error: {scrub_secrets(' '.join(str(message).split()), [token])}", file=sys.stderr)
         return code
 
@@ -178,20 +179,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             except HFValidationError as e:
                 raise ValueError(f"--push-to-hub {args.push_to_hub!r}: not a valid repo id ({e})") from None
         metrics = _load_member_metrics(args.member_metrics) if args.member_metrics else None
-    except (OSError, ValueError) as e:
-        return fail(2, str(e))
+    except (HfGraftError, OSError, ValueError) as e:
+        return fail(2, str(e), e)
 
     try:
         folder = _export_member(Path(args.checkpoint_dir), args.member, args.out, args.push_to_hub, metrics,
                                 args.overwrite)
-    except (OSError, ValueError, RuntimeError) as e:
-        return fail(1, f"export failed: {e}")
+    except (HfGraftError, OSError, ValueError) as e:
+        return fail(1, f"export failed: {e}", e)
     print(f"wrote {folder}")
     if args.push_to_hub:
         try:
             url = push_student(folder, args.push_to_hub, token=token, private=args.private)
         except PushToHubError as e:
-            return fail(1, f"{e}; the exported folder is kept")
+            return fail(1, f"{e}; the exported folder is kept", e)
         print(f"pushed to {url}")
     return 0
 

@@ -30,6 +30,7 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
 from hf_graft.config import DataArguments, GraftingConfig
+from hf_graft.errors import HfGraftError
 
 __all__ = ["RecipeError", "parse_recipe"]
 
@@ -38,7 +39,7 @@ __all__ = ["RecipeError", "parse_recipe"]
 _NULL_NOT_ALLOWED = {"output_dir"}
 
 
-class RecipeError(ValueError):
+class RecipeError(HfGraftError, ValueError):
     """A recipe or override that cannot be used; the message names the file and the field."""
 
 

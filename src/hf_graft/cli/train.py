@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from typing import Any, Sequence
 
 from hf_graft.config import DataArguments, GraftingConfig
 from hf_graft.cli.recipe import RecipeError, parse_recipe
+from hf_graft.errors import HfGraftError, debug_enabled, one_line
 
 __all__ = ["RecipeError", "SetupError", "build_trainer", "main", "parse_recipe", "run_training"]
 
 logger = logging.getLogger("hf_graft.train")
 
 
-class SetupError(RuntimeError):
+class SetupError(HfGraftError, RuntimeError):
     """Data, model or teachers could not be prepared; raised before any training step."""
 
 
@@ -30,7 +32,8 @@ def build_trainer(data_args: DataArguments, config: GraftingConfig, callbacks=No
     """Load the data, build the population (and teachers) and the `GraftingTrainer` (with the extra
     `TrainerCallback`s `callbacks`, if any).
 
-    Any failure here is a `SetupError` with a one-line message: nothing has been trained or written yet.
+    A refusal here (bad data, an unknown model, a setting that does not fit) is a `SetupError` with a
+    one-line message: nothing has been trained or written yet. Anything else is a bug and keeps its traceback.
     """
     from hf_graft.training.builder import build_population_and_datasets
     from hf_graft.training.trainer import GraftingTrainer
@@ -39,9 +42,8 @@ def build_trainer(data_args: DataArguments, config: GraftingConfig, callbacks=No
         population, train_dataset, eval_dataset = build_population_and_datasets(config, data_args)
         return GraftingTrainer(model=population, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                callbacks=callbacks)
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError, KeyError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SetupError(message) from err
+    except (HfGraftError, ValueError, OSError) as err:
+        raise SetupError(one_line(err)) from err
 
 
 def run_training(data_args: DataArguments, config: GraftingConfig, callbacks=None) -> dict[str, Any]:
@@ -50,23 +52,30 @@ def run_training(data_args: DataArguments, config: GraftingConfig, callbacks=Non
 
     The trainer's own checks that need no data (settings this device cannot honour; the output folder
     locked, writable, free of another run unless resuming) run first here too, so that a refused run
-    loads no data; the lock is held until the push is done. With `replace_output_dir`, the previous
-    run's files are removed only when the trainer starts training: a run refused while its data,
-    population or trainer is being built leaves them as they were."""
-    from hf_graft.run.preflight import check_run_settings
+    loads no data; the claim goes to the trainer, and the lock is held until the push is done. With
+    `replace_output_dir`, the previous run's files are removed only when the trainer starts training: a
+    run refused while its data, population or trainer is being built leaves them as they were."""
     from hf_graft.run.output_dir import OutputDirClaim
+    from hf_graft.run.preflight import check_run_settings
+    from hf_graft.training.builder import check_run_inputs
 
     check_run_settings(config)
-    with OutputDirClaim(config, config.resume_from_checkpoint, clear=False) as claim:
+    try:
+        check_run_inputs(config)  # the models and metrics the config names, before any data is loaded
+    except (HfGraftError, ValueError, OSError) as err:
+        raise SetupError(one_line(err)) from err
+    with OutputDirClaim(config, config.resume_from_checkpoint) as claim:
         trainer = build_trainer(data_args, config, callbacks=callbacks)
-        trainer.train(resume_from_checkpoint=claim.resume)
-        if config.push_student_to_hub:
+        trainer.train(output_dir_claim=claim)
+        if config.push_to_hub:
             trainer.results["hub_url"] = trainer.push_to_hub()
     return trainer.results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_enabled(argv)  # HF_GRAFT_DEBUG=1 or --debug: a refusal's traceback too
+    argv = [a for a in argv if a != "--debug"]
     if argv and argv[0] in ("-h", "--help"):
         from transformers import HfArgumentParser
 
@@ -80,8 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         data_args, config = parse_recipe(recipe, argv)
     except (RecipeError, ValueError) as err:
-        print(f"hf-graft train: {err}", file=sys.stderr)
-        return 2
+        return _refused(err, 2, debug)
     from hf_graft.data.checks import CorruptImageError
     from hf_graft.training.divergence import DivergenceError
     from hf_graft.export.hub import PushToHubError
@@ -91,18 +99,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_training(data_args, config)
     except (SetupError, OutputDirError, PreflightError) as err:  # refused before any training step
-        print(f"hf-graft train: {err}", file=sys.stderr)
-        return 2
+        return _refused(err, 2, debug)
     except DivergenceError as err:  # all_results.json holds what was measured
-        print(f"hf-graft train: {err}", file=sys.stderr)
-        return 1
+        return _refused(err, 1, debug)
     except CorruptImageError as err:
-        print(f"hf-graft train: {err.one_line()}", file=sys.stderr)
-        return 1
+        return _refused(err, 1, debug, err.one_line())
     except PushToHubError as err:  # the local student is complete; only the upload failed
-        print(f"hf-graft train: {err}; the student folder is kept", file=sys.stderr)
-        return 1
+        return _refused(err, 1, debug, f"{err}; the student folder is kept")
     return 0
+
+
+def _refused(error: BaseException, status: int, debug: bool, message: str | None = None) -> int:
+    if debug:
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"hf-graft train: {message if message is not None else error}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

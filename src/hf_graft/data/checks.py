@@ -17,13 +17,15 @@ import struct
 from typing import Any, Sequence
 
 import numpy as np
+from hf_graft import _compat
+from hf_graft.errors import HfGraftError
 
 __all__ = ["CorruptImageError", "DECODE_ERRORS", "LabelError", "prepare_labels", "undecodable_image"]
 
 logger = logging.getLogger("hf_graft.data")
 
 
-class LabelError(ValueError):
+class LabelError(HfGraftError, ValueError):
     """A label that is not one of the classes; the message is one line naming split, column, value and row."""
 
 
@@ -103,7 +105,7 @@ def prepare_labels(raw, splits: Sequence[str | None], column: str) -> tuple[Any,
 
 
 # ----------------------------------------------------------------------------- images
-class CorruptImageError(RuntimeError):
+class CorruptImageError(HfGraftError, RuntimeError):
     """An image that cannot be decoded; `one_line()` is the message naming the split, the row and the file."""
 
     def one_line(self) -> str:
@@ -133,7 +135,7 @@ DECODE_ERRORS = _decode_errors()
 
 def _source_row(dataset, index: int) -> int:
     """The row in the split as loaded: subsets, shuffles and held-out parts are index maps into it."""
-    indices = getattr(dataset, "_indices", None)
+    indices = _compat.dataset_indices(dataset)
     if indices is None:
         return int(index)
     try:

@@ -11,6 +11,7 @@ import numpy as np
 
 from hf_graft.config import DataArguments
 from hf_graft.data.checks import prepare_labels
+from hf_graft.errors import one_line
 
 __all__ = ["BUILTIN_PREFIX", "ImageData", "load_builtin_digits", "load_image_data"]
 
@@ -68,7 +69,7 @@ def _load_raw(args: DataArguments):
         try:
             return datasets.load_dataset("imagefolder", data_dir=args.data_dir)
         except Exception as err:  # e.g. a folder without images
-            cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            cause = one_line(err)
             raise RuntimeError(f"DataArguments.data_dir: could not load images from {args.data_dir!r}: {cause}") from err
     path = Path(name).expanduser()
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
@@ -80,7 +81,7 @@ def _load_raw(args: DataArguments):
         loaded = datasets.load_dataset(str(path) if path.is_dir() else name, args.dataset_config_name,
                                        data_dir=args.data_dir)
     except Exception as err:  # offline, unknown id, empty folder, ...: say which dataset and why, in one line
-        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        cause = one_line(err)
         raise RuntimeError(f"DataArguments.dataset_name: could not load {name!r}: {cause}") from err
     if not isinstance(loaded, datasets.DatasetDict):  # a dataset with a single unnamed split
         loaded = datasets.DatasetDict({"train": loaded})

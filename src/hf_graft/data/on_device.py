@@ -23,7 +23,7 @@ the same on every run with the same seed. Supported training augmentations: `pad
 
 A dataset is a `torch.utils.data.Dataset` whose `__getitems__` returns the whole batch, ready on
 the device, so the Trainer drives it as any other dataset; batches are built in the main process
-(`dataloader_num_workers` 0, `dataloader_pin_memory` off: see `use_main_process_loading`).
+(`dataloader_num_workers` 0, `dataloader_pin_memory` off: see `main_process_loading`).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ __all__ = [
     "decode_split",
     "decode_to_device",
     "device_population_datasets",
-    "use_main_process_loading",
+    "main_process_loading",
 ]
 
 logger = logging.getLogger(__name__)
@@ -200,16 +200,17 @@ def collate_examples(batch):
     return batch if isinstance(batch, Mapping) else default_collate(batch)
 
 
-def use_main_process_loading(args) -> None:
-    """Batches that already live on the device are built in the main process: no DataLoader workers
-    (they cannot share CUDA tensors cheaply) and no pinning (only CPU memory can be pinned)."""
+def main_process_loading(args) -> dict[str, Any]:
+    """The dataloader settings under which batches that already live on the device are built: in the main
+    process (no workers: they cannot share CUDA tensors cheaply) and unpinned (only CPU memory can be
+    pinned). Returns those that differ from `args` (which stays as it is)."""
     settings = {"dataloader_num_workers": 0, "dataloader_pin_memory": False, "dataloader_persistent_workers": False,
                 "dataloader_prefetch_factor": None}
-    changed = {name: getattr(args, name) for name, value in settings.items() if getattr(args, name) != value}
-    for name, value in settings.items():
-        setattr(args, name, value)
+    changed = {name: value for name, value in settings.items() if getattr(args, name) != value}
     if changed:
-        logger.info("data on the device: batches are built in the main process (was %s)", changed)
+        logger.info("data on the device: batches are built in the main process (was %s)",
+                    {name: getattr(args, name) for name in changed})
+    return changed
 
 
 # ----------------------------------------------------------------------------- decoding

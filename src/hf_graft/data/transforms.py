@@ -11,7 +11,7 @@ from hf_graft.config import DataArguments
 # the keys of a timm data config (pretrained_cfg) that define the evaluation transform
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
-__all__ = ["DATA_CONFIG_KEYS", "build_transform", "normalize_pixels", "pixel_statistics", "resolve_student_data_config", "students_data_config"]
+__all__ = ["DATA_CONFIG_KEYS", "DeviceNormalizer", "build_transform", "normalize_pixels", "pixel_statistics", "resolve_student_data_config", "students_data_config"]
 
 
 def resolve_student_data_config(model, input_size: int | None = None) -> dict[str, Any]:
@@ -88,3 +88,18 @@ def normalize_pixels(pixel_values: torch.Tensor, mean: torch.Tensor, std: torch.
     return pixel_values.float().div_(255).sub_(mean.view(shape)).div_(std.view(shape))
 
 
+
+
+class DeviceNormalizer:
+    """`normalize_pixels` for uint8 batches that reach the device as they are
+    (`DataArguments.normalize_on_device`), with the mean and std copied to each device once (a per-step
+    copy from the host would be a host sync)."""
+
+    def __init__(self, data_config: dict[str, Any] | None):
+        self.data_config = data_config
+        self._statistics: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self._statistics is None or self._statistics[0].device != pixel_values.device:
+            self._statistics = pixel_statistics(self.data_config, pixel_values.device)
+        return normalize_pixels(pixel_values, *self._statistics)

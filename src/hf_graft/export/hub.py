@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Sequence
 
 from hf_graft.export.student_folder import EXPORT_FILES
+from hf_graft.errors import HfGraftError
 
 __all__ = ["PushToHubError", "push_student", "scrub_secrets"]
 
 
-class PushToHubError(RuntimeError):
+class PushToHubError(HfGraftError, RuntimeError):
     """The upload of an exported student failed; the message is one line naming the repo and the cause."""
 
 

@@ -49,6 +49,7 @@ from hf_graft.export.model_card import build_model_card
 from hf_graft.models.registry import architecture_note, check_architecture
 from hf_graft.utils.files import CONFIG_FILE, EXPORT_FILES, MODEL_CARD_FILE, WEIGHTS_FILE
 from hf_graft.utils.serialization import to_json_value
+from hf_graft import _compat
 
 __all__ = ["CONFIG_FILE", "EXPORT_FILES", "MODEL_CARD_FILE", "WEIGHTS_FILE", "build_student_config", "save_student"]
 
@@ -84,9 +85,7 @@ def _registry_name(architecture: str) -> str:
 def _reconstruction_args(model: nn.Module, model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     """timm.create_model kwargs (besides num_classes) that rebuild this exact network."""
     # timm records the factory kwargs and post-construction changes (reset_classifier, resizes)
-    from timm.models._input import get_model_args
-
-    args: dict[str, Any] = dict(get_model_args(model))
+    args: dict[str, Any] = _compat.model_args(model)
     for name, value in (model_kwargs or {}).items():
         args.setdefault(name, value)
     args = {k: v for k, v in args.items() if k not in _FACTORY_ONLY_ARGS and not _is_training_only_arg(k)}
@@ -105,7 +104,6 @@ def build_student_config(
 ) -> dict[str, Any]:
     """The config.json content (see the module docstring for what each loader needs from it)."""
     from timm.data import resolve_data_config
-    from timm.models._input import get_model_input_config
 
     name = _registry_name(architecture)
     num_classes = int(getattr(model, "num_classes", 0) or 0)
@@ -122,7 +120,7 @@ def build_student_config(
         {k: data_config[k] for k in DATA_CONFIG_KEYS if data_config.get(k) is not None}, model=model
     )
     input_size = [int(v) for v in data["input_size"]]
-    traits = get_model_input_config(model)
+    traits = _compat.model_input_config(model)
     if traits["fixed_input_size"] and list(traits["input_size"][1:]) != input_size[1:]:
         raise ValueError(
             f"{name} takes fixed {tuple(traits['input_size'][1:])} inputs, data_config says {tuple(input_size[1:])}"
@@ -169,7 +167,7 @@ def build_student_config(
 def _unwrap(model: nn.Module) -> nn.Module:
     # torch.compile and DDP wrappers prefix the state dict keys; the export holds the bare timm model
     while True:
-        inner = getattr(model, "_orig_mod", None) or (
+        inner = _compat.unwrap_compiled(model) or (
             getattr(model, "module", None) if type(model).__name__ == "DistributedDataParallel" else None
         )
         if not isinstance(inner, nn.Module):

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 __all__ = [
+    "population_filter_metrics",
     "DEFAULT_THRESHOLDS",
     "KINDS",
     "FilterReport",
@@ -498,3 +499,13 @@ def plot_reports(
         os.makedirs(parent, exist_ok=True)
     fig.savefig(path, dpi=dpi, format="png")
     return path
+
+
+def population_filter_metrics(members: Sequence[nn.Module], *, thresholds: Sequence[float], bins: int) -> dict[str, float]:
+    """Filter health of every member (the paper's "Reason"): its invalid-filter ratio at each threshold and
+    its total entropy, as flat `member{k}_...` scalars for the logs."""
+    logs: dict[str, float] = {}
+    for k, member in enumerate(members):
+        summary = filter_report(member, thresholds=thresholds, bins=bins).summary()
+        logs.update({f"member{k}_{name}": value for name, value in summary.items()})
+    return logs

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
+from hf_graft.errors import one_line
 
 if TYPE_CHECKING:
     import torch
@@ -27,11 +28,6 @@ __all__ = [
 ]
 
 POPULATION_ACCURACY_PATH = Path(__file__).resolve().parent / "population_accuracy"
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def population_metrics(logits: torch.Tensor, labels: torch.Tensor, select_student: str = "best") -> dict[str, float]:
@@ -85,7 +81,7 @@ def load_metric(name_or_path: str | os.PathLike, owner: str = "extra_metrics"):
                 "evaluate loads metrics given by name from the Hugging Face Hub (or its cache), which is not "
                 "reachable here; pass a local folder with the metric script instead"
             )
-        raise ValueError(f"{owner}: cannot load the evaluate metric {name!r} ({_first_line(error)}); {hint}") from error
+        raise ValueError(f"{owner}: cannot load the evaluate metric {name!r} ({one_line(error, with_type=True)}); {hint}") from error
 
 
 def load_population_accuracy():

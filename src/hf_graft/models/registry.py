@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 from hf_graft.utils.files import CONFIG_FILE
+from hf_graft.errors import HfGraftError
 
 __all__ = [
     "HF_GRAFT_ARCHITECTURES",
@@ -22,7 +23,7 @@ __all__ = [
 HF_GRAFT_ARCHITECTURES = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "cifar_resnet110", "cifar_mobilenetv2")
 
 
-class UnknownArchitectureError(ValueError):
+class UnknownArchitectureError(HfGraftError, ValueError):
     """A model names an architecture that timm's registry does not hold."""
 
 

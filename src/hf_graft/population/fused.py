@@ -44,21 +44,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hf_graft.graft.distill import at_least_float32, averaged_teacher_probs
+from hf_graft import _compat
+from hf_graft.errors import HfGraftError
 
 __all__ = ["FusedMembers", "FusionError", "check_fusable", "fused_member_losses", "separate_storage"]
 
 
-class FusionError(ValueError):
+class FusionError(HfGraftError, ValueError):
     """A population that cannot run fused; the message is one line."""
 
 
 # ----------------------------------------------------------------------------- what fuses
 def _timm_types(module_path: str, *names: str) -> tuple[type, ...]:
-    import importlib
-
-    try:
-        module = importlib.import_module(module_path)
-    except ImportError:
+    module = _compat.timm_module(module_path)
+    if module is None:
         return ()
     return tuple(getattr(module, n) for n in names if isinstance(getattr(module, n, None), type))
 
@@ -89,7 +88,7 @@ def _container_types() -> tuple[type, ...]:
         *_timm_types("timm.models.resnet", "ResNet", "BasicBlock", "Bottleneck"),
         *_timm_types("timm.models.efficientnet", "EfficientNet"),
         *_timm_types("timm.models.mobilenetv3", "MobileNetV3"),
-        *_timm_types("timm.models._efficientnet_blocks", "SqueezeExcite", "ConvBnAct", "DepthwiseSeparableConv",
+        *_timm_types(_compat.TIMM_EFFICIENTNET_BLOCKS, "SqueezeExcite", "ConvBnAct", "DepthwiseSeparableConv",
                      "InvertedResidual", "EdgeResidual"),
         *_timm_types("timm.layers.adaptive_avgmax_pool", "SelectAdaptivePool2d"),
     )
@@ -141,7 +140,7 @@ def check_fusable(model: nn.Module, model_name: str = "") -> None:
             return
         if kind not in containers:
             fail(path, module)
-        if module._parameters or any(b is not None for b in module._buffers.values()):
+        if _compat.own_parameters(module) or any(b is not None for b in _compat.own_buffers(module).values()):
             fail(path, module, "holds its own parameters or buffers")
         pool_type = getattr(module, "pool_type", None)
         if pool_type is not None and "cat" in str(pool_type):
@@ -202,7 +201,7 @@ class _FusedConv2d(nn.Module):
             x = pad_same(x, conv.weight.shape[-2:], conv.stride, conv.dilation)
             padding = 0
         elif conv.padding_mode != "zeros":
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            x = F.pad(x, _compat.conv_padding(conv), mode=conv.padding_mode)
             padding = 0
         return F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, groups)
 
@@ -234,7 +233,7 @@ class _FusedBatchNorm(nn.Module):
     def bind(self) -> None:
         """Make every member's statistics views into one fused buffer per statistic, unless they are."""
         for name in _BN_BUFFERS:
-            current = [norm._buffers.get(name) for norm in self.norms]
+            current = [_compat.own_buffers(norm).get(name) for norm in self.norms]
             if current[0] is None:
                 self.fused.pop(name, None)
                 self.views.pop(name, None)
@@ -246,7 +245,7 @@ class _FusedBatchNorm(nn.Module):
             n = current[0].numel()
             views = tuple(fused[k] if current[0].ndim == 0 else fused[k * n:(k + 1) * n] for k in range(len(current)))
             for norm, view in zip(self.norms, views):
-                norm._buffers[name] = view
+                _compat.own_buffers(norm)[name] = view
             self.fused[name], self.views[name] = fused, views
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from hf_graft.population.students import POPULATION_FILE
 from hf_graft.utils.files import CONFIG_FILE, is_unfinished_checkpoint
+from hf_graft.errors import HfGraftError
 
 __all__ = ["ACCEPTED", "ModelSource", "ModelSourceError", "check_model_name", "load_teacher", "resolve_model_source"]
 
@@ -40,7 +41,7 @@ SINGLE_ACCEPTED = (
 )
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(HfGraftError, ValueError):
     """A name that denotes no model; `problem` says why, in a few words."""
 
     def __init__(self, spec: str, problem: str):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from hf_graft.graft.distill import at_least_float32, kd_loss
 from hf_graft.models.registry import check_architecture
 from hf_graft.utils.files import POPULATION_FILE, WEIGHTS_FILE
+from hf_graft import _compat
 
 __all__ = [
     "POPULATION_FILE",
@@ -86,7 +87,7 @@ def _submodules(module: nn.Module):
     while stack:
         current = stack.pop()
         yield current
-        stack.extend(child for child in current._modules.values() if child is not None)
+        stack.extend(_compat.submodules(current))
 
 
 class StudentPopulation(nn.Module):
@@ -139,7 +140,7 @@ class StudentPopulation(nn.Module):
 
     # The Trainer calls `train()` and `zero_grad()` around every step. nn.Module's versions walk every
     # submodule through named iterators (~2 ms a step for two ResNet-56 members), host time that small
-    # members' steps, bound by kernel launches on a GPU, cannot spare; these walk `_modules` directly.
+    # members' steps, bound by kernel launches on a GPU, cannot spare; these walk the module dicts directly (`_compat.submodules`).
     def train(self, mode: bool = True):
         if any(m.training != mode for m in _submodules(self)):
             super().train(mode)
@@ -151,7 +152,7 @@ class StudentPopulation(nn.Module):
         if not set_to_none:
             return super().zero_grad(set_to_none=False)
         for module in _submodules(self):
-            for param in module._parameters.values():
+            for param in _compat.own_parameters(module).values():
                 if param is not None:
                     param.grad = None
 

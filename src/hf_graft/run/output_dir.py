@@ -35,6 +35,7 @@ from hf_graft.utils.files import (
     CHECKPOINT_RE, EXPORT_FILES, LOCK_FILE, POPULATION_FILE, RESULT_FILES, RUN_IDENTITY_FILE, STUDENT_DIR,
     TRAINER_STATE_FILE, WEIGHTS_FILE, is_unfinished_checkpoint,
 )
+from hf_graft.errors import HfGraftError
 
 __all__ = [
     "LOCK_FILE",
@@ -42,6 +43,9 @@ __all__ = [
     "OutputDirError",
     "OutputDirClaim",
     "check_checkpoint_folder",
+    "checkpoint_bytes",
+    "checkpoint_problem",
+    "newest_complete_checkpoint",
     "check_resume_identity",
     "lock_output_dir",
     "previous_run_entries",
@@ -57,7 +61,7 @@ WAYS_OUT = (
 )
 
 
-class OutputDirError(ValueError):
+class OutputDirError(HfGraftError, ValueError):
     """The output folder or the checkpoint cannot be used for this run; the message is one line."""
 
 
@@ -253,56 +257,89 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def check_checkpoint_folder(path: str | os.PathLike, *, what: str = "resume_from_checkpoint") -> Path:
-    """A complete hf_graft training checkpoint, or `OutputDirError` naming `what`, the folder and the problem."""
+def checkpoint_problem(folder: Path, *, what: str = "resume_from_checkpoint", world_size: int = 1) -> str | None:
+    """Why `folder` is not a complete hf_graft training checkpoint (one line), or None.
+
+    The Trainer writes a checkpoint's files in a fixed order and `trainer_state.json` last, so a save that
+    was killed leaves a folder without a readable trainer state (or with truncated files): incomplete."""
+    import json
     import zipfile
 
+    if is_unfinished_checkpoint(folder):
+        return "is what an interrupted checkpoint save left behind, not a checkpoint; use a checkpoint-N folder"
+    if not (folder / POPULATION_FILE).is_file():
+        return f"has no {POPULATION_FILE}; is it a hf_graft training checkpoint?"
+    weights = folder / WEIGHTS_FILE
+    if weights.is_file():
+        problem = _safetensors_problem(weights)
+        if problem:
+            return f"{WEIGHTS_FILE} cannot be read ({problem})"
+    # torch.save files are zip archives: a truncated one has no central directory at its end
+    for name in ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth"):
+        file = folder / name
+        if file.is_file() and not zipfile.is_zipfile(file):
+            return f"{name} is damaged (truncated?)"
+    if what != "resume_from_checkpoint":
+        return None
+    state_file = folder / TRAINER_STATE_FILE
+    if not state_file.is_file():
+        return f"has no {TRAINER_STATE_FILE}: its save did not finish"
+    try:
+        json.loads(state_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return f"{TRAINER_STATE_FILE} is truncated or damaged: its save did not finish"
+    if world_size > 1 and (folder / "optimizer.pt").is_file():
+        missing = [f"rng_state_{i}.pth" for i in range(world_size) if not (folder / f"rng_state_{i}.pth").is_file()]
+        if missing:
+            return f"lacks {', '.join(missing)}: another process's save did not finish"
+    return None
+
+
+def check_checkpoint_folder(path: str | os.PathLike, *, what: str = "resume_from_checkpoint",
+                            world_size: int = 1) -> Path:
+    """A complete hf_graft training checkpoint, or `OutputDirError` naming `what`, the folder and the problem."""
     folder = Path(path)
     if not folder.exists():
         raise OutputDirError(f"{what}: {path} does not exist (expected a checkpoint-N folder of a training run)")
     if not folder.is_dir():
         raise OutputDirError(f"{what}: {path} is a file, not a checkpoint-N folder")
-    if is_unfinished_checkpoint(folder):
-        raise OutputDirError(
-            f"{what}: {path} is what an interrupted checkpoint save left behind, not a checkpoint; use a checkpoint-N folder"
-        )
-    if not (folder / POPULATION_FILE).is_file():
-        raise OutputDirError(f"{what}: {path} has no {POPULATION_FILE}; is it a hf_graft training checkpoint?")
-    if what == "resume_from_checkpoint" and not (folder / TRAINER_STATE_FILE).is_file():
-        raise OutputDirError(f"{what}: {path} has no trainer_state.json; it is not a complete checkpoint")
-    weights = folder / WEIGHTS_FILE
-    if weights.is_file():
-        problem = _safetensors_problem(weights)
-        if problem:
-            raise OutputDirError(f"{what}: {weights} cannot be read ({problem}); use another checkpoint")
-    # torch.save files are zip archives: a truncated one has no central directory at its end
-    for name in ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth"):
-        file = folder / name
-        if file.is_file() and not zipfile.is_zipfile(file):
-            raise OutputDirError(f"{what}: {file} is damaged (truncated?); use another checkpoint")
+    problem = checkpoint_problem(folder, what=what, world_size=world_size)
+    if problem:
+        raise OutputDirError(f"{what}: {path} {problem}; use another checkpoint")
     return folder
 
 
-def _last_checkpoint(output_dir: str) -> str | None:
+def newest_complete_checkpoint(output_dir: str | os.PathLike, *, world_size: int = 1) -> str | None:
+    """The newest `checkpoint-N` of `output_dir` that is complete. Newer, incomplete ones (a save that was
+    killed) are named in one line each and removed: the resumed run writes those steps again, and the
+    Trainer's rotation (`save_total_limit`) would otherwise keep them in place of complete ones."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return None
-    steps = [int(p.name.split("-")[1]) for p in folder.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
-    return str(folder / f"checkpoint-{max(steps)}") if steps else None
+    steps = sorted((int(p.name.split("-")[1]) for p in folder.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)),
+                   reverse=True)
+    for step in steps:
+        checkpoint = folder / f"checkpoint-{step}"
+        problem = checkpoint_problem(checkpoint, world_size=world_size)
+        if problem is None:
+            return str(checkpoint)
+        logger.warning("resume_from_checkpoint: skipping %s, which %s; removing it", checkpoint, problem)
+        shutil.rmtree(checkpoint)
+    return None
 
 
-def resolve_resume(output_dir: str, resume: str | bool | None) -> str | None:
+def resolve_resume(output_dir: str, resume: str | bool | None, *, world_size: int = 1) -> str | None:
     """The checkpoint folder a `resume_from_checkpoint` value names (None: a fresh run).
 
-    True names the last `checkpoint-N` of `output_dir` and fails without one; the strings "true" / "last"
-    (recipes, command line) do the same but start fresh, with a warning, when there is none.
+    True names the newest complete `checkpoint-N` of `output_dir` and fails without one; the strings
+    "true" / "last" (recipes, command line) do the same but start fresh, with a warning, when there is none.
     """
     if resume is None or resume is False or resume == "":
         return None
     if resume is True or str(resume) in ("true", "True", "last"):
-        last = _last_checkpoint(output_dir)
+        last = newest_complete_checkpoint(output_dir, world_size=world_size)
         if last is None and resume is True:
-            raise OutputDirError(f"resume_from_checkpoint: no checkpoint-N folder in output_dir {output_dir}")
+            raise OutputDirError(f"resume_from_checkpoint: no complete checkpoint-N folder in output_dir {output_dir}")
         if last is None:
             logger.warning("resume_from_checkpoint: no checkpoint in %s; starting from scratch", output_dir)
         return last
@@ -432,45 +469,71 @@ def _check_room(output_dir: str, needed_bytes: int, freed_bytes: int = 0) -> Non
         )
 
 
-class OutputDirClaim:
-    """Lock `args.output_dir` and check it for this run; `release()` (or the `with` block's end) unlocks it.
+def checkpoint_bytes(population, args) -> int:
+    """Disk room a checkpoint of `population` needs: its tensors and up to twice that of optimizer state
+    (without checkpoints: one member, the exported student)."""
+    import torch
 
-    `resume`: the `resume_from_checkpoint` value (see `resolve_resume`), checked and resolved into
-    `self.resume`. `check_fresh`: refuse (or, with `args.replace_output_dir`, clear) a folder holding
-    another run when not resuming. `identity`: this run's identity, compared with the checkpoint's.
-    `needed_bytes`: free space the folder must have. `clear`: with `replace_output_dir`, whether this
-    claim clears the previous run now; False leaves it for a later claim (the trainer's, once the run
-    is built and about to train), so that a run refused while it is being built loses nothing.
+    size = sum(t.numel() * t.element_size() for t in population.state_dict().values() if torch.is_tensor(t))
+    if str(getattr(args.save_strategy, "value", args.save_strategy)) != "no":
+        return 3 * size
+    return size // population.num_members if getattr(args, "export_student", False) else 0
+
+
+class OutputDirClaim:
+    """Lock `args.output_dir` for a run and check it; `release()` (or the `with` block's end) unlocks it.
+
+    Claiming (the constructor) locks the folder, resolves `resume` (see `resolve_resume`) into
+    `self.resume`, and, when not resuming and `check_fresh`, refuses a folder holding another run (with
+    `args.replace_output_dir`, lists what replacing it removes). Nothing is changed on disk yet.
+    `confirm` then finishes the claim once the run is built and about to train: the checkpoint's
+    identity against this run's, the room a checkpoint needs, and, with `replace_output_dir`, the
+    removal of the previous run, so that a run refused while it is being built loses nothing. The
+    command line claims before it loads any data and hands the claim to the trainer (`GraftingTrainer.train`),
+    so each check runs once.
     """
 
-    def __init__(self, args, resume: str | bool | None = None, *, check_fresh: bool = True,
-                 identity: dict[str, Any] | None = None, needed_bytes: int = 0, clear: bool = True):
+    def __init__(self, args, resume: str | bool | None = None, *, check_fresh: bool = True):
         self.args = args
         self.lock: OutputDirLock | None = None
-        self.clear = clear
-        self.resume = _on_main_process(args, lambda: self._claim(resume, check_fresh, identity, needed_bytes))
+        self.confirmed = False
+        self._replaced: list[str] = []
+        self.resume = _on_main_process(args, lambda: self._claim(resume, check_fresh))
 
-    def _claim(self, resume, check_fresh, identity, needed_bytes) -> str | None:
+    def _claim(self, resume, check_fresh) -> str | None:
         output_dir = self.args.output_dir
         self.lock = lock_output_dir(output_dir)
         try:
-            checkpoint = resolve_resume(output_dir, resume)
-            replaced = self._check_fresh(output_dir) if checkpoint is None and check_fresh else []
-            if needed_bytes:  # counting the room the previous run's files leave when they are replaced
-                _check_room(output_dir, needed_bytes, freed_bytes=_size(replaced))
+            checkpoint = resolve_resume(output_dir, resume, world_size=self.args.world_size)
             if checkpoint is not None:
-                check_checkpoint_folder(checkpoint)
-                if identity is not None:
-                    check_resume_identity(checkpoint, identity)
-            if replaced and self.clear:
-                for path in replaced:
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
-                logger.warning("replace_output_dir: removed the previous run's %s from %s",
-                               ", ".join(p.name for p in replaced), output_dir)
+                check_checkpoint_folder(checkpoint, world_size=self.args.world_size)
+            replaced = self._check_fresh(output_dir) if checkpoint is None and check_fresh else []
+            self._replaced = [str(p) for p in replaced]
         except BaseException:
             self.release()
             raise
         return checkpoint
+
+    def confirm(self, *, identity: dict[str, Any] | None = None, needed_bytes: int = 0) -> None:
+        """The checks that need the built run, then the removal of a replaced run (once per claim)."""
+        if self.confirmed:
+            return
+        _on_main_process(self.args, lambda: self._confirm(identity, needed_bytes))
+        self.confirmed = True
+
+    def _confirm(self, identity, needed_bytes) -> None:
+        output_dir = self.args.output_dir
+        replaced = [Path(p) for p in self._replaced]
+        if needed_bytes:  # counting the room the previous run's files leave when they are replaced
+            _check_room(output_dir, needed_bytes, freed_bytes=_size(replaced))
+        if self.resume is not None and identity is not None:
+            check_resume_identity(self.resume, identity)
+        if replaced:
+            for path in replaced:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            logger.warning("replace_output_dir: removed the previous run's %s from %s",
+                           ", ".join(p.name for p in replaced), output_dir)
+            self._replaced = []
 
     def _check_fresh(self, output_dir: str) -> list[Path]:
         """Refuse a folder holding another run, or (with `replace_output_dir`) list what replacing it removes."""

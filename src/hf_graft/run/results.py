@@ -10,8 +10,10 @@ __all__ = [
     "ensemble_metrics",
     "filter_summaries",
     "format_number",
+    "logged_evaluation",
     "member_metrics",
     "select_member",
+    "run_results",
     "summary_lines",
 ]
 
@@ -139,3 +141,31 @@ def summary_lines(results: Mapping[str, Any], num_members: int) -> list[str]:
     if "wall_time_s" in results:
         lines.append(f"wall time: {_duration(results['wall_time_s'])}")
     return lines
+
+
+def logged_evaluation(log_history: Sequence[Mapping[str, Any]], step: int) -> dict[str, Any] | None:
+    """The evaluation the Trainer logged at `step` (without its `step` key), or None when there is none."""
+    for entry in reversed(log_history):
+        if entry.get("step") == step and "eval_runtime" in entry:
+            return {key: value for key, value in entry.items() if key != "step"}
+    return None
+
+
+def run_results(metrics: Mapping[str, Any], *, args, members: Sequence, has_eval: bool,
+                diverged: Mapping[int, int] | None = None) -> dict[str, Any]:
+    """What a finished run reports, from its final metrics (training and evaluation, flat): the selected
+    member and why, the grafting and distillation settings, every member's filter health, and the
+    members that diverged (and went on alone, never as scions). `args` is the run's `GraftingConfig`."""
+    results = dict(metrics)
+    per_member = member_metrics(results, args.num_students)
+    if not has_eval and args.select_student == "best":
+        selected, reason = None, "no eval_dataset to choose the best member by (select_student: best)"
+    else:
+        selected, reason = select_member(per_member, args.select_student, num_members=args.num_students)
+    results.update(selected_member=selected, selection_reason=reason, grafting=args.grafting_settings())
+    if args.kd_settings():
+        results["distillation"] = args.kd_settings()
+    results["filters"] = filter_summaries(results, members, thresholds=args.filter_thresholds, bins=args.graft_bins)
+    if diverged:
+        results["diverged_members"] = {str(k): step for k, step in diverged.items()}
+    return results

@@ -13,9 +13,11 @@ from hf_graft.data.loading import ImageData, load_image_data
 from hf_graft.data.sampling import MemberOrderDataset
 from hf_graft.data.populations import population_datasets
 from hf_graft.data.transforms import resolve_student_data_config
+from hf_graft.metrics import check_extra_metrics
+from hf_graft.population.sources import check_model_name
 from hf_graft.population.students import PopulationSpec, StudentPopulation
 
-__all__ = ["build_population_and_datasets", "load_data", "student_data_config"]
+__all__ = ["build_population_and_datasets", "check_run_inputs", "load_data", "student_data_config", "student_model_name"]
 
 
 def load_data(config: GraftingConfig, data_args: DataArguments) -> ImageData:
@@ -23,15 +25,31 @@ def load_data(config: GraftingConfig, data_args: DataArguments) -> ImageData:
     return load_image_data(data_args, seed=config.data_seed if config.data_seed is not None else config.seed)
 
 
+def student_model_name(config: GraftingConfig) -> str:
+    """The name `timm.create_model` takes for `config.student_model` (a folder becomes `local-dir:`), or a
+    one-line ValueError naming the field; the teachers' names are checked by the same rules."""
+    for name in config.teacher_models or []:
+        check_model_name("GraftingConfig", "teacher_models", name)
+    return check_model_name("GraftingConfig", "student_model", config.student_model).timm_name
+
+
+def check_run_inputs(config: GraftingConfig) -> None:
+    """What a config names outside itself, before any data is loaded: the models and the extra metrics."""
+    student_model_name(config)
+    if config.extra_metrics:
+        check_extra_metrics(config.extra_metrics, config.extra_metric_kwargs, "GraftingConfig")
+
+
 def _student_probe(config: GraftingConfig, num_classes: int):
     """The students' architecture built on the meta device (no weights), before any member exists."""
     import timm
 
     kwargs = dict(num_classes=num_classes, **config.student_model_kwargs)
+    name = student_model_name(config)
     try:
-        return timm.create_model(config.student_model, device="meta", **kwargs)
+        return timm.create_model(name, device="meta", **kwargs)
     except (NotImplementedError, RuntimeError):  # an architecture that computes with its weights when built
-        return timm.create_model(config.student_model, **kwargs)
+        return timm.create_model(name, **kwargs)
 
 
 def student_data_config(config: GraftingConfig, num_classes: int, input_size: int | None = None) -> dict[str, Any]:
@@ -53,14 +71,16 @@ def build_population_and_datasets(
     (`seed` for every member with `shared_init`); the population's spec records the data config,
     the label names and the dataset, which checkpoints and the exported student carry.
     """
+    check_run_inputs(config)  # before the data is loaded
     data = load_data(config, data_args) if data is None else data
     probe = _student_probe(config, data.num_classes)
+    name = student_model_name(config)
     if config.member_execution == "fused":  # refused here, before the population is built or data decoded
         from hf_graft.population.fused import check_fusable
 
-        check_fusable(probe, config.student_model)
+        check_fusable(probe, name)
     spec = PopulationSpec(
-        student_model=config.student_model,
+        student_model=name,
         num_students=config.num_students,
         num_classes=data.num_classes,
         student_model_kwargs=config.student_model_kwargs,

@@ -31,9 +31,9 @@ WEIGHTS_FILE = "model.safetensors"
 MODEL_CARD_FILE = "README.md"
 EXPORT_FILES = (CONFIG_FILE, WEIGHTS_FILE, MODEL_CARD_FILE)
 
-# an interrupted checkpoint save
-STAGING_PREFIX = "tmp-"  # `tmp-checkpoint-N`: matched by neither get_last_checkpoint nor rotation
-REPLACED_SUFFIX = "-replaced"  # the older copy a publish is replacing, until the rename is done
+# what an interrupted checkpoint save of hf_graft 0.1 (which staged its checkpoints) can have left
+STAGING_PREFIX = "tmp-"  # `tmp-checkpoint-N`, being written
+REPLACED_SUFFIX = "-replaced"  # the older copy a publish was replacing
 
 
 def is_unfinished_checkpoint(path: str | os.PathLike) -> bool:

@@ -1,8 +1,8 @@
 """BatchNorm statistics re-estimated after a graft (`GraftingConfig.bn_recalibration_batches`).
 
 A graft mixes two networks' running means and variances linearly, which is not the statistics of
-the mixed network; `BatchNormRecalibrationCallback` replaces them after every graft by a pass over a
-few training batches (`recalibrate_batchnorm`), on the trainer's graft events.
+the mixed network; `recalibrate_batchnorm` replaces them by a pass over a few training batches (the
+trainer's `BatchNormRecalibrationCallback` runs it after every graft).
 """
 
 from __future__ import annotations
@@ -10,28 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch.utils.data import default_collate
-from transformers import TrainerCallback
 
 from hf_graft.data.transforms import normalize_pixels, pixel_statistics, students_data_config
+from hf_graft import _compat
 
-__all__ = ["BatchNormRecalibrationCallback", "recalibrate_batchnorm"]
-
-
-class BatchNormRecalibrationCallback(TrainerCallback):
-    """After every graft, re-estimate the BatchNorm running statistics of the mixed weights on
-    `num_batches` training batches (`GraftingConfig.bn_recalibration_batches`).
-
-    Linear mixing of two networks' running means and variances is not the statistics of the mixed
-    network; this pass (cumulative average, train-mode BN, no gradients) replaces them.
-    """
-
-    def __init__(self, num_batches: int):
-        self.num_batches = num_batches
-
-    def on_graft_end(self, args, state, control, *, model, graft_index, train_dataset, data_collator=None, **kwargs):
-        recalibrate_batchnorm(model, train_dataset, num_batches=self.num_batches,
-                              batch_size=args.per_device_train_batch_size, device=args.device,
-                              seed=args.seed + graft_index, collate=data_collator or default_collate)
+__all__ = ["recalibrate_batchnorm"]
 
 
 @torch.no_grad()
@@ -39,7 +22,7 @@ def recalibrate_batchnorm(population: nn.Module, dataset, *, num_batches: int, b
                           device: torch.device, seed: int, collate=default_collate) -> None:
     """Reset and re-estimate every BatchNorm's running statistics of `population` on `num_batches`
     batches of `dataset` drawn by `seed` (batched by `collate`), leaving the global random streams untouched."""
-    bns = [m for m in population.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = [m for m in population.modules() if isinstance(m, _compat.batchnorm_base()) and m.track_running_stats]
     if not bns:
         return
     saved = [(m, m.momentum) for m in bns]

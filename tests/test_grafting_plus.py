@@ -100,12 +100,12 @@ def test_grafting_plus_with_a_teacher_trained_in_the_test(make_trainer, teacher_
     batch = next(iter(trainer.get_train_dataloader()))
     pixels, labels = batch["pixel_values"], batch["labels"]
     assert pixels.shape[:2] == (16, 2) and not torch.equal(labels[:, 0], labels[:, 1])
-    teacher_logits = trainer._teacher_logits(pixels)
+    teacher_logits = trainer.teachers.logits(pixels)
     assert teacher_logits.shape == (1, 16, 2, 10)
     with torch.no_grad():
         for k in range(2):
             torch.testing.assert_close(teacher_logits[0, :, k], teacher(pixels[:, k]), rtol=1e-4, atol=1e-5)
-    shared = trainer._teacher_logits(pixels[:, 0])
+    shared = trainer.teachers.logits(pixels[:, 0])
     assert shared.shape == (1, 16, 10)
     # and the training loss is sum_k ce_weight * CE_k + kd_weight * KD_k with the teacher on x_k
     model = trainer.model.train()
@@ -128,7 +128,7 @@ def test_shared_order_runs_the_teachers_once_per_step_for_all_students(make_trai
         assert [c["shape"] for c in probe.calls] == [(16, 3, 16, 16)] * trainer.state.global_step
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["pixel_values"].shape == (16, 3, 16, 16)
-    assert trainer._teacher_logits(batch["pixel_values"]).shape == (2, 16, 10)
+    assert trainer.teachers.logits(batch["pixel_values"]).shape == (2, 16, 10)
 
 
 def test_bad_teachers_fail_early_with_one_line(make_trainer, teacher_dir, tmp_path, digits_small):

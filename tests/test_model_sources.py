@@ -54,16 +54,20 @@ def test_what_is_not_a_model_says_why(folders, name, problem):
 
 
 def test_config_fields_use_the_same_rules(folders):
-    # a plain model folder is a student architecture too, read through timm's local-dir:
+    # a plain model folder is a student architecture too, read through timm's local-dir:; the config
+    # keeps what it was given (it does no I/O) and the builder resolves it
+    from hf_graft.training.builder import student_model_name
+
     config = GraftingConfig(output_dir=str(folders / "o"), use_cpu=True, student_model=str(folders / "student"),
                             teacher_models=[str(folders / "student"), "cifar_resnet20"])
-    assert config.student_model == f"local-dir:{folders / 'student'}"
+    assert config.student_model == str(folders / "student")
+    assert student_model_name(config) == f"local-dir:{folders / 'student'}"
     assert config.teacher_models == [str(folders / "student"), "cifar_resnet20"]
     for field in ("student_model", "teacher_models"):
         value = str(folders / "checkpoint-4")
         with pytest.raises(ValueError) as err:
-            GraftingConfig(output_dir=str(folders / "o"), use_cpu=True,
-                           **{field: [value] if field == "teacher_models" else value})
+            student_model_name(GraftingConfig(output_dir=str(folders / "o"), use_cpu=True,
+                                              **{field: [value] if field == "teacher_models" else value}))
         message = str(err.value)
         assert message.startswith(f"GraftingConfig.{field}: got {value!r}; a training checkpoint")
         assert "\n" not in message

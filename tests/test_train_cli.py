@@ -81,8 +81,8 @@ def test_every_recipe_parses_and_says_what_it_reproduces(recipe, tmp_path):
                                         "kd_weight": 1.0, "ce_weight": 1.0}
     if recipe.stem.startswith("cifar100"):
         assert data_args.label_column == "fine_label"
-    # the Trainer's own push is always off: only the selected student is ever pushed
-    assert config.push_to_hub is False
+    # a recipe's config is what it says: nothing is changed after construction
+    assert config.push_to_hub is False and config.lr_spread == [str(s) for s in config.lr_spread]
 
 
 def test_overrides_win_over_the_recipe(tmp_path):

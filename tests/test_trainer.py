@@ -586,7 +586,7 @@ def test_push_to_hub_uploads_only_the_student(make_trainer, tmp_path, monkeypatc
     out = tmp_path / "run"
     trainer = make_trainer(num_students=2, num_train_epochs=1, max_train_samples=32, output_dir=str(out),
                            save_strategy="epoch", push_to_hub=True, hub_model_id="someone/grafted")
-    assert trainer.args.push_to_hub is False  # the Trainer's own push (the whole population) stays off
+    assert trainer.args.push_to_hub is True  # the config as given; the Trainer's own pushes are the student's
     trainer.train()
     assert trainer.student_dir is None and not (out / "student").exists()  # export_student is off here
     url = trainer.push_to_hub()

@@ -400,7 +400,8 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         if args.graft_source == "external":
             report = graft_members(
                 members, criterion=args.graft_criterion, bins=args.graft_bins, A=args.graft_A, c=args.graft_c,
-                level=args.graft_level,
+                level=args.graft_level, anchor=args.graft_anchor, alpha_decimals=args.graft_alpha_decimals,
+                include_max=args.graft_histogram_include_max,
             )
             logs.update(report.to_log_dict())
             self.graft_reports.append(report)
@@ -410,12 +411,13 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
             for k, member in enumerate(members):
                 device = next(member.parameters()).device
                 generator = torch.Generator(device=device).manual_seed(args.seed * 100003 + 1009 * step + k)
-                counts = graft_noise(member, epoch=epoch, a=args.graft_noise_a,
+                counts = graft_noise(member, epoch=epoch, a=args.graft_noise_a, first_t=args.graft_noise_first_t,
                                      threshold=args.graft_invalid_threshold, generator=generator)
                 logs[f"graft/member{k}_filters_grafted"] = float(sum(counts.values()))
         elif args.graft_source == "internal":
             for k, member in enumerate(members):
-                counts = graft_internal(member, threshold=args.graft_invalid_threshold)
+                counts = graft_internal(member, threshold=args.graft_invalid_threshold,
+                                        order=args.graft_internal_order)
                 logs[f"graft/member{k}_filters_grafted"] = float(sum(counts.values()))
         self._call_graft_event("on_graft_end", step, report=report)
         logs.update({f"graft/{name}": value for name, value in self.filter_metrics().items()})

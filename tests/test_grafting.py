@@ -454,8 +454,12 @@ def test_graft_members_reads_nothing_back_to_the_host(monkeypatch):
             mp.setattr(torch.Tensor, name, forbidden(name))
         report = graft_members(members)
         report_filter = graft_members(members, level="filter", criterion="l1")
+        # the authors' settings (half-open histogram, rounded alphas) and the BatchNorm-scale level too
+        report_authors = graft_members(members, anchor="authors", alpha_decimals=2, include_max=False)
+        report_bn = graft_members(members, level="bn_scale")
         # the numbers were not read back yet
         assert report._pending is not None and report_filter._pending is not None
+        assert report_authors._pending is not None and report_bn._pending is not None
 
     def counting_cpu(self, *args, **kwargs):
         calls["cpu"] += 1
@@ -508,6 +512,7 @@ def test_noise_source_adds_a_pow_t_noise_to_invalid_filters_only():
     pre = snapshot(model)
     twin = copy.deepcopy(model)
     epoch, a = 3, 0.8
+    t = epoch - 1  # t counted from 0: the graft after the first epoch has t = 0
     counts = graft_noise(model, epoch=epoch, a=a, threshold=0.1, generator=torch.Generator().manual_seed(42))
     assert counts[target] == 4 and sum(counts.values()) == 4
     # the reference: the same generator draws a whole layer of N(0, 1) per conv, in state-dict order
@@ -517,7 +522,7 @@ def test_noise_source_adds_a_pow_t_noise_to_invalid_filters_only():
         if w.ndim != 4:
             assert torch.equal(state[name], w)
             continue
-        noise = torch.randn(w.shape, generator=g) * a**epoch
+        noise = torch.randn(w.shape, generator=g) * a**t
         if name == target:
             for j in range(w.shape[0]):
                 if j in (1, 5, 9, 40):
@@ -527,7 +532,7 @@ def test_noise_source_adds_a_pow_t_noise_to_invalid_filters_only():
         else:
             assert torch.equal(state[name], w), name
     sample = torch.cat([state[target][j].reshape(-1) for j in (1, 5, 9, 40)])
-    assert sample.std().item() == pytest.approx(a**epoch, rel=0.08)  # sigma_t = a ** t
+    assert sample.std().item() == pytest.approx(a**t, rel=0.08)  # sigma_t = a ** t
     # reproducible with the same seed, different with another
     same = graft_noise(copy.deepcopy(twin), epoch=epoch, a=a, generator=torch.Generator().manual_seed(42))
     assert same == counts
@@ -538,6 +543,10 @@ def test_noise_source_adds_a_pow_t_noise_to_invalid_filters_only():
     assert not torch.equal(twin.state_dict()[target], state[target])
     with pytest.raises(ValueError, match="a must"):
         graft_noise(model, epoch=1, a=1.5)
+    with pytest.raises(ValueError, match="epoch must"):
+        graft_noise(model, epoch=0)
+    with pytest.raises(ValueError, match="first_t must"):
+        graft_noise(model, epoch=1, first_t=-1)
 
 
 def test_internal_source_matches_reference():
@@ -628,16 +637,22 @@ def test_sharded_information_equals_whole_tensor(world):
             pieces[r].append(p)
     assert pieces[world - 1][0].numel() == 0  # a rank without any of layer 0
 
-    for criterion in ("entropy", "l1"):
+    # include_max=False: the authors' half-open bins, counted from each shard against the global edges
+    for criterion, include_max in (("entropy", True), ("entropy", False), ("l1", True)):
         group = ThreadGroup(world)
-        results = group.run(lambda p, red: sharded_information(p, criterion=criterion, all_reduce=red), pieces)
-        whole = torch.stack([layer_information(w, criterion) for w in layers])
+        results = group.run(lambda p, red: sharded_information(p, criterion=criterion, all_reduce=red,
+                                                               include_max=include_max), pieces)
+        whole = torch.stack([layer_information(w, criterion, include_max=include_max) for w in layers])
         for r in range(world):
             assert torch.equal(results[r], results[0])  # every rank gets the same numbers
             tol = dict(abs=1e-6) if criterion == "entropy" else dict(rel=1e-5)
             assert results[r].tolist() == [pytest.approx(v, **tol) for v in whole.tolist()]
         # all layers at once: entropy needs two collectives (MAX of extremes, SUM of counts), l1 one
         assert group.ops == (["max", "sum"] if criterion == "entropy" else ["sum"])
+    # the two histograms differ where the maximum is left out: the test can tell them apart
+    with_max = torch.stack([layer_information(w) for w in layers])
+    without = torch.stack([layer_information(w, include_max=False) for w in layers])
+    assert (with_max - without).abs().max() > 1e-3
 
 
 def test_sharded_counts_equal_whole_histogram_exactly():

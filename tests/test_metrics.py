@@ -10,7 +10,27 @@ import torch
 
 from hf_graft.config import GraftingConfig
 from hf_graft.metrics import POPULATION_ACCURACY_PATH, PopulationMetrics, load_population_accuracy
-from hf_graft.metrics import population_metrics
+
+
+def population_metrics(logits, labels, select_student: str = "best") -> dict[str, float]:
+    """Reference: timm's `accuracy` member by member, the ensemble's mean softmax, the best top-1 by argmax."""
+    from timm.utils import accuracy
+
+    logits = torch.as_tensor(logits).float()
+    labels = torch.as_tensor(labels).long()
+    topk = (1, min(5, logits.shape[-1]))
+    metrics, top1 = {}, []
+    for k in range(logits.shape[1]):
+        acc1, acc5 = accuracy(logits[:, k], labels, topk=topk)
+        metrics[f"member{k}_top1"], metrics[f"member{k}_top5"] = float(acc1), float(acc5)
+        top1.append(float(acc1))
+    ens1, ens5 = accuracy(torch.softmax(logits, dim=-1).mean(dim=1), labels, topk=topk)
+    metrics["ensemble_top1"], metrics["ensemble_top5"] = float(ens1), float(ens5)
+    selected = int(np.argmax(top1)) if select_student == "best" else int(select_student)
+    metrics["selected_member"] = float(selected)
+    metrics["top1"], metrics["top5"] = metrics[f"member{selected}_top1"], metrics[f"member{selected}_top5"]
+    return metrics
+
 
 # A real evaluate.Metric script: recall averaged over classes ("macro") or over examples ("micro"),
 # and the per-class recalls as an array.
@@ -144,8 +164,11 @@ def test_trainer_logs_extra_metrics(make_trainer, class_recall):
 
 
 def _one_line_error(**kwargs) -> str:
+    """A metric is loaded (and refused) before any data is, by the builder's check; its arguments by the config."""
+    from hf_graft.training.builder import check_run_inputs
+
     with pytest.raises(ValueError) as caught:
-        GraftingConfig(output_dir="unused", use_cpu=True, report_to="none", **kwargs)
+        check_run_inputs(GraftingConfig(output_dir="unused", use_cpu=True, report_to="none", **kwargs))
     message = str(caught.value)
     assert "\n" not in message
     return message

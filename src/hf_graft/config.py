@@ -8,10 +8,10 @@ from typing import Any, Optional, Union
 
 from transformers import TrainingArguments
 
-from hf_graft.graft.grafting import CRITERIA, LEVELS
-from hf_graft.graft.schedule import cosine_lr_multipliers
 from hf_graft import _compat
 from hf_graft.errors import HfGraftError
+from hf_graft.graft.grafting import ANCHOR_RULES, CRITERIA, INTERNAL_ORDERS, LEVELS
+from hf_graft.graft.schedule import cosine_lr_multipliers
 
 __all__ = ["ConfigError", "DataArguments", "GraftingConfig", "as_mapping", "GRAFT_SOURCES", "DATA_ORDERS", "MEMBER_EXECUTIONS", "TRAIN_AUGMENTATIONS"]
 
@@ -157,9 +157,31 @@ class GraftingConfig(TrainingArguments):
     graft_source: str = field(
         default="external", metadata={"help": "Scion source: external (other members), noise, internal, none."}
     )
-    graft_level: str = field(default="layer", metadata={"help": "External graft granularity: layer or filter."})
+    graft_level: str = field(
+        default="layer",
+        metadata={"help": "External graft granularity: layer (one alpha per tensor, the paper's); filter (one alpha "
+                  "per output filter from the filter's own information, hf_graft's variant); bn_scale (one alpha per "
+                  "output channel, |g1| / (|g1| + |g2|) from the BatchNorm scales after the layer, the authors' "
+                  "filter level)."},
+    )
+    graft_anchor: str = field(
+        default="nearest",
+        metadata={"help": "Which entries get their own alpha: nearest (every conv/linear weight; other entries take "
+                  "the nearest preceding one's) or authors (every entry whose key contains 'conv'; everything else, "
+                  "the classifier and a shortcut conv included, takes the last one's, as the authors' code). "
+                  "authors needs graft_level: layer."},
+    )
+    graft_alpha_decimals: Optional[int] = field(
+        default=None,
+        metadata={"help": "Round alpha to this many decimals (null: no rounding; the authors' code rounds to 2)."},
+    )
     graft_criterion: str = field(default="entropy", metadata={"help": "Layer information: entropy or l1."})
     graft_bins: int = field(default=10, metadata={"help": "Histogram bins for the entropy criterion."})
+    graft_histogram_include_max: bool = field(
+        default=True,
+        metadata={"help": "The entropy histogram counts the values equal to the layer's maximum in its last bin, as "
+                  "torch.histc does (false: leaves them out, as the authors' half-open bins do)."},
+    )
     graft_A: float = field(default=0.4, metadata={"help": "A in alpha = A/pi * arctan(c * dH) + 0.5 (0: plain average)."})
     graft_c: float = field(default=500.0, metadata={"help": "c in alpha = A/pi * arctan(c * dH) + 0.5."})
     graft_every_epochs: int = field(default=1, metadata={"help": "Graft at every this many epoch boundaries."})
@@ -169,7 +191,20 @@ class GraftingConfig(TrainingArguments):
     graft_start_epoch: int = field(
         default=1, metadata={"help": "First epoch boundary that grafts (1: after the first epoch, the authors')."}
     )
-    graft_noise_a: float = field(default=0.9, metadata={"help": "noise source: sigma_t = a**t, 0 < a < 1."})
+    graft_noise_a: float = field(
+        default=0.975, metadata={"help": "noise source: sigma_t = a**t, 0 < a < 1 (0.975: the authors')."}
+    )
+    graft_noise_first_t: int = field(
+        default=0,
+        metadata={"help": "noise source: t of the graft after the first epoch (0: the authors', sigma = 1 then; "
+                  "1: t counted from 1)."},
+    )
+    graft_internal_order: str = field(
+        default="snapshot",
+        metadata={"help": "internal source: snapshot (every filter receives a pre-graft filter) or sequential (the "
+                  "authors' in-place loop: a filter may receive one that already received, once more than half "
+                  "of a layer's filters are invalid)."},
+    )
     graft_invalid_threshold: float = field(
         default=0.1, metadata={"help": "noise / internal sources: filters with l1 below this are invalid."}
     )
@@ -302,6 +337,17 @@ class GraftingConfig(TrainingArguments):
             )
         if self.graft_level not in LEVELS:
             _fail(owner, "graft_level", self.graft_level, ", ".join(LEVELS))
+        if self.graft_anchor not in ANCHOR_RULES:
+            _fail(owner, "graft_anchor", self.graft_anchor, ", ".join(ANCHOR_RULES))
+        if self.graft_anchor == "authors" and self.graft_level != "layer":
+            raise ValueError(f"{owner}.graft_anchor: got 'authors' with graft_level {self.graft_level!r}; the authors' "
+                             "rule is layer-level (allowed with graft_level layer only)")
+        if self.graft_alpha_decimals is not None and (isinstance(self.graft_alpha_decimals, bool) or not isinstance(
+                self.graft_alpha_decimals, int) or self.graft_alpha_decimals < 0):
+            _fail(owner, "graft_alpha_decimals", self.graft_alpha_decimals,
+                  "null, or an integer >= 0 (the authors': 2)")
+        if not isinstance(self.graft_histogram_include_max, bool):
+            _fail(owner, "graft_histogram_include_max", self.graft_histogram_include_max, "true or false")
         if self.graft_criterion not in CRITERIA:
             _fail(owner, "graft_criterion", self.graft_criterion, ", ".join(CRITERIA))
         if self.graft_bins < 1:
@@ -318,6 +364,11 @@ class GraftingConfig(TrainingArguments):
             _fail(owner, "graft_start_epoch", self.graft_start_epoch, "an integer >= 1")
         if not 0.0 < self.graft_noise_a < 1.0:
             _fail(owner, "graft_noise_a", self.graft_noise_a, "a number in (0, 1)")
+        if isinstance(self.graft_noise_first_t, bool) or not isinstance(self.graft_noise_first_t, int) or \
+                self.graft_noise_first_t < 0:
+            _fail(owner, "graft_noise_first_t", self.graft_noise_first_t, "an integer >= 0 (0: the authors')")
+        if self.graft_internal_order not in INTERNAL_ORDERS:
+            _fail(owner, "graft_internal_order", self.graft_internal_order, ", ".join(INTERNAL_ORDERS))
         if self.bn_recalibration_batches < 0:
             _fail(owner, "bn_recalibration_batches", self.bn_recalibration_batches, "an integer >= 0")
         if self.data_order not in DATA_ORDERS:
@@ -428,9 +479,15 @@ class GraftingConfig(TrainingArguments):
             "graft_bins": self.graft_bins,
             "graft_A": self.graft_A,
             "graft_c": self.graft_c,
+            "graft_anchor": self.graft_anchor,
+            "graft_alpha_decimals": self.graft_alpha_decimals,
+            "graft_histogram_include_max": self.graft_histogram_include_max,
             "graft_every_epochs": self.graft_every_epochs,
             "graft_every_steps": self.graft_every_steps,
             "graft_start_epoch": self.graft_start_epoch,
+            "graft_noise_a": self.graft_noise_a,
+            "graft_noise_first_t": self.graft_noise_first_t,
+            "graft_internal_order": self.graft_internal_order,
             "bn_recalibration_batches": self.bn_recalibration_batches,
             "lr_spread": self.lr_spread,
             "lr_schedule": (

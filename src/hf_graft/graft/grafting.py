@@ -17,23 +17,22 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from hf_graft.graft.information import (
-    CRITERIA, _check_bins, _check_criterion, _entropy_rows, _l1, _member_entropies,
-)
+from hf_graft.graft.information import CRITERIA, _check_bins, _check_criterion, _entropy_rows, _l1, _member_entropies
 from hf_graft.graft.information import batched_entropy, layer_information  # noqa: F401  (public import path)
-from hf_graft.graft.sharded import (
-    _default_all_reduce, _dtensor_group, _is_dtensor, _local_piece, sharded_information,
-)
+from hf_graft.graft.sharded import _default_all_reduce, _dtensor_group, _is_dtensor, _local_piece, sharded_information
 from hf_graft.graft.sharded import sharded_layer_information  # noqa: F401  (public import path)
 
 __all__ = [
+    "ANCHOR_RULES",
     "CRITERIA",
+    "INTERNAL_ORDERS",
     "LEVELS",
     "GraftReport",
     "MemberGraftReport",
     "adaptive_alpha",
     "anchor_plan",
     "batched_entropy",
+    "bn_scale_alpha",
     "graft_internal",
     "graft_members",
     "graft_noise",
@@ -42,7 +41,14 @@ __all__ = [
     "sharded_layer_information",
 ]
 
-LEVELS = ("layer", "filter")
+# layer: one alpha per tensor (the paper's); filter: one alpha per output filter from the filter's own
+# information (hf_graft's variant); bn_scale: one alpha per output channel from the BatchNorm scales of
+# the two networks (the authors' filter-level script)
+LEVELS = ("layer", "filter", "bn_scale")
+# nearest: every conv/linear weight is an anchor (hf_graft's rule); authors: every entry whose key
+# contains "conv" is (the authors' CIFAR code)
+ANCHOR_RULES = ("nearest", "authors")
+INTERNAL_ORDERS = ("snapshot", "sequential")
 
 
 def adaptive_alpha(info_self, info_other, A: float = 0.4, c: float = 500.0):
@@ -57,20 +63,31 @@ def adaptive_alpha(info_self, info_other, A: float = 0.4, c: float = 500.0):
 
 
 # ----------------------------------------------------------------------------- anchor rule
-def _is_anchor(t: torch.Tensor) -> bool:
+def _is_anchor(name: str, t: torch.Tensor, rule: str = "nearest") -> bool:
+    if rule == "authors":
+        return t.is_floating_point() and "conv" in name
     return t.is_floating_point() and t.ndim >= 2
 
 
-def anchor_plan(state: dict[str, torch.Tensor]) -> list[tuple[str, str | None]]:
+def _check_anchor_rule(rule: str) -> None:
+    if rule not in ANCHOR_RULES:
+        raise ValueError(f"anchor must be one of {ANCHOR_RULES}, got {rule!r}")
+
+
+def anchor_plan(state: dict[str, torch.Tensor], rule: str = "nearest") -> list[tuple[str, str | None]]:
     """(entry name, anchor name) for every entry to mix, in state-dict order (docs/method.md §3).
 
-    Anchors (floating tensors with ndim >= 2) map to themselves; other floating entries take the
-    nearest preceding anchor (entries before the first anchor take the first anchor); integer
-    buffers such as `num_batches_tracked` are left out. Entries that share storage with an
-    earlier one (tied weights) are left out too, so they are mixed once.
+    Anchors map to themselves: with `rule="nearest"` the floating tensors with ndim >= 2 (conv and
+    linear weights), with `rule="authors"` the floating entries whose key contains "conv" (the
+    authors' CIFAR code: the classifier, and convolutions named otherwise such as a shortcut's,
+    follow the last such entry). Other floating entries take the nearest preceding anchor (entries
+    before the first anchor take the first anchor); integer buffers such as `num_batches_tracked`
+    are left out. Entries that share storage with an earlier one (tied weights) are left out too,
+    so they are mixed once.
     """
+    _check_anchor_rule(rule)
     names = [n for n, t in state.items() if t.is_floating_point()]
-    first_anchor = next((n for n in names if _is_anchor(state[n])), None)
+    first_anchor = next((n for n in names if _is_anchor(n, state[n], rule)), None)
     seen_storage: set[tuple[int, int]] = set()
     plan = []
     current = first_anchor
@@ -80,7 +97,7 @@ def anchor_plan(state: dict[str, torch.Tensor]) -> list[tuple[str, str | None]]:
         if t.numel() and key in seen_storage:
             continue
         seen_storage.add(key)
-        if _is_anchor(t):
+        if _is_anchor(name, t, rule):
             current = name
         plan.append((name, current))
     return plan
@@ -97,7 +114,7 @@ def _live_state(module: nn.Module) -> dict[str, torch.Tensor]:
 class MemberGraftReport:
     """What happened to one member (the rootstock) in one graft.
 
-    `alphas`: anchor name -> alpha (the mean over filters for the filter level); `information`:
+    `alphas`: anchor name -> alpha (the mean over channels for the filter and bn_scale levels); `information`:
     anchor name -> own information before the graft; `scion_information`: the scion's;
     `finite`: whether this member's weights were all finite; `skipped_reason`: why it kept its
     own weights (its scion was not finite), else None.
@@ -276,17 +293,32 @@ def _graft_states(members: Sequence[nn.Module], level: str):
     dtensor_states, group = None, None
     if any(_is_dtensor(t) for t in states[0].values()):
         if level != "layer":
-            raise ValueError("graft_members: level='filter' is not supported on FSDP-sharded members; use 'layer'")
+            raise ValueError(f"graft_members: level={level!r} is not supported on FSDP-sharded members; use 'layer'")
         dtensor_states, group = states, _dtensor_group(list(states[0].values()))
         states = [{n: _local_piece(t)[0] for n, t in st.items()} for st in states]
     _check_members(states)
     return states, dtensor_states, group
 
 
-def _information_tables(states, anchors, *, criterion: str, bins: int, level: str, scratch: "_Scratch"):
+def _batchnorm_scales(module: nn.Module, plan, state) -> dict[str, str]:
+    """anchor -> the scale (weight) of the BatchNorm that follows it in the plan and has one channel
+    per output filter of the anchor: the BatchNorm that normalises that layer's output."""
+    scales = {f"{prefix}.weight" if prefix else "weight": m.num_features for prefix, m in module.named_modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine}
+    found: dict[str, str] = {}
+    for name, anchor in plan:
+        if name != anchor and anchor not in found and state[anchor].ndim >= 1 and \
+                scales.get(name) == state[anchor].shape[0]:
+            found[anchor] = name
+    return found
+
+
+def _information_tables(states, anchors, *, criterion: str, bins: int, level: str, scratch: "_Scratch",
+                        include_max: bool = True, scales: dict[str, str] | None = None):
     """Information of every anchor of every member, [A, K] (NaN or inf where a layer is not finite),
-    and for the filter level each anchor's per-filter information, {name: [K, F]}. The K members of
-    a layer are rows of one scratch buffer, binned and counted together."""
+    and for the filter level each anchor's per-filter information, {name: [K, F]}; for the bn_scale
+    level, each anchor's following BatchNorm scales (`scales`: anchor -> scale entry), {name: [K, F]}.
+    The K members of a layer are rows of one scratch buffer, binned and counted together."""
     K, device = len(states), scratch.device
     total = max(states[0][name].numel() for name in anchors) * K
     ibuf = scratch.get(2, total, torch.int32) if device.type == "cpu" else None
@@ -296,7 +328,7 @@ def _information_tables(states, anchors, *, criterion: str, bins: int, level: st
         n = ws[0].numel()
         if criterion == "entropy":
             x = scratch.get(0, K * n).view(K, n)
-            info_rows.append(_member_entropies(ws, bins, x, None if ibuf is None else ibuf[: K * n]))
+            info_rows.append(_member_entropies(ws, bins, x, None if ibuf is None else ibuf[: K * n], include_max))
         else:
             info_rows.append(torch.stack([_l1(w) for w in ws]))
         if level == "filter":
@@ -305,23 +337,45 @@ def _information_tables(states, anchors, *, criterion: str, bins: int, level: st
                 per_filter[name] = torch.zeros(K, F, dtype=torch.float32, device=device)
             elif criterion == "entropy":
                 x = _stacked_rows(ws, F, scratch)
-                per_filter[name] = _entropy_rows(x, bins, x, None if ibuf is None else ibuf[: K * n]).view(K, F)
+                per_filter[name] = _entropy_rows(x, bins, x, None if ibuf is None else ibuf[: K * n],
+                                                 include_max).view(K, F)
             else:
                 per_filter[name] = torch.stack([_l1(w.reshape(F, -1), dim=1) for w in ws])
+        elif level == "bn_scale" and name in scales:
+            per_filter[name] = torch.stack([s[scales[name]].detach().float() for s in states])
     return torch.stack(info_rows), per_filter
 
 
-def _alphas(info_table, per_filter, anchors, keep, *, level: str, A: float, c: float):
+def bn_scale_alpha(scale_self: torch.Tensor, scale_other: torch.Tensor) -> torch.Tensor:
+    """Per channel, |g_self| / (|g_self| + |g_other|) from two BatchNorm scales (the authors' filter
+    level); 0.5 where both are 0. NaN stays NaN."""
+    g, other = scale_self.abs().float(), scale_other.abs().float()
+    total = g + other
+    return torch.where(total == 0, torch.full_like(total, 0.5), g / total)
+
+
+def _alphas(info_table, per_filter, anchors, keep, *, level: str, A: float, c: float, decimals: int | None = None):
     """Each anchor's alphas ({name: [K]}, or [K, F] per filter) for member k against its scion k - 1
-    (alpha 1 where the scion is not finite), and the [A, K] table the report shows."""
+    (alpha 1 where the scion is not finite), and the [A, K] table the report shows. Alphas from
+    eq. 7 are rounded to `decimals` when it is given (the authors round to 2); BatchNorm-scale
+    ratios are not (the authors' filter-level script does not round them)."""
+    def eq7(own, scion):
+        alpha = adaptive_alpha(own, scion, A, c)
+        return alpha if decimals is None else torch.round(alpha, decimals=decimals)
+
     if level == "layer":
-        alpha_table = adaptive_alpha(info_table, info_table.roll(1, 1), A, c)  # [A, K]
+        alpha_table = eq7(info_table, info_table.roll(1, 1))  # [A, K]
         alpha_table = torch.where(keep, torch.ones_like(alpha_table), alpha_table)
         return {name: alpha_table[i] for i, name in enumerate(anchors)}, alpha_table
     alphas = {}
-    for name in anchors:
-        pf = per_filter[name]  # [K, F]
-        alpha = adaptive_alpha(pf, pf.roll(1, 0), A, c)
+    for i, name in enumerate(anchors):
+        pf = per_filter.get(name)  # [K, F]
+        if level == "filter":
+            alpha = eq7(pf, pf.roll(1, 0))
+        elif pf is not None:  # bn_scale: the channel ratios of the BatchNorm after this layer
+            alpha = bn_scale_alpha(pf, pf.roll(1, 0))
+        else:  # bn_scale, no BatchNorm after this layer (a classifier): the layer's own alpha, [K, 1]
+            alpha = eq7(info_table[i], info_table[i].roll(1, 0)).unsqueeze(1)
         alphas[name] = torch.where(keep.unsqueeze(1), torch.ones_like(alpha), alpha)
     return alphas, torch.stack([alphas[name].mean(dim=1) for name in anchors])
 
@@ -351,16 +405,26 @@ def graft_members(
     A: float = 0.4,
     c: float = 500.0,
     level: str = "layer",
+    anchor: str = "nearest",
+    alpha_decimals: int | None = None,
+    include_max: bool = True,
 ) -> GraftReport:
     """Graft a ring of K >= 2 same-architecture members in place: member k takes member (k-1) mod K.
 
     All K grafts read the weights as they were before this call (in-parallel semantics). Tensors
-    are mixed `W_k' = alpha_k W_k + (1 - alpha_k) W_{k-1}` with one alpha per anchor, or one alpha
-    per output filter with `level="filter"` (the authors' filter-level variant; 1-D entries whose
-    length matches the anchor's filter count take the per-filter alphas, others their mean); see
-    docs/method.md §3-§5. A member whose weights are not all finite is never used as a scion: its
-    receiver keeps its own weights (alpha = 1), and the report says so. A non-finite member still
-    receives from its own (finite) scion; its non-finite layers get alpha NaN.
+    are mixed `W_k' = alpha_k W_k + (1 - alpha_k) W_{k-1}` with one alpha per anchor (`anchor`:
+    which entries get their own alpha, see `anchor_plan`), or one alpha per output filter with
+    `level="filter"` (from each filter's own information) or `level="bn_scale"` (from the scales
+    of the BatchNorm after the layer, `bn_scale_alpha`; a layer without one, such as a classifier,
+    takes its layer alpha); at those two levels, 1-D entries whose length matches the anchor's
+    filter count take the per-filter alphas, others their mean. See docs/method.md §2-§5.
+
+    The authors' CIFAR code is `anchor="authors", alpha_decimals=2, include_max=False`: alpha
+    rounded to 2 decimals, the histogram's maximum value left out (`layer_information`).
+
+    A member whose weights are not all finite is never used as a scion: its receiver keeps its own
+    weights (alpha = 1), and the report says so. A non-finite member still receives from its own
+    (finite) scion; its non-finite layers get alpha NaN.
 
     No host synchronisation: the returned report copies its numbers to the host when first read.
     """
@@ -370,30 +434,46 @@ def graft_members(
     _check_bins(bins)
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    _check_anchor_rule(anchor)
+    if anchor == "authors" and level != "layer":
+        raise ValueError(f"anchor='authors' is the authors' layer-level rule; it needs level='layer', got {level!r}")
+    if alpha_decimals is not None and (not isinstance(alpha_decimals, int) or isinstance(alpha_decimals, bool)
+                                       or alpha_decimals < 0):
+        raise ValueError(f"alpha_decimals must be None or an integer >= 0, got {alpha_decimals!r}")
     K = len(members)
     states, dtensor_states, group = _graft_states(members, level)
-    plan = anchor_plan(states[0])
-    anchors = [name for name, anchor in plan if name == anchor]
+    plan = anchor_plan(states[0], anchor)
+    anchors = [name for name, a in plan if name == a]
     if not anchors:
-        raise ValueError("members have no floating tensor with ndim >= 2 (conv/linear weight) to graft by")
+        what = ("entry whose key contains 'conv'" if anchor == "authors"
+                else "tensor with ndim >= 2 (conv/linear weight)")
+        raise ValueError(f"members have no floating {what} to graft by (anchor={anchor!r})")
+    scales = None
+    if level == "bn_scale":
+        scales = _batchnorm_scales(members[0], plan, states[0])
+        if not scales:
+            raise ValueError("level='bn_scale' weighs channels by the BatchNorm after each layer; these members have "
+                             "no affine BatchNorm after any conv/linear layer (use level='layer' or 'filter')")
     scratch = _Scratch(states[0][anchors[0]].device)
     if dtensor_states is None:
         info_table, per_filter = _information_tables(states, anchors, criterion=criterion, bins=bins, level=level,
-                                                     scratch=scratch)
+                                                     scratch=scratch, include_max=include_max, scales=scales)
     else:  # every layer of every member in the same two collectives
         pieces = [dtensor_states[k][name] for name in anchors for k in range(K)]
-        info_table = sharded_information(pieces, criterion=criterion, bins=bins, group=group).view(len(anchors), K)
+        info_table = sharded_information(pieces, criterion=criterion, bins=bins, group=group,
+                                         include_max=include_max).view(len(anchors), K)
         per_filter = {}
 
     # finiteness of every member, on the device: its anchors' information and its other entries;
     # receivers of a non-finite scion keep their own weights
-    others = [name for name, anchor in plan if name != anchor]
+    others = [name for name, a in plan if name != a]
     finite = torch.isfinite(info_table).all(dim=0) & _entries_finite(states, others, scratch.device)  # [K]
     if dtensor_states is not None:  # a shard elsewhere may hold the non-finite value: agree on it
         finite = _default_all_reduce(group)((~finite).float(), "max") < 0.5
     keep = ~finite.roll(1, 0)  # keep[k] = not finite[k-1]
 
-    alphas, alpha_table = _alphas(info_table, per_filter, anchors, keep, level=level, A=A, c=c)
+    alphas, alpha_table = _alphas(info_table, per_filter, anchors, keep, level=level, A=A, c=c,
+                                  decimals=alpha_decimals)
     _mix_entries(states, plan, alphas, keep, scratch)
     return GraftReport(
         criterion=criterion, source="external",
@@ -415,19 +495,27 @@ def graft_noise(
     model: nn.Module,
     *,
     epoch: int,
-    a: float = 0.9,
+    a: float = 0.975,
+    first_t: int = 0,
     threshold: float = 0.1,
     generator: torch.Generator | None = None,
 ) -> dict[str, int]:
-    """Noise as scion (Section 3.1.1): add N(0, sigma_t^2), sigma_t = a**epoch, to every invalid
+    """Noise as scion (Section 3.1.1): add N(0, sigma_t^2), sigma_t = a**t, to every invalid
     filter (l1 < threshold) of every conv layer; valid filters are not touched.
 
-    The noise is drawn for whole layers in state-dict order from `generator`, so a seeded
-    generator reproduces the graft. Returns the number of filters grafted per layer.
+    `epoch` is the number of the epoch the graft follows, counted from 1; `t = epoch - 1 + first_t`.
+    The defaults are the authors': a = 0.975 and t counted from 0 (sigma = 1 after the first epoch);
+    `first_t=1` counts t from 1. The noise is drawn for whole layers in state-dict order from
+    `generator`, so a seeded generator reproduces the graft. Returns the number of filters grafted
+    per layer.
     """
     if not 0.0 < a < 1.0:
         raise ValueError(f"a must lie in (0, 1), got {a}")
-    sigma = a**epoch
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+        raise ValueError(f"epoch must be an integer >= 1 (the epoch the graft follows, counted from 1), got {epoch!r}")
+    if isinstance(first_t, bool) or not isinstance(first_t, int) or first_t < 0:
+        raise ValueError(f"first_t must be an integer >= 0, got {first_t!r}")
+    sigma = a ** (epoch - 1 + first_t)
     grafted = {}
     for name, w in _conv_filters(_live_state(model)):
         invalid = _l1(w.flatten(1), dim=1) < threshold
@@ -441,12 +529,17 @@ def graft_noise(
 
 
 @torch.no_grad()
-def graft_internal(model: nn.Module, *, threshold: float = 0.1) -> dict[str, int]:
+def graft_internal(model: nn.Module, *, threshold: float = 0.1, order: str = "snapshot") -> dict[str, int]:
     """Internal filters as scion (Section 3.1.2): per layer, filters sorted by l1; the i-th smallest
     filter, when invalid (l1 < threshold), receives the i-th largest filter (added into it).
 
-    Reads pre-graft values only. Returns the number of filters grafted per layer.
+    `order="snapshot"` reads pre-graft values only. `order="sequential"` is the authors' loop, which
+    adds one filter after the other in place, i = 0, 1, ...: once more than half of a layer's filters
+    are invalid, the i-th largest filter may be one that already received (the ranks and the invalid
+    set come from the pre-graft norms in both). Returns the number of filters grafted per layer.
     """
+    if order not in INTERNAL_ORDERS:
+        raise ValueError(f"order must be one of {INTERNAL_ORDERS}, got {order!r}")
     grafted = {}
     for name, w in _conv_filters(_live_state(model)):
         flat = w.detach().float().flatten(1)
@@ -454,9 +547,15 @@ def graft_internal(model: nn.Module, *, threshold: float = 0.1) -> dict[str, int
         ascending = torch.argsort(l1, stable=True)
         descending = ascending.flip(0)
         invalid = l1[ascending] < threshold  # the smallest filters that are invalid, in order
-        scion = flat[descending] * invalid.unsqueeze(1)
         new = flat.clone()
-        new.index_add_(0, ascending, scion)
+        # Step i adds filter descending[i] = ascending[F-1-i]. For i < ceil(F/2) that filter has not
+        # received yet (it would have at step F-1-i > i), so those steps read pre-graft values; each
+        # later step reads a filter that received in the first half, and no later step changes it.
+        # So the sequential loop is two vectorised halves; the snapshot reads pre-graft values throughout.
+        half = (flat.shape[0] + 1) // 2
+        new.index_add_(0, ascending[:half], flat[descending[:half]] * invalid[:half].unsqueeze(1))
+        source = new if order == "sequential" else flat
+        new.index_add_(0, ascending[half:], source[descending[half:]] * invalid[half:].unsqueeze(1))
         w.copy_(new.view_as(w))
         grafted[name] = invalid.sum()
     if not grafted:

@@ -99,28 +99,44 @@ def _row_bin_counts(t: torch.Tensor, bins: int, method: str | None = None, index
     return torch.cat([c[:, 1:bins], c[:, bins:].sum(1, keepdim=True)], dim=1)
 
 
+def _half_open_counts(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
+    """float32 [R, bins] histogram of each row of `x` [R, n] (`lo`, `hi`: float32 [R, 1]) over the
+    half-open bins [e_i, e_(i+1)), e_i = lo + i * ((hi - lo) / bins) computed in float32, as the
+    authors' code bins: a value counts when it lies inside one. A value equal to max lies outside
+    unless rounding put e_bins above it; a constant row has empty bins. count(e_i <= x < e_(i+1)) is
+    count(x >= e_i) - count(x >= e_(i+1)), the edges being non-decreasing: bins + 1 passes over x."""
+    scale = (hi - lo) / bins
+    at_or_above = torch.stack([(x >= lo + i * scale).sum(dim=1) for i in range(bins + 1)], dim=1)
+    return (at_or_above[:, :-1] - at_or_above[:, 1:]).float()
+
+
 def _entropy_from_counts(counts: torch.Tensor, n) -> torch.Tensor:
     p = counts.float() / n
     return torch.special.xlogy(p, p).neg_().sum(dim=-1)  # (-0 terms sum to +0)
 
 
 def _entropy_rows(x: torch.Tensor, bins: int, out: torch.Tensor | None = None,
-                  index_out: torch.Tensor | None = None) -> torch.Tensor:
+                  index_out: torch.Tensor | None = None, include_max: bool = True) -> torch.Tensor:
     """Entropy (float32 [R]) of the histogram of each row of `x` [R, n], over the row's own
     [min, max]; NaN for a row with a non-finite value. `out` (float32 [R, n], may be `x`) and
-    `index_out` (int32, CPU) are scratch space."""
+    `index_out` (int32, CPU) are scratch space. `include_max=False`: the half-open bins of
+    `_half_open_counts`."""
     R, n = x.shape
     if n == 0:
         return torch.zeros(R, dtype=torch.float32, device=x.device)
     # amin/amax (NaN propagates into both): aminmax along a dim is ~20x slower on CPU
     lo, hi = x.detach().amin(dim=1, keepdim=True).float(), x.detach().amax(dim=1, keepdim=True).float()
     finite = (torch.isfinite(lo) & torch.isfinite(hi)).squeeze(1)
-    counts = _row_bin_counts(_scaled(x, lo, hi, bins, out), bins, index_out=index_out)
+    if include_max:
+        counts = _row_bin_counts(_scaled(x, lo, hi, bins, out), bins, index_out=index_out)
+    else:
+        counts = _half_open_counts(x.detach(), lo, hi, bins)
     h = _entropy_from_counts(counts, n)
     return torch.where(finite, h, torch.full_like(h, math.nan))
 
 
-def _member_entropies(ws: Sequence[torch.Tensor], bins: int, out: torch.Tensor, index_out: torch.Tensor | None):
+def _member_entropies(ws: Sequence[torch.Tensor], bins: int, out: torch.Tensor, index_out: torch.Tensor | None,
+                      include_max: bool = True):
     """Entropy (float32 [K]) of each of K same-shape tensors, as `_entropy_rows` of their stack,
     without the stacking copy: each tensor is scaled straight into its row of `out` ([K, n])."""
     K, n = len(ws), ws[0].numel()
@@ -130,6 +146,11 @@ def _member_entropies(ws: Sequence[torch.Tensor], bins: int, out: torch.Tensor, 
     extremes = torch.stack([torch.stack(torch.aminmax(f)) for f in flats]).float()  # [K, 2], NaN propagates
     lo, hi = extremes[:, :1], extremes[:, 1:]
     finite = torch.isfinite(extremes).all(dim=1)
+    if not include_max:
+        counts = torch.cat([_half_open_counts(f.view(1, -1), lo[k : k + 1], hi[k : k + 1], bins)
+                            for k, f in enumerate(flats)])
+        h = _entropy_from_counts(counts, n)
+        return torch.where(finite, h, torch.full_like(h, math.nan))
     constant = (hi == lo).float()
     lo, hi = lo - constant, hi + constant  # histc's range for a constant tensor
     for k, f in enumerate(flats):
@@ -144,17 +165,18 @@ def _member_entropies(ws: Sequence[torch.Tensor], bins: int, out: torch.Tensor, 
     return torch.where(finite, h, torch.full_like(h, math.nan))
 
 
-def batched_entropy(rows: torch.Tensor, bins: int = 10) -> torch.Tensor:
+def batched_entropy(rows: torch.Tensor, bins: int = 10, include_max: bool = True) -> torch.Tensor:
     """Entropy (natural log) of the histogram of each row of a 2-D tensor, in float32.
 
     Each row gets `bins` equal-width bins over its own [min, max], binned as `torch.histc` bins
-    that row (a value equal to max falls in the last bin). A constant row has entropy 0; a row
-    with a non-finite value has entropy NaN.
+    that row (a value equal to max falls in the last bin; `include_max=False`: the authors'
+    half-open bins, see `layer_information`). A constant row has entropy 0; a row with a
+    non-finite value has entropy NaN.
     """
     _check_bins(bins)
     if rows.ndim != 2:
         raise ValueError(f"batched_entropy expects a 2-D tensor, got shape {tuple(rows.shape)}")
-    return _entropy_rows(rows, bins)
+    return _entropy_rows(rows, bins, include_max=include_max)
 
 
 def _l1(x: torch.Tensor, dim=None) -> torch.Tensor:
@@ -168,16 +190,21 @@ def _l1(x: torch.Tensor, dim=None) -> torch.Tensor:
     return torch.linalg.vector_norm(x, ord=1, dim=dim, dtype=torch.float64).float()
 
 
-def layer_information(weight: torch.Tensor, criterion: str = "entropy", bins: int = 10) -> torch.Tensor:
+def layer_information(weight: torch.Tensor, criterion: str = "entropy", bins: int = 10,
+                      include_max: bool = True) -> torch.Tensor:
     """Information of a whole layer as a 0-dim float32 tensor on the weight's device.
 
     `entropy` (eq. 6): entropy (natural log) of the `bins`-bin histogram of all the layer's
     values over [min, max], as `torch.histc` bins them; 0 for a constant tensor, NaN when a
-    value is not finite. `l1` (eq. 3): sum |w| (accumulated in float64, returned as float32).
+    value is not finite. `include_max=False` bins as the authors' code does: half-open bins
+    [lo + i w, lo + (i + 1) w) with w = (max - min) / bins and the edges computed in float32,
+    so the values equal to the maximum are in no bin (unless rounding put the top edge above
+    them), while every share stays count / numel. `l1` (eq. 3): sum |w| (accumulated in
+    float64, returned as float32).
     """
     _check_criterion(criterion)
     _check_bins(bins)
     if criterion == "entropy":
-        return _entropy_rows(weight.detach().reshape(1, -1), bins)[0]
+        return _entropy_rows(weight.detach().reshape(1, -1), bins, include_max=include_max)[0]
     return _l1(weight)
 

@@ -12,7 +12,13 @@ from typing import Callable, Sequence
 import torch
 
 from hf_graft.graft.information import (
-    _check_bins, _check_criterion, _entropy_from_counts, _row_bin_counts, _scaled, layer_information,
+    _check_bins,
+    _check_criterion,
+    _entropy_from_counts,
+    _half_open_counts,
+    _row_bin_counts,
+    _scaled,
+    layer_information,
 )
 
 __all__ = ["sharded_information", "sharded_layer_information"]
@@ -71,6 +77,7 @@ def sharded_information(
     bins: int = 10,
     all_reduce: ReduceFn | None = None,
     group=None,
+    include_max: bool = True,
 ) -> torch.Tensor:
     """Information of N layers, each split across processes, without gathering any weight.
 
@@ -86,7 +93,7 @@ def sharded_information(
     op)` (op in "min", "max", "sum") performs a reduction across processes and returns the
     result; by default `torch.distributed.all_reduce` over `group` (for DTensors, by default the
     group of the mesh dimension they are sharded over) when a process group is initialised, and
-    no reduction otherwise.
+    no reduction otherwise. `include_max` is `layer_information`'s.
     """
     _check_criterion(criterion)
     _check_bins(bins)
@@ -94,7 +101,7 @@ def sharded_information(
         return torch.zeros(0, dtype=torch.float32)
     pieces = [_local_piece(s) for s in local_shards]
     if not any(needs for _, needs in pieces):
-        return torch.stack([layer_information(p, criterion, bins) for p, _ in pieces])
+        return torch.stack([layer_information(p, criterion, bins, include_max) for p, _ in pieces])
     if all_reduce is None:
         if group is None:
             group = _dtensor_group(local_shards)
@@ -111,7 +118,8 @@ def sharded_information(
         total = all_reduce(sums * weight_of.to(device), "sum") + replicated
         return total.float()
 
-    counts, total, bad = _sharded_histograms(local, bins=bins, all_reduce=all_reduce, sharded=[n for _, n in pieces])
+    counts, total, bad = _sharded_histograms(local, bins=bins, all_reduce=all_reduce, sharded=[n for _, n in pieces],
+                                             include_max=include_max)
     # float32 probabilities, as layer_information computes them for the whole tensor
     h = _entropy_from_counts(counts.float(), total.clamp(min=1.0).float().unsqueeze(1))
     h = torch.where(total > 0, h, torch.zeros_like(h))
@@ -119,9 +127,10 @@ def sharded_information(
 
 
 def _sharded_histograms(local: Sequence[torch.Tensor], *, bins: int, all_reduce: ReduceFn,
-                        sharded: Sequence[bool] | None = None):
+                        sharded: Sequence[bool] | None = None, include_max: bool = True):
     """Whole-layer histograms from local pieces: (counts [N, bins], numel [N], non-finite flags
-    [N]), float64, identical on every process. Pieces flagged not `sharded` are whole already."""
+    [N]), float64, identical on every process. Pieces flagged not `sharded` are whole already.
+    `include_max=False` counts the half-open bins of the whole layer's [min, max]."""
     N = len(local)
     device = local[0].device
     w = torch.tensor([1.0 if s else 0.0 for s in (sharded or [True] * N)], dtype=torch.float64, device=device)
@@ -146,7 +155,11 @@ def _sharded_histograms(local: Sequence[torch.Tensor], *, bins: int, all_reduce:
     stats = torch.zeros(N, bins + 2, dtype=torch.float64, device=device)
     for i, p in enumerate(local):
         if p.numel():
-            stats[i, :bins] = _row_bin_counts(_scaled(p, lo_g[i], hi_g[i], bins), bins)[0].double()
+            if include_max:
+                stats[i, :bins] = _row_bin_counts(_scaled(p, lo_g[i], hi_g[i], bins), bins)[0].double()
+            else:
+                lo, hi = lo_g[i].view(1, 1), hi_g[i].view(1, 1)
+                stats[i, :bins] = _half_open_counts(p.detach().reshape(1, -1), lo, hi, bins)[0].double()
     stats[:, bins] = torch.tensor(numel, dtype=torch.float64, device=device)
     stats[:, bins + 1] = torch.stack(nonfinite).double()
     w = w.unsqueeze(1)
@@ -161,7 +174,9 @@ def sharded_layer_information(
     bins: int = 10,
     all_reduce: ReduceFn | None = None,
     group=None,
+    include_max: bool = True,
 ) -> torch.Tensor:
     """`layer_information` of a weight split across processes, from this process's shard (0-dim
     float32). See `sharded_information`, which does many layers with the same two collectives."""
-    return sharded_information([local_shard], criterion=criterion, bins=bins, all_reduce=all_reduce, group=group)[0]
+    return sharded_information([local_shard], criterion=criterion, bins=bins, all_reduce=all_reduce, group=group,
+                               include_max=include_max)[0]

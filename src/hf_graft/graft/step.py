@@ -27,18 +27,22 @@ def graft_population(members: Sequence[nn.Module], settings, step: int) -> tuple
     report = None
     if settings.graft_source == "external":
         report = graft_members(members, criterion=settings.graft_criterion, bins=settings.graft_bins,
-                               A=settings.graft_A, c=settings.graft_c, level=settings.graft_level)
+                               A=settings.graft_A, c=settings.graft_c, level=settings.graft_level,
+                               anchor=settings.graft_anchor, alpha_decimals=settings.graft_alpha_decimals,
+                               include_max=settings.graft_histogram_include_max)
         logs.update(report.to_log_dict())
     elif settings.graft_source == "noise":
-        epoch = step + settings.graft_start_epoch
+        # the epoch this graft follows (the first graft follows graft_start_epoch)
+        epoch = settings.graft_start_epoch + step * settings.graft_every_epochs
         for k, member in enumerate(members):
             device = next(member.parameters()).device
             generator = torch.Generator(device=device).manual_seed(settings.seed * 100003 + 1009 * step + k)
-            counts = graft_noise(member, epoch=epoch, a=settings.graft_noise_a,
+            counts = graft_noise(member, epoch=epoch, a=settings.graft_noise_a, first_t=settings.graft_noise_first_t,
                                  threshold=settings.graft_invalid_threshold, generator=generator)
             logs[f"graft/member{k}_filters_grafted"] = float(sum(counts.values()))
     elif settings.graft_source == "internal":
         for k, member in enumerate(members):
-            counts = graft_internal(member, threshold=settings.graft_invalid_threshold)
+            counts = graft_internal(member, threshold=settings.graft_invalid_threshold,
+                                    order=settings.graft_internal_order)
             logs[f"graft/member{k}_filters_grafted"] = float(sum(counts.values()))
     return report, logs

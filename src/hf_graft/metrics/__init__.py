@@ -1,7 +1,8 @@
 """Evaluation metrics through `evaluate`.
 
-`population_accuracy/` is an `evaluate` metric shipped inside the package (top-1/top-5 of every member,
-of the ensemble and of the selected member, from [N, K, C] logits); it loads offline. Extra metrics
+`accuracy.population_accuracy` computes top-1/top-5 of every member, of the ensemble and of the selected
+member from [N, K, C] logits; `population_accuracy/` wraps that one function as an `evaluate` metric
+shipped inside the package (it loads offline). Extra metrics
 (`GraftingConfig.extra_metrics`, `hf-graft evaluate --extra_metrics`) are any `evaluate` metric: a name
 (loaded from the Hub, or from evaluate's cache when offline) or a local folder / script.
 """
@@ -10,13 +11,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
-from hf_graft.errors import one_line
+import torch
 
-if TYPE_CHECKING:
-    import torch
+from hf_graft.errors import one_line
+from hf_graft.metrics.accuracy import best_member, population_accuracy
 
 __all__ = [
     "POPULATION_ACCURACY_PATH",
@@ -24,42 +25,11 @@ __all__ = [
     "check_extra_metrics",
     "load_metric",
     "load_population_accuracy",
-    "population_metrics",
+    "best_member",
+    "population_accuracy",
 ]
 
 POPULATION_ACCURACY_PATH = Path(__file__).resolve().parent / "population_accuracy"
-
-
-def population_metrics(logits: torch.Tensor, labels: torch.Tensor, select_student: str = "best") -> dict[str, float]:
-    """Top-1/top-5 (percent) of every member, of the ensemble (mean softmax) and of the selected member.
-
-    `logits` is [N, K, C], `labels` [N]. Computed directly with timm's `accuracy`: the reference that the
-    shipped `evaluate` metric `population_accuracy`, which the trainer uses, is tested against.
-    """
-    import torch
-    from timm.utils import accuracy
-
-    logits = torch.as_tensor(logits).float()
-    labels = torch.as_tensor(labels).long()
-    if labels.ndim == 2:  # per-member labels: evaluation data is shared, take the first view
-        labels = labels[:, 0]
-    num_members = logits.shape[1]
-    topk = (1, min(5, logits.shape[-1]))
-    metrics: dict[str, float] = {}
-    top1 = []
-    for k in range(num_members):
-        acc1, acc5 = accuracy(logits[:, k], labels, topk=topk)
-        metrics[f"member{k}_top1"] = float(acc1)
-        metrics[f"member{k}_top5"] = float(acc5)
-        top1.append(float(acc1))
-    ens1, ens5 = accuracy(torch.softmax(logits, dim=-1).mean(dim=1), labels, topk=topk)
-    metrics["ensemble_top1"] = float(ens1)
-    metrics["ensemble_top5"] = float(ens5)
-    selected = int(np.argmax(top1)) if select_student == "best" else int(select_student)
-    metrics["selected_member"] = float(selected)
-    metrics["top1"] = metrics[f"member{selected}_top1"]
-    metrics["top5"] = metrics[f"member{selected}_top5"]
-    return metrics
 
 
 def load_metric(name_or_path: str | os.PathLike, owner: str = "extra_metrics"):
@@ -131,7 +101,6 @@ class PopulationMetrics:
         owner: str = "extra_metrics",
     ):
         self.select_student = str(select_student)
-        self.accuracy = load_population_accuracy()
         self.extra = [(str(name), load_metric(name, owner=owner)) for name in (extra_metrics or [])]
         self.extra_kwargs = {str(k): dict(v) for k, v in (extra_metric_kwargs or {}).items()}
         self.ensemble = ensemble
@@ -142,15 +111,12 @@ class PopulationMetrics:
         if labels.ndim == 2:  # per-member labels: evaluation data is shared, take the first view
             labels = labels[:, 0]
         labels = labels.astype(np.int64)
-        results: dict[str, Any] = self.accuracy.compute(
-            predictions=logits, references=labels, select_student=self.select_student
-        )
+        results: dict[str, Any] = population_accuracy(torch.from_numpy(logits), torch.from_numpy(labels),
+                                                      select_student=self.select_student)
         if not self.extra:
             return results
         predictions = {"": logits[:, int(results["selected_member"])].argmax(axis=-1)}
-        if self.ensemble:
-            import torch  # the ensemble's probabilities exactly as population_accuracy computes them
-
+        if self.ensemble:  # the ensemble's probabilities exactly as population_accuracy computes them
             probs = torch.softmax(torch.from_numpy(logits), dim=-1).mean(dim=1)
             predictions["ensemble_"] = probs.argmax(dim=-1).numpy()
         for name, metric in self.extra:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
+from hf_graft.metrics.accuracy import best_member
+
 __all__ = [
     "ensemble_metrics",
     "filter_summaries",
@@ -39,16 +41,16 @@ def select_member(
     """
     metrics = {int(k): dict(v) for k, v in member_metrics.items()}
     if isinstance(select_student, str) and select_student.strip().lower() == "best":
-        scored = {k: float(m[metric]) for k, m in metrics.items() if m.get(metric) is not None}
-        scored = {k: v for k, v in scored.items() if not math.isnan(v)}
-        if not scored:
+        scored = {k: m.get(metric) for k, m in metrics.items()}
+        best = best_member(scored, lower_is_better=_lower_is_better(metric))
+        if best is None:
             available = sorted({name for m in metrics.values() for name in m})
             raise ValueError(
                 f"select_student=best needs the eval metric {metric!r} for at least one member; "
                 f"available metrics: {', '.join(available) or 'none'}"
             )
+        scored = {k: float(v) for k, v in scored.items() if v is not None and math.isfinite(float(v))}
         sign = -1.0 if _lower_is_better(metric) else 1.0
-        best = min(scored, key=lambda k: (-sign * scored[k], k))
         direction = "lowest" if sign < 0 else "highest"
         reason = (
             f"member {best} has the {direction} eval {metric} ({format_number(scored[best])}) "

@@ -1,7 +1,7 @@
 """population_accuracy: top-1/top-5 of every member of a population, of its ensemble and of the selected member.
 
 An `evaluate` metric (load it with `evaluate.load(<this folder>)`; hf_graft ships it and
-`hf_graft.metrics.load_population_accuracy()` finds it). The evaluate loader scans the imports of this
+`hf_graft.metrics.load_population_accuracy()` finds it) around `hf_graft.metrics.accuracy.population_accuracy`. The evaluate loader scans the imports of this
 file, one module per line, to check that they are installed.
 """
 
@@ -9,7 +9,8 @@ import datasets
 import evaluate
 import numpy
 import torch
-import timm.utils
+import timm.utils  # noqa: F401  (a requirement: evaluate checks that every import is installed)
+import hf_graft.metrics.accuracy
 
 _DESCRIPTION = """
 Top-1 and top-5 accuracy (percent) of each of the K members of a population of classifiers, of their
@@ -60,26 +61,4 @@ class PopulationAccuracy(evaluate.Metric):
     def _compute(self, predictions, references, select_student="best"):
         logits = torch.from_numpy(numpy.asarray(predictions, dtype=numpy.float32))
         labels = torch.as_tensor(numpy.asarray(references, dtype=numpy.int64))
-        if logits.ndim != 3 or logits.shape[0] != labels.shape[0]:
-            raise ValueError(
-                f"population_accuracy: predictions must be [N, K, C] logits for N references, got shape "
-                f"{tuple(logits.shape)} for {labels.shape[0]} references"
-            )
-        topk = (1, min(5, logits.shape[-1]))
-        results = {}
-        top1 = []
-        for k in range(logits.shape[1]):
-            acc1, acc5 = timm.utils.accuracy(logits[:, k], labels, topk=topk)
-            results[f"member{k}_top1"] = float(acc1)
-            results[f"member{k}_top5"] = float(acc5)
-            top1.append(float(acc1))
-        ens1, ens5 = timm.utils.accuracy(torch.softmax(logits, dim=-1).mean(dim=1), labels, topk=topk)
-        results["ensemble_top1"] = float(ens1)
-        results["ensemble_top5"] = float(ens5)
-        selected = int(numpy.argmax(top1)) if str(select_student) == "best" else int(select_student)
-        if not 0 <= selected < logits.shape[1]:
-            raise ValueError(f"population_accuracy: select_student={select_student!r}, members 0..{logits.shape[1] - 1}")
-        results["selected_member"] = float(selected)
-        results["top1"] = results[f"member{selected}_top1"]
-        results["top5"] = results[f"member{selected}_top5"]
-        return results
+        return hf_graft.metrics.accuracy.population_accuracy(logits, labels, select_student=select_student)

@@ -130,7 +130,7 @@ def test_own_loaders_name_the_architecture_and_the_fix(exported, tmp_path, monke
     from hf_graft.population.sources import resolve_model_source as resolve_source
     from hf_graft.population.students import PopulationSpec, StudentPopulation, load_checkpoint_members
     from hf_graft.models.registry import UnknownArchitectureError
-    from hf_graft.training.trainer import load_teacher
+    from hf_graft.population.sources import load_teacher
 
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()

@@ -152,13 +152,13 @@ UNFUSABLE = [
 @pytest.mark.parametrize("name,layer", UNFUSABLE, ids=["convnext", "groupnorm"])
 def test_unfusable_architecture_fails_at_construction(tmp_path, digits_small, name, layer, monkeypatch):
     """Refused when the run is built, before any member is initialised or any image transformed or decoded."""
-    import hf_graft.builder
+    import hf_graft.training.builder
 
     def not_yet(*args, **kwargs):
         raise AssertionError("work done before the refusal")
 
-    monkeypatch.setattr(hf_graft.builder, "population_datasets", not_yet)
-    monkeypatch.setattr(hf_graft.builder.StudentPopulation, "from_spec", not_yet)
+    monkeypatch.setattr(hf_graft.training.builder, "population_datasets", not_yet)
+    monkeypatch.setattr(hf_graft.training.builder.StudentPopulation, "from_spec", not_yet)
     with pytest.raises(FusionError) as error:
         build_trainer(digits_small, tmp_path / "run", student_model=name, member_execution="fused")
     message = str(error.value)

@@ -18,6 +18,7 @@ __all__ = ["ConfigError", "DataArguments", "GraftingConfig", "as_mapping", "GRAF
 GRAFT_SOURCES = ("external", "noise", "internal", "none")
 DATA_ORDERS = ("independent", "shared")
 MEMBER_EXECUTIONS = ("loop", "fused")
+WEIGHT_DECAY_SCOPES = ("transformers", "all")
 TRAIN_AUGMENTATIONS = ("auto", "rrc", "pad_crop", "none")
 
 
@@ -304,6 +305,11 @@ class GraftingConfig(TrainingArguments):
     logging_strategy: str = field(default="steps", metadata={"help": "The logging strategy."})
     learning_rate: float = field(default=0.1, metadata={"help": "Base learning rate (SGD, as the paper)."})
     weight_decay: float = field(default=5e-4, metadata={"help": "Weight decay (paper, CIFAR)."})
+    weight_decay_scope: str = field(
+        default="transformers",
+        metadata={"help": "Which parameters weight_decay applies to: transformers (the Trainer's rule: not biases "
+                  "nor LayerNorm weights) or all (every parameter, as the papers' SGD; the reproduction recipes)."},
+    )
     optim: str = field(default="sgd", metadata={"help": "Optimizer; SGD with momentum as in the paper."})
     optim_args: Optional[str] = field(default="momentum=0.9", metadata={"help": "Optimizer arguments."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
@@ -373,6 +379,8 @@ class GraftingConfig(TrainingArguments):
             _fail(owner, "bn_recalibration_batches", self.bn_recalibration_batches, "an integer >= 0")
         if self.data_order not in DATA_ORDERS:
             _fail(owner, "data_order", self.data_order, ", ".join(DATA_ORDERS))
+        if self.weight_decay_scope not in WEIGHT_DECAY_SCOPES:
+            _fail(owner, "weight_decay_scope", self.weight_decay_scope, ", ".join(WEIGHT_DECAY_SCOPES))
         if self.member_execution not in MEMBER_EXECUTIONS:
             _fail(owner, "member_execution", self.member_execution, ", ".join(MEMBER_EXECUTIONS))
         if self.cudnn_benchmark and self.full_determinism:

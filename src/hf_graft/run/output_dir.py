@@ -360,7 +360,7 @@ def _jsonable(value: Any) -> Any:
 # epochs and steps, logging, evaluation, saving, precision, workers, output_dir)
 _CONFIG_IDENTITY_FIELDS = (
     "student_model", "student_model_kwargs", "student_pretrained", "shared_init", "seed", "data_seed",
-    "learning_rate", "lr_spread", "optim", "optim_args", "weight_decay", "lr_scheduler_type", "lr_decay_epochs",
+    "learning_rate", "lr_spread", "optim", "optim_args", "weight_decay", "weight_decay_scope", "lr_scheduler_type", "lr_decay_epochs",
     "lr_decay_gamma", "max_grad_norm", "graft_source", "graft_level", "graft_criterion", "graft_bins", "graft_A",
     "graft_c", "graft_anchor", "graft_alpha_decimals", "graft_histogram_include_max", "graft_noise_first_t",
     "graft_internal_order", "graft_every_epochs", "graft_every_steps", "graft_start_epoch", "graft_noise_a",

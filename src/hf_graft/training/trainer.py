@@ -132,7 +132,9 @@ class GraftingTrainer(Trainer):
         """One pair of param groups (decay / no decay) per member, each at its own initial rate."""
         if self.optimizer is None:
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-            groups = member_param_groups(self.population.members, self.get_decay_parameter_names(self.model),
+            decayed = (self.get_decay_parameter_names(self.model) if self.args.weight_decay_scope == "transformers"
+                       else [name for name, _ in self.model.named_parameters()])  # "all": the papers' SGD
+            groups = member_param_groups(self.population.members, decayed,
                                          learning_rate=self.args.learning_rate,
                                          multipliers=self.args.lr_multipliers, weight_decay=self.args.weight_decay)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)

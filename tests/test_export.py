@@ -18,9 +18,11 @@ from PIL import Image
 import hf_graft  # noqa: F401  (registers cifar_* architectures)
 from hf_graft.cli import export
 from hf_graft.export import student_folder
-from hf_graft.cli.export import (
-    EXPORT_FILES, PAPER_BIBTEX, PushToHubError, build_model_card, push_student, save_student, select_member,
-)
+from hf_graft.export.hub import PushToHubError, push_student
+from hf_graft.export.model_card import PAPER_BIBTEX, build_model_card
+from hf_graft.export.student_folder import save_student
+from hf_graft.run.results import select_member
+from hf_graft.utils.files import EXPORT_FILES
 from hf_graft.population.students import PopulationSpec, StudentPopulation
 
 TINY_ARCH = "test_resnet"  # timm's own ~0.5M-parameter test network

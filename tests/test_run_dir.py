@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from hf_graft.cli import export
+from hf_graft.utils.files import EXPORT_FILES
 from hf_graft.cli.analyze import main as analyze_main
 from hf_graft.run.output_dir import LOCK_FILE, RUN_IDENTITY_FILE, OutputDirError
 
@@ -245,7 +246,7 @@ def test_export_refuses_a_folder_that_is_not_an_export_of_this_checkpoint(finish
     assert export.main([str(checkpoint_8), "--member", "0", "--out", str(finished_run / "student")]) == 2
 
     assert export.main([str(checkpoint_8), "--member", "0", "--out", str(mine), "--overwrite"]) == 0
-    assert sorted(p.name for p in mine.iterdir()) == sorted(export.EXPORT_FILES)
+    assert sorted(p.name for p in mine.iterdir()) == sorted(EXPORT_FILES)
     assert json.loads((mine / "config.json").read_text())["hf_graft_export"]["checkpoint"] == "checkpoint-8"
     capsys.readouterr()
     assert export.main([str(checkpoint_8), "--member", "0", "--out", str(finished_run), "--overwrite"]) == 2
@@ -260,7 +261,7 @@ def test_exported_files_are_readable_by_others_under_the_umask(finished_run, tmp
         os.umask(previous)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
-        name: 0o644 for name in export.EXPORT_FILES}
+        name: 0o644 for name in EXPORT_FILES}
     # the student a run exports gets the permissions of the umask it ran under
     student = finished_run / "student"
     expected = 0o666 & ~previous

@@ -17,7 +17,7 @@ from hf_graft.cli.analyze import main as analyze_main
 from hf_graft.config import DataArguments
 from hf_graft.data.loading import load_image_data
 from hf_graft.data.checks import CorruptImageError, LabelError
-from hf_graft.training.divergence import DivergenceError
+
 from hf_graft.graft.filters import filter_report
 
 from _cli_run import cli, error_lines

@@ -1,7 +1,7 @@
 """`hf-graft export`: one member of a training checkpoint as a student folder (and, optionally, on the Hub).
 
-The folder itself is written by `student_folder.save_student`, its card by `model_card`, the upload
-by `hub.push_student`; those names are importable from here too.
+The folder and its card are written by `hf_graft.export.writer.write_student` (as at the end of
+training), the upload by `hf_graft.export.hub.push_student`.
 """
 
 from __future__ import annotations
@@ -15,28 +15,11 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from hf_graft.export.hub import PushToHubError, scrub_secrets, push_student
-from hf_graft.export.model_card import PAPER_BIBTEX, build_model_card
-from hf_graft.run.results import select_member
-from hf_graft.export.student_folder import (
-    CONFIG_FILE, EXPORT_FILES, MODEL_CARD_FILE, WEIGHTS_FILE, build_student_config, save_student,
-)
 from hf_graft.errors import HfGraftError, OneLineErrorParser, debug_enabled
+from hf_graft.export.writer import write_student
+from hf_graft.utils.files import WEIGHTS_FILE
 
-__all__ = [
-    "CONFIG_FILE",
-    "EXPORT_FILES",
-    "MODEL_CARD_FILE",
-    "PAPER_BIBTEX",
-    "PushToHubError",
-    "WEIGHTS_FILE",
-    "build_model_card",
-    "build_student_config",
-    "export_from_checkpoint",
-    "main",
-    "push_student",
-    "save_student",
-    "select_member",
-]
+__all__ = ["build_parser", "export_from_checkpoint", "main"]
 
 
 def _load_member_metrics(path: str | os.PathLike) -> dict[int, dict[str, float]]:
@@ -78,28 +61,11 @@ def _export_member(
     spec = _check_member(checkpoint_dir, member)
     check_export_target(out, checkpoint_dir, overwrite)
     _, (model,) = load_checkpoint_members(checkpoint_dir, [int(member)])
-    metrics = {int(k): dict(v) for k, v in (member_metrics or {}).items()}
-    card = build_model_card(
-        architecture=spec.student_model,
-        label_names=spec.label_names,
-        dataset_name=None,
-        member_metrics=metrics,
-        ensemble_metrics=None,
-        selected_member=int(member),
+    return write_student(
+        model, out, spec=spec, member_metrics=member_metrics, selected_member=int(member),
         selection_reason=f"chosen explicitly when exporting the checkpoint {checkpoint_dir.name} (--member {member})",
         grafting_settings={"population size": spec.num_students, "checkpoint": checkpoint_dir.name},
-        kd_settings=None,
         repo_id=repo_id,
-        data_config=spec.data_config,
-    )
-    return save_student(
-        model,
-        out,
-        architecture=spec.student_model,
-        model_kwargs=spec.student_model_kwargs,
-        label_names=spec.label_names,
-        data_config=spec.data_config,
-        card=card,
         replace=True,  # check_export_target decided
         source=checkpoint_source(checkpoint_dir, int(member)),
     )

@@ -57,13 +57,8 @@ def run_training(data_args: DataArguments, config: GraftingConfig, callbacks=Non
     run refused while its data, population or trainer is being built leaves them as they were."""
     from hf_graft.run.output_dir import OutputDirClaim
     from hf_graft.run.preflight import check_run_settings
-    from hf_graft.training.builder import check_run_inputs
 
     check_run_settings(config)
-    try:
-        check_run_inputs(config)  # the models and metrics the config names, before any data is loaded
-    except (HfGraftError, ValueError, OSError) as err:
-        raise SetupError(one_line(err)) from err
     with OutputDirClaim(config, config.resume_from_checkpoint) as claim:
         trainer = build_trainer(data_args, config, callbacks=callbacks)
         trainer.train(output_dir_claim=claim)

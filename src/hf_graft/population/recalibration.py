@@ -13,6 +13,7 @@ from torch.utils.data import default_collate
 
 from hf_graft.data.transforms import normalize_pixels, pixel_statistics, students_data_config
 from hf_graft import _compat
+from hf_graft.utils.rng import preserved_rng
 
 __all__ = ["recalibrate_batchnorm"]
 
@@ -35,9 +36,8 @@ def recalibrate_batchnorm(population: nn.Module, dataset, *, num_batches: int, b
     order = torch.randperm(len(dataset), generator=generator)[: num_batches * batch_size].tolist()
     # forked RNG: the global stream (dropout, augmentation) continues as if no recalibration ran,
     # which keeps a run resumed at this epoch boundary identical to an uninterrupted one
-    devices = [device.index or 0] if device.type == "cuda" else []
     statistics = None  # the students' mean and std, for uint8 batches (DataArguments.normalize_on_device)
-    with torch.random.fork_rng(devices=devices):
+    with preserved_rng(device):
         torch.manual_seed(seed)
         for start in range(0, len(order), batch_size):
             items = collate([dataset[i] for i in order[start:start + batch_size]])

@@ -33,19 +33,21 @@ def student_model_name(config: GraftingConfig) -> str:
     return check_model_name("GraftingConfig", "student_model", config.student_model).timm_name
 
 
-def check_run_inputs(config: GraftingConfig) -> None:
-    """What a config names outside itself, before any data is loaded: the models and the extra metrics."""
-    student_model_name(config)
+def check_run_inputs(config: GraftingConfig) -> str:
+    """What a config names outside itself, checked before any data is loaded: the models and the extra
+    metrics. Returns the students' timm name (`student_model_name`)."""
+    name = student_model_name(config)
     if config.extra_metrics:
         check_extra_metrics(config.extra_metrics, config.extra_metric_kwargs, "GraftingConfig")
+    return name
 
 
-def _student_probe(config: GraftingConfig, num_classes: int):
+def _student_probe(config: GraftingConfig, num_classes: int, name: str | None = None):
     """The students' architecture built on the meta device (no weights), before any member exists."""
     import timm
 
     kwargs = dict(num_classes=num_classes, **config.student_model_kwargs)
-    name = student_model_name(config)
+    name = name or student_model_name(config)
     try:
         return timm.create_model(name, device="meta", **kwargs)
     except (NotImplementedError, RuntimeError):  # an architecture that computes with its weights when built
@@ -71,10 +73,9 @@ def build_population_and_datasets(
     (`seed` for every member with `shared_init`); the population's spec records the data config,
     the label names and the dataset, which checkpoints and the exported student carry.
     """
-    check_run_inputs(config)  # before the data is loaded
+    name = check_run_inputs(config)  # before the data is loaded
     data = load_data(config, data_args) if data is None else data
-    probe = _student_probe(config, data.num_classes)
-    name = student_model_name(config)
+    probe = _student_probe(config, data.num_classes, name)
     if config.member_execution == "fused":  # refused here, before the population is built or data decoded
         from hf_graft.population.fused import check_fusable
 

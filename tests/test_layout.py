@@ -18,7 +18,7 @@ LAYERS = [
     {"run", "export"},
     {"population"},
     {"data", "models", "metrics"},
-    {"config"},
+    {"config", "trainer_fields"},
     {"graft"},
     {"errors", "utils", "_compat"},
 ]

@@ -12,6 +12,7 @@ from hf_graft import _compat
 from hf_graft.errors import HfGraftError
 from hf_graft.graft.grafting import ANCHOR_RULES, CRITERIA, INTERNAL_ORDERS, LEVELS
 from hf_graft.graft.schedule import cosine_lr_multipliers
+from hf_graft.trainer_fields import refused_field
 
 __all__ = ["ConfigError", "DataArguments", "GraftingConfig", "as_mapping", "GRAFT_SOURCES", "DATA_ORDERS", "MEMBER_EXECUTIONS", "TRAIN_AUGMENTATIONS"]
 
@@ -415,6 +416,11 @@ class GraftingConfig(TrainingArguments):
         if self.teacher_models is not None and len(self.teacher_models) == 0:
             self.teacher_models = None
         self._check_compile_settings(owner)
+        refused = refused_field(self)
+        if refused is not None:
+            name, value, why = refused
+            raise ConfigError(f"{owner}.{name}: got {value!r}; not available with a population of image classifiers "
+                              f"({why})")
         super().__post_init__()
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError(f"{owner}.hub_model_id: required when push_to_hub is true")

@@ -85,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_args, config = parse_recipe(recipe, argv)
     except (RecipeError, ValueError) as err:
         return _refused(err, 2, debug)
+    _set_log_levels(config)
     from hf_graft.data.checks import CorruptImageError
     from hf_graft.training.divergence import DivergenceError
     from hf_graft.export.hub import PushToHubError
@@ -102,6 +103,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PushToHubError as err:  # the local student is complete; only the upload failed
         return _refused(err, 1, debug, f"{err}; the student folder is kept")
     return 0
+
+
+def _set_log_levels(config: GraftingConfig) -> None:
+    """`log_level` on the main process, `log_level_replica` on the others, as transformers' example scripts
+    do; with the default "passive", hf_graft logs at INFO on the main process and transformers keeps its own."""
+    import transformers
+
+    passive = config.log_level == "passive" and config.should_log
+    level = logging.INFO if passive else config.get_process_log_level()
+    logging.getLogger("hf_graft").setLevel(level)
+    if not passive:
+        transformers.utils.logging.set_verbosity(level)
+        try:
+            import datasets
+
+            datasets.utils.logging.set_verbosity(level)
+        except ImportError:
+            pass
 
 
 def _refused(error: BaseException, status: int, debug: bool, message: str | None = None) -> int:

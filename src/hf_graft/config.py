@@ -74,6 +74,12 @@ class DataArguments:
     validation_split_percentage: int = field(
         default=10, metadata={"help": "Percent of train held out for evaluation when there is no eval split."}
     )
+    selection_split_percentage: Optional[float] = field(
+        default=None,
+        metadata={"help": "Percent of train held out (seeded by data_seed or seed) only to choose the student with "
+                  "select_student: best, so that the choice never looks at the evaluation split (null: choose on "
+                  "the evaluation split, which on CIFAR and ImageNet is the test set)."},
+    )
     image_column: Optional[str] = field(default=None, metadata={"help": "Image column; detected when unambiguous."})
     label_column: Optional[str] = field(default=None, metadata={"help": "Label column; detected when unambiguous."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only this many training images."})
@@ -108,6 +114,8 @@ class DataArguments:
         owner = "DataArguments"
         if self.dataset_name == "imagefolder" and not self.data_dir:
             raise ConfigError(f"{owner}.data_dir: required when dataset_name is 'imagefolder'")
+        if self.selection_split_percentage is not None and not 0 < self.selection_split_percentage < 100:
+            _fail(owner, "selection_split_percentage", self.selection_split_percentage, "a percentage in (0, 100), or null")
         if self.train_augmentation not in TRAIN_AUGMENTATIONS:
             _fail(owner, "train_augmentation", self.train_augmentation, ", ".join(TRAIN_AUGMENTATIONS))
         if not 0 < self.validation_split_percentage < 100:

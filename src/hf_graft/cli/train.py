@@ -35,13 +35,11 @@ def build_trainer(data_args: DataArguments, config: GraftingConfig, callbacks=No
     A refusal here (bad data, an unknown model, a setting that does not fit) is a `SetupError` with a
     one-line message: nothing has been trained or written yet. Anything else is a bug and keeps its traceback.
     """
-    from hf_graft.training.builder import build_population_and_datasets
+    from hf_graft.training.builder import build_run
     from hf_graft.training.trainer import GraftingTrainer
 
     try:
-        population, train_dataset, eval_dataset = build_population_and_datasets(config, data_args)
-        return GraftingTrainer(model=population, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                               callbacks=callbacks)
+        return GraftingTrainer(args=config, callbacks=callbacks, **build_run(config, data_args).trainer_kwargs())
     except (HfGraftError, ValueError, OSError) as err:
         raise SetupError(one_line(err)) from err
 

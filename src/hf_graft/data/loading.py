@@ -29,6 +29,8 @@ class ImageData:
     label_column: str
     label_names: list[str]
     eval_split: str = ""  # which split `eval` is, or what part of the training split was held out
+    selection: Any = None  # datasets.Dataset held out of train to choose the student by, or None
+    selection_split: str = ""  # what part of the training split `selection` is
 
     @property
     def num_classes(self) -> int:
@@ -199,6 +201,15 @@ def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
             "allowed: ClassLabel, integer or string labels"
         )
 
+    selection, selection_split = None, ""
+    if args.selection_split_percentage:
+        if len(train) < 2:
+            raise ValueError(f"DataArguments.selection_split_percentage: split {args.train_split!r} has {len(train)} "
+                             "example(s), too few to hold some out")
+        # another seed than the held-out evaluation part's, so the two parts differ
+        split = train.train_test_split(test_size=args.selection_split_percentage / 100.0, seed=seed + 1)
+        train, selection = split["train"], split["test"].select_columns([image_column, label_column])
+        selection_split = f"{args.selection_split_percentage:g}% of {args.train_split!r} held out (seed {seed + 1})"
     if args.max_train_samples is not None and args.max_train_samples < len(train):
         train = train.shuffle(seed=seed).select(range(args.max_train_samples))
     if args.max_eval_samples is not None and args.max_eval_samples < len(evaluation):
@@ -206,6 +217,7 @@ def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
     keep = [image_column, label_column]
     train = train.select_columns(keep)
     evaluation = evaluation.select_columns(keep)
-    return ImageData(train, evaluation, image_column, label_column, label_names, eval_split)
+    return ImageData(train, evaluation, image_column, label_column, label_names, eval_split, selection,
+                     selection_split)
 
 

@@ -11,7 +11,7 @@ from hf_graft.data.loading import ImageData
 from hf_graft.data.sampling import MemberOrderDataset
 from hf_graft.data.transforms import build_transform
 
-__all__ = ["population_datasets"]
+__all__ = ["population_datasets", "selection_dataset"]
 
 
 def population_datasets(
@@ -32,8 +32,10 @@ def population_datasets(
     if data_args.data_on_device:
         from hf_graft.data.on_device import device_population_datasets
 
-        return device_population_datasets(data, data_args, data_config, num_members=num_members, order=order,
-                                          seed=seed, device=device)
+        train, evaluation = device_population_datasets(data, data_args, data_config, num_members=num_members,
+                                                       order=order, seed=seed, device=device)
+        evaluation.split_name = data.eval_split
+        return train, evaluation
     train = train_cls(
         data.train, build_transform(data_config, data_args, is_training=True), data.image_column, data.label_column,
         num_members=num_members, order=order if num_members > 1 else "shared", seed=seed,
@@ -41,4 +43,16 @@ def population_datasets(
     evaluation = MemberOrderDataset(
         data.eval, build_transform(data_config, data_args, is_training=False), data.image_column, data.label_column,
     )
+    evaluation.split_name = data.eval_split  # what the run's numbers are measured on, for its results
     return train, evaluation
+
+
+def selection_dataset(data: ImageData, data_args: DataArguments, data_config: dict[str, Any]) -> MemberOrderDataset | None:
+    """The part of the training split held out to choose the student by (`selection_split_percentage`), with
+    the evaluation transform; None without one."""
+    if data.selection is None:
+        return None
+    selection = MemberOrderDataset(data.selection, build_transform(data_config, data_args, is_training=False),
+                                   data.image_column, data.label_column)
+    selection.split_name = data.selection_split
+    return selection

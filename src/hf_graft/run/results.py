@@ -3,6 +3,7 @@ the closing summary. Plain functions of the final metrics (`GraftingTrainer.trai
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping, Sequence
 
@@ -20,6 +21,8 @@ __all__ = [
 ]
 
 TOPK = ("top1", "top5")
+
+logger = logging.getLogger(__name__)
 
 
 def _lower_is_better(metric: str) -> bool:
@@ -154,16 +157,34 @@ def logged_evaluation(log_history: Sequence[Mapping[str, Any]], step: int) -> di
 
 
 def run_results(metrics: Mapping[str, Any], *, args, members: Sequence, has_eval: bool,
-                diverged: Mapping[int, int] | None = None) -> dict[str, Any]:
+                diverged: Mapping[int, int] | None = None, selection_metrics: Mapping[str, Any] | None = None,
+                eval_split: str | None = None, selection_split: str | None = None) -> dict[str, Any]:
     """What a finished run reports, from its final metrics (training and evaluation, flat): the selected
-    member and why, the grafting and distillation settings, every member's filter health, and the
-    members that diverged (and went on alone, never as scions). `args` is the run's `GraftingConfig`."""
+    member and why, on which split it was chosen, the grafting and distillation settings, every member's
+    filter health, the members' mean, and the members that diverged (they went on alone, never as scions).
+
+    With `selection_metrics` (`selection_member{k}_top1`, ... of a split held out of train), `best` chooses
+    on them alone; otherwise on the evaluation split, and a split named `test` is said once in the log.
+    `args` is the run's `GraftingConfig`."""
     results = dict(metrics)
     per_member = member_metrics(results, args.num_students)
-    if not has_eval and args.select_student == "best":
+    if per_member and all("top1" in m for m in per_member.values()):
+        results["eval_members_mean_top1"] = sum(m["top1"] for m in per_member.values()) / len(per_member)
+    chooser, chooser_split = per_member, eval_split
+    if selection_metrics is not None:
+        results.update(selection_metrics)
+        chooser, chooser_split = member_metrics(selection_metrics, args.num_students, prefix="selection"), selection_split
+    if args.select_student == "best" and not has_eval and selection_metrics is None:
         selected, reason = None, "no eval_dataset to choose the best member by (select_student: best)"
     else:
-        selected, reason = select_member(per_member, args.select_student, num_members=args.num_students)
+        selected, reason = select_member(chooser, args.select_student, num_members=args.num_students)
+        if args.select_student == "best":
+            results["selection_split"] = chooser_split or "the evaluation split"
+            reason += f" on {results['selection_split']}"
+            if selection_metrics is None and chooser_split and "test" in chooser_split.lower():
+                logger.warning("select_student: best chose member %d on the split %r, the one the results report: "
+                               "its top-1 there is optimistic; set selection_split_percentage to choose on a part "
+                               "of the training split instead", selected, chooser_split)
     results.update(selected_member=selected, selection_reason=reason, grafting=args.grafting_settings())
     if args.kd_settings():
         results["distillation"] = args.kd_settings()

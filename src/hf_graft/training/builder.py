@@ -6,18 +6,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from hf_graft.config import DataArguments, GraftingConfig
 from hf_graft.data.loading import ImageData, load_image_data
 from hf_graft.data.sampling import MemberOrderDataset
-from hf_graft.data.populations import population_datasets
+from hf_graft.data.populations import population_datasets, selection_dataset
 from hf_graft.data.transforms import resolve_student_data_config
 from hf_graft.metrics import check_extra_metrics
 from hf_graft.population.sources import check_model_name
 from hf_graft.population.students import PopulationSpec, StudentPopulation
 
-__all__ = ["build_population_and_datasets", "check_run_inputs", "load_data", "student_data_config", "student_model_name"]
+__all__ = ["RunParts", "build_population_and_datasets", "build_run", "check_run_inputs", "load_data", "student_data_config", "student_model_name"]
 
 
 def load_data(config: GraftingConfig, data_args: DataArguments) -> ImageData:
@@ -60,6 +61,20 @@ def student_data_config(config: GraftingConfig, num_classes: int, input_size: in
     return resolve_student_data_config(_student_probe(config, num_classes), input_size)
 
 
+@dataclass
+class RunParts:
+    """What a `GraftingTrainer` is built from."""
+
+    population: StudentPopulation
+    train_dataset: Any
+    eval_dataset: Any
+    selection_dataset: Any = None  # held out of train to choose the student by (selection_split_percentage)
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        return dict(model=self.population, train_dataset=self.train_dataset, eval_dataset=self.eval_dataset,
+                    selection_dataset=self.selection_dataset)
+
+
 def build_population_and_datasets(
     config: GraftingConfig,
     data_args: DataArguments,
@@ -67,7 +82,20 @@ def build_population_and_datasets(
     data: ImageData | None = None,
     train_dataset_cls: type = MemberOrderDataset,
 ) -> tuple[StudentPopulation, MemberOrderDataset, MemberOrderDataset]:
-    """(population, train dataset, eval dataset) for `GraftingTrainer`.
+    """(population, train dataset, eval dataset) for `GraftingTrainer` (`build_run` gives the selection
+    split too, when `selection_split_percentage` asks for one)."""
+    parts = build_run(config, data_args, data=data, train_dataset_cls=train_dataset_cls)
+    return parts.population, parts.train_dataset, parts.eval_dataset
+
+
+def build_run(
+    config: GraftingConfig,
+    data_args: DataArguments,
+    *,
+    data: ImageData | None = None,
+    train_dataset_cls: type = MemberOrderDataset,
+) -> RunParts:
+    """The population and its datasets for `GraftingTrainer(**parts.trainer_kwargs(), args=config)`.
 
     `data` (from `load_data`) is loaded here when not given. Member k is seeded `seed + 1000 k`
     (`seed` for every member with `shared_init`); the population's spec records the data config,
@@ -96,4 +124,4 @@ def build_population_and_datasets(
         data, data_args, spec.data_config, num_members=config.num_students, order=config.data_order,
         seed=config.seed, train_cls=train_dataset_cls, device=config.device,
     )
-    return population, train_dataset, eval_dataset
+    return RunParts(population, train_dataset, eval_dataset, selection_dataset(data, data_args, spec.data_config))

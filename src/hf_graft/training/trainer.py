@@ -58,16 +58,14 @@ logger = logging.getLogger(__name__)
 
 
 class GraftingTrainer(Trainer):
-    """Trains K students with the Trainer, grafting them in a ring at epoch boundaries.
-
-    `model` is a `StudentPopulation`, or a `PopulationSpec` from which one is built with
-    `args.seed` (member k is seeded `seed + 1000 k`). `teachers` (grafting+) default to
-    `args.teacher_models`.
-    """
+    """Trains K students with the Trainer, grafting them in a ring at epoch boundaries. `model`: a
+    `StudentPopulation`, or a `PopulationSpec` built with `args.seed` (member k seeded `seed + 1000 k`);
+    `teachers` (grafting+) default to `args.teacher_models`; `selection_dataset` chooses the student."""
 
     def __init__(self, model: StudentPopulation | PopulationSpec | None = None, args: GraftingConfig | None = None,
                  data_collator=None, train_dataset=None, eval_dataset=None,
-                 teachers: Sequence[nn.Module] | None = None, compute_metrics=None, callbacks=None, **kwargs):
+                 teachers: Sequence[nn.Module] | None = None, compute_metrics=None, callbacks=None,
+                 selection_dataset=None, **kwargs):
         population = trainer_population(model, args)  # its loss weights and execution set from `args`
         args = run_args(args, train_dataset, eval_dataset)
         self._population, self.channels_last = population, population.channels_last
@@ -76,11 +74,9 @@ class GraftingTrainer(Trainer):
         self.teachers = teacher_ensemble(teachers, args, population)
         self.graft_reports: list[GraftReport] = []
         self.member_logs = MemberLogs()  # each member's loss terms, gradient norm and rate, for the logs
-        self._nan_inf_filter_on_device = False
+        self._nan_inf_filter_on_device, self._normalizer = False, None  # normalizer: normalize_on_device
         # pinned training batches go to the GPU on a stream of their own (data/transfer.py)
         self._batch_copy = SideStreamCopy(args.device) if on_cuda and args.dataloader_pin_memory else None
-        self._normalizer: DeviceNormalizer | None = None  # DataArguments.normalize_on_device
-        # top-1/top-5 of every member and of the ensemble, plus args.extra_metrics
         self.eval_metrics = PopulationMetrics(args.select_student, args.extra_metrics, args.extra_metric_kwargs,
                                               owner=f"{type(args).__name__}.extra_metrics")
         self._samplers: list[EpochShuffleSampler] = []
@@ -98,6 +94,7 @@ class GraftingTrainer(Trainer):
         self.teachers.place(args.device, half=teacher_dtype(args), channels_last=self.channels_last)
         self.add_callback(SamplerEpochCallback(self._samplers))
         self.add_callback(self.divergence_monitor)
+        self.selection_dataset = selection_dataset  # chooses the student when given (selection_split_percentage)
         self.results: dict | None = None  # the end of the run (see `train`)
         self.student_dir: Path | None = None
         self.run_identity: dict | None = None  # set by train(); saved in every checkpoint
@@ -115,7 +112,7 @@ class GraftingTrainer(Trainer):
 
     @property
     def diverged_members(self) -> dict[int, int]:
-        """Members seen with non-finite weights or losses, and the step at which each was first seen."""
+        """Members seen with non-finite weights or losses, and the step each was first seen at."""
         return dict(self.divergence_monitor.diverged)
 
     # ------------------------------------------------------------------ optimisation
@@ -374,7 +371,7 @@ class GraftingTrainer(Trainer):
             self._nan_inf_filter_on_device = False
 
     def _streams_to_device(self) -> bool:
-        """Whether the host should run ahead of the device (CUDA): no per-step host syncs."""
+        """Whether the host runs ahead of the device (CUDA): no per-step host syncs."""
         return self.args.device.type == "cuda"
 
     def _finish_run(self, train_metrics: dict, started: float) -> None:
@@ -401,8 +398,12 @@ class GraftingTrainer(Trainer):
             if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
                 step = self.state.best_global_step  # the weights now loaded are that checkpoint's
             metrics.update(logged_evaluation(self.state.log_history, step) or self.evaluate())
+        selection = (None if self.selection_dataset is None
+                     else self.evaluate(self.selection_dataset, metric_key_prefix="selection"))
         return run_results(metrics, args=self.args, members=self.population.members,
-                           has_eval=self.eval_dataset is not None, diverged=self.diverged_members)
+                           has_eval=self.eval_dataset is not None, diverged=self.diverged_members,
+                           selection_metrics=selection, eval_split=getattr(self.eval_dataset, "split_name", None),
+                           selection_split=getattr(self.selection_dataset, "split_name", None))
 
     def save_student(self, output_dir: str | os.PathLike | None = None) -> Path:
         """Write the selected member (default: `output_dir/student`) as a folder that timm and transformers
@@ -430,7 +431,7 @@ class GraftingTrainer(Trainer):
         self.hub_model_id = self.args.hub_model_id
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Checkpoints hold the whole population and stay local: only the student is ever pushed."""
+        """Checkpoints (the whole population) stay local: only the student is ever pushed."""
 
     def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
                     revision: str | None = None, **kwargs) -> str | None:

@@ -52,7 +52,7 @@ def test_the_trainer_writes_a_complete_checkpoint(saved_checkpoint):
 
 @pytest.mark.parametrize("damage, reason", [
     ("no_state", "has no trainer_state.json"),
-    ("truncated_state", "trainer_state.json is truncated"),
+    ("truncated_state", "has a truncated trainer_state.json"),
     ("truncated_optimizer", "optimizer.pt is damaged"),
 ])
 def test_an_interrupted_save_is_incomplete(saved_checkpoint, tmp_path, damage, reason):
@@ -78,6 +78,19 @@ def test_every_process_rng_state_is_needed_with_several_processes(saved_checkpoi
     assert checkpoint_problem(folder, world_size=2) is None
 
 
+def test_a_finished_checkpoint_damaged_later_is_refused_not_skipped(saved_checkpoint, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    _copy(saved_checkpoint, run / "checkpoint-3")
+    damaged = _copy(saved_checkpoint, run / "checkpoint-5")
+    weights = (damaged / "model.safetensors").read_bytes()
+    (damaged / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    assert resolve_resume(str(run), "last") == str(damaged)  # its save finished: not skipped
+    with pytest.raises(OutputDirError, match=r"checkpoint-5/model.safetensors cannot be read"):
+        check_checkpoint_folder(damaged)
+    assert damaged.exists()
+
+
 def test_resume_takes_the_newest_complete_checkpoint(saved_checkpoint, tmp_path, caplog):
     run = tmp_path / "run"
     run.mkdir()
@@ -98,7 +111,7 @@ def test_resume_true_without_a_complete_checkpoint_is_one_line(saved_checkpoint,
     run.mkdir()
     partial = _copy(saved_checkpoint, run / "checkpoint-5")
     (partial / "trainer_state.json").write_text("{")
-    with pytest.raises(OutputDirError, match="no complete checkpoint-N folder"):
+    with pytest.raises(OutputDirError, match="no checkpoint-N folder in output_dir .* is complete"):
         resolve_resume(str(run), True)
     assert resolve_resume(str(tmp_path / "empty"), "last") is None
 

@@ -153,8 +153,10 @@ def test_bad_teachers_fail_early_with_one_line(make_trainer, teacher_dir, tmp_pa
     one_line(err, "GraftingConfig.teacher_models", "5 classes", "10")
 
     # a name neither timm nor the disk knows
-    with pytest.raises(ValueError) as err:
-        GraftingConfig(output_dir=str(tmp_path), use_cpu=True, teacher_models=["no_such_network_xyz"])
+    from hf_graft.training.builder import check_run_inputs
+
+    with pytest.raises(ValueError) as err:  # checked when a run is built, before any data is loaded
+        check_run_inputs(GraftingConfig(output_dir=str(tmp_path), use_cpu=True, teacher_models=["no_such_network_xyz"]))
     one_line(err, "GraftingConfig.teacher_models", "no_such_network_xyz")
     with pytest.raises(ValueError) as err:
         load_teacher("no_such_network_xyz")

@@ -181,7 +181,7 @@ def test_training_batches_depend_only_on_seed_and_epoch(tmp_path, digits_small, 
         assert torch.equal(x["pixel_values"], y["pixel_values"]) and torch.equal(x["labels"], y["labels"])
     assert not torch.equal(a[0]["pixel_values"], c[0]["pixel_values"])
     # every epoch is a permutation of all examples, tagged with its epoch
-    sampler = trainer._epoch_sampler
+    sampler = trainer.epoch_sampler
     for epoch in (0, 1, 2):
         sampler.set_epoch(epoch)
         indices = list(sampler)

@@ -30,6 +30,7 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
 from hf_graft.config import DataArguments, GraftingConfig
+from hf_graft.training.builder import check_run_inputs
 from hf_graft.errors import HfGraftError
 
 __all__ = ["RecipeError", "parse_recipe"]
@@ -202,7 +203,8 @@ def parse_recipe(
     """Recipe YAML (flat keys, as in TRL / alignment-handbook recipes) + `--key value` overrides.
 
     Unknown keys and values of the wrong type fail here, in one line naming the field, before any
-    data or model is touched; `GraftingConfig` / `DataArguments` then check what the values mean.
+    data or model is touched; `GraftingConfig` / `DataArguments` then check what the values mean, and
+    `check_run_inputs` the models and metrics they name (so a run built from it skips that check).
     """
     fields: dict[str, Any] = {}
     for cls in (DataArguments, GraftingConfig):
@@ -226,6 +228,10 @@ def parse_recipe(
         raise RecipeError(f"{_source(err, recipe, defaults, overrides)}: {err}") from None
     if remaining:
         raise RecipeError(f"command line: could not use {' '.join(remaining)!r}")
+    try:  # what the config names outside itself (models, metrics), before any data or folder is touched
+        check_run_inputs(config)
+    except ValueError as err:
+        raise RecipeError(f"{_source(err, recipe, defaults, overrides)}: {err}") from None
     return data_args, config
 
 

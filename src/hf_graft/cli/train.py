@@ -28,7 +28,7 @@ class SetupError(HfGraftError, RuntimeError):
     """Data, model or teachers could not be prepared; raised before any training step."""
 
 
-def build_trainer(data_args: DataArguments, config: GraftingConfig, callbacks=None):
+def build_trainer(data_args: DataArguments, config: GraftingConfig, callbacks=None, *, inputs_checked: bool = False):
     """Load the data, build the population (and teachers) and the `GraftingTrainer` (with the extra
     `TrainerCallback`s `callbacks`, if any).
 
@@ -39,12 +39,14 @@ def build_trainer(data_args: DataArguments, config: GraftingConfig, callbacks=No
     from hf_graft.training.trainer import GraftingTrainer
 
     try:
-        return GraftingTrainer(args=config, callbacks=callbacks, **build_run(config, data_args).trainer_kwargs())
+        parts = build_run(config, data_args, inputs_checked=inputs_checked)
+        return GraftingTrainer(args=config, callbacks=callbacks, **parts.trainer_kwargs())
     except (HfGraftError, ValueError, OSError) as err:
         raise SetupError(one_line(err)) from err
 
 
-def run_training(data_args: DataArguments, config: GraftingConfig, callbacks=None) -> dict[str, Any]:
+def run_training(data_args: DataArguments, config: GraftingConfig, callbacks=None, *,
+                 inputs_checked: bool = False) -> dict[str, Any]:
     """Build, train (the trainer evaluates, selects and exports the student), push; returns the results.
     `callbacks` are extra `TrainerCallback`s (they may define the graft events).
 
@@ -58,7 +60,7 @@ def run_training(data_args: DataArguments, config: GraftingConfig, callbacks=Non
 
     check_run_settings(config)
     with OutputDirClaim(config, config.resume_from_checkpoint) as claim:
-        trainer = build_trainer(data_args, config, callbacks=callbacks)
+        trainer = build_trainer(data_args, config, callbacks=callbacks, inputs_checked=inputs_checked)
         trainer.train(output_dir_claim=claim)
         if config.push_to_hub:
             trainer.results["hub_url"] = trainer.push_to_hub()
@@ -91,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hf_graft.run.output_dir import OutputDirError
 
     try:
-        run_training(data_args, config)
+        run_training(data_args, config, inputs_checked=True)  # parse_recipe checked the models and metrics
     except (SetupError, OutputDirError, PreflightError) as err:  # refused before any training step
         return _refused(err, 2, debug)
     except DivergenceError as err:  # all_results.json holds what was measured

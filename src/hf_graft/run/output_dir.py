@@ -46,6 +46,7 @@ __all__ = [
     "checkpoint_bytes",
     "checkpoint_problem",
     "newest_complete_checkpoint",
+    "unfinished_save",
     "check_resume_identity",
     "lock_output_dir",
     "previous_run_entries",
@@ -257,18 +258,38 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def checkpoint_problem(folder: Path, *, what: str = "resume_from_checkpoint", world_size: int = 1) -> str | None:
-    """Why `folder` is not a complete hf_graft training checkpoint (one line), or None.
-
-    The Trainer writes a checkpoint's files in a fixed order and `trainer_state.json` last, so a save that
-    was killed leaves a folder without a readable trainer state (or with truncated files): incomplete."""
+def unfinished_save(folder: Path, *, world_size: int = 1) -> str | None:
+    """Why `folder` is a checkpoint whose save did not finish (one line), or None. The Trainer writes
+    `trainer_state.json` last, after every process's RNG state, so a killed save leaves it missing or
+    truncated, or another process's RNG state missing."""
     import json
+
+    state_file = folder / TRAINER_STATE_FILE
+    if not state_file.is_file():
+        return f"has no {TRAINER_STATE_FILE}: its save did not finish"
+    try:
+        json.loads(state_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return f"has a truncated {TRAINER_STATE_FILE}: its save did not finish"
+    if world_size > 1 and (folder / "optimizer.pt").is_file():
+        missing = [f"rng_state_{i}.pth" for i in range(world_size) if not (folder / f"rng_state_{i}.pth").is_file()]
+        if missing:
+            return f"lacks {', '.join(missing)}: another process's save did not finish"
+    return None
+
+
+def checkpoint_problem(folder: Path, *, what: str = "resume_from_checkpoint", world_size: int = 1) -> str | None:
+    """Why `folder` is not a complete, readable hf_graft training checkpoint (one line), or None."""
     import zipfile
 
     if is_unfinished_checkpoint(folder):
         return "is what an interrupted checkpoint save left behind, not a checkpoint; use a checkpoint-N folder"
     if not (folder / POPULATION_FILE).is_file():
         return f"has no {POPULATION_FILE}; is it a hf_graft training checkpoint?"
+    if what == "resume_from_checkpoint":
+        unfinished = unfinished_save(folder, world_size=world_size)
+        if unfinished:
+            return unfinished
     weights = folder / WEIGHTS_FILE
     if weights.is_file():
         problem = _safetensors_problem(weights)
@@ -279,19 +300,6 @@ def checkpoint_problem(folder: Path, *, what: str = "resume_from_checkpoint", wo
         file = folder / name
         if file.is_file() and not zipfile.is_zipfile(file):
             return f"{name} is damaged (truncated?)"
-    if what != "resume_from_checkpoint":
-        return None
-    state_file = folder / TRAINER_STATE_FILE
-    if not state_file.is_file():
-        return f"has no {TRAINER_STATE_FILE}: its save did not finish"
-    try:
-        json.loads(state_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return f"{TRAINER_STATE_FILE} is truncated or damaged: its save did not finish"
-    if world_size > 1 and (folder / "optimizer.pt").is_file():
-        missing = [f"rng_state_{i}.pth" for i in range(world_size) if not (folder / f"rng_state_{i}.pth").is_file()]
-        if missing:
-            return f"lacks {', '.join(missing)}: another process's save did not finish"
     return None
 
 
@@ -305,14 +313,17 @@ def check_checkpoint_folder(path: str | os.PathLike, *, what: str = "resume_from
         raise OutputDirError(f"{what}: {path} is a file, not a checkpoint-N folder")
     problem = checkpoint_problem(folder, what=what, world_size=world_size)
     if problem:
-        raise OutputDirError(f"{what}: {path} {problem}; use another checkpoint")
+        where = folder / WEIGHTS_FILE if problem.startswith(WEIGHTS_FILE) else folder
+        problem = problem[len(WEIGHTS_FILE) + 1:] if problem.startswith(WEIGHTS_FILE) else problem
+        raise OutputDirError(f"{what}: {where} {problem}; use another checkpoint")
     return folder
 
 
 def newest_complete_checkpoint(output_dir: str | os.PathLike, *, world_size: int = 1) -> str | None:
-    """The newest `checkpoint-N` of `output_dir` that is complete. Newer, incomplete ones (a save that was
-    killed) are named in one line each and removed: the resumed run writes those steps again, and the
-    Trainer's rotation (`save_total_limit`) would otherwise keep them in place of complete ones."""
+    """The newest `checkpoint-N` of `output_dir`. Newer ones whose save did not finish (a job killed while
+    saving) are named in one line each and removed: the resumed run writes those steps again, and the
+    Trainer's rotation (`save_total_limit`) would otherwise keep them in place of complete ones. A finished
+    checkpoint that was damaged later is not skipped: resuming refuses it, naming the file."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return None
@@ -320,10 +331,10 @@ def newest_complete_checkpoint(output_dir: str | os.PathLike, *, world_size: int
                    reverse=True)
     for step in steps:
         checkpoint = folder / f"checkpoint-{step}"
-        problem = checkpoint_problem(checkpoint, world_size=world_size)
-        if problem is None:
+        unfinished = unfinished_save(checkpoint, world_size=world_size)
+        if unfinished is None:
             return str(checkpoint)
-        logger.warning("resume_from_checkpoint: skipping %s, which %s; removing it", checkpoint, problem)
+        logger.warning("resume_from_checkpoint: skipping %s, which %s; removing it", checkpoint, unfinished)
         shutil.rmtree(checkpoint)
     return None
 
@@ -339,7 +350,7 @@ def resolve_resume(output_dir: str, resume: str | bool | None, *, world_size: in
     if resume is True or str(resume) in ("true", "True", "last"):
         last = newest_complete_checkpoint(output_dir, world_size=world_size)
         if last is None and resume is True:
-            raise OutputDirError(f"resume_from_checkpoint: no complete checkpoint-N folder in output_dir {output_dir}")
+            raise OutputDirError(f"resume_from_checkpoint: no checkpoint-N folder in output_dir {output_dir} is complete")
         if last is None:
             logger.warning("resume_from_checkpoint: no checkpoint in %s; starting from scratch", output_dir)
         return last

@@ -94,14 +94,16 @@ def build_run(
     *,
     data: ImageData | None = None,
     train_dataset_cls: type = MemberOrderDataset,
+    inputs_checked: bool = False,
 ) -> RunParts:
     """The population and its datasets for `GraftingTrainer(**parts.trainer_kwargs(), args=config)`.
 
     `data` (from `load_data`) is loaded here when not given. Member k is seeded `seed + 1000 k`
     (`seed` for every member with `shared_init`); the population's spec records the data config,
     the label names and the dataset, which checkpoints and the exported student carry.
+    `inputs_checked`: `check_run_inputs(config)` already ran (`hf_graft.cli.recipe.parse_recipe` runs it).
     """
-    name = check_run_inputs(config)  # before the data is loaded
+    name = student_model_name(config) if inputs_checked else check_run_inputs(config)  # before the data
     data = load_data(config, data_args) if data is None else data
     probe = _student_probe(config, data.num_classes, name)
     if config.member_execution == "fused":  # refused here, before the population is built or data decoded

@@ -21,9 +21,21 @@ from transformers.trainer_callback import ExportableState
 from hf_graft.population.recalibration import recalibrate_batchnorm
 from hf_graft.training.divergence import DivergenceError, find_diverged
 
-__all__ = ["BatchNormRecalibrationCallback", "DivergenceMonitor", "GraftingCallback", "SamplerEpochCallback"]
+__all__ = [
+    "BatchNormRecalibrationCallback", "DivergenceMonitor", "GraftingCallback", "SamplerEpochCallback",
+    "dispatch_graft_event",
+]
 
 logger = logging.getLogger(__name__)
+
+
+def dispatch_graft_event(callbacks, event: str, args, state, control, **kwargs) -> None:
+    """Call `event` (`on_graft_begin` / `on_graft_end`) on every callback that defines it, in the handler's
+    order: the Trainer's CallbackHandler only dispatches its own events."""
+    for callback in callbacks:
+        handler = getattr(callback, event, None)
+        if handler is not None:
+            handler(args, state, control, **kwargs)
 
 
 class GraftingCallback(TrainerCallback, ExportableState):

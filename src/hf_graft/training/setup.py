@@ -3,6 +3,7 @@ Trainer runs with, and the frozen teachers."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Sequence
 
@@ -29,7 +30,11 @@ def run_args(args: GraftingConfig, train_dataset, eval_dataset) -> GraftingConfi
     pinned = changes.get("dataloader_pin_memory", args.dataloader_pin_memory)
     if args.device.type == "cuda" and pinned and not args.accelerator_config.non_blocking:
         changes["accelerator_config"] = dataclasses.replace(args.accelerator_config, non_blocking=True)
-    return dataclasses.replace(args, **changes) if changes else args
+    if not changes:
+        return args
+    derived = copy.copy(args)  # not dataclasses.replace: that would set up the processes again
+    vars(derived).update(changes)
+    return derived
 
 
 def trainer_population(model, args) -> StudentPopulation:

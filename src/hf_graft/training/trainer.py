@@ -9,7 +9,7 @@ The private Trainer hooks overridden here are listed in `hf_graft/_compat.py`.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import logging
 import os
 import time
@@ -40,7 +40,7 @@ from hf_graft.run.output_dir import OutputDirClaim, checkpoint_bytes, run_identi
 from hf_graft.run.preflight import check_run_settings, cudnn_benchmark, cudnn_benchmark_setting
 from hf_graft.run.results import ensemble_metrics, logged_evaluation, member_metrics, run_results, summary_lines
 from hf_graft.training.callbacks import (
-    BatchNormRecalibrationCallback, DivergenceMonitor, GraftingCallback, SamplerEpochCallback,
+    BatchNormRecalibrationCallback, DivergenceMonitor, GraftingCallback, SamplerEpochCallback, dispatch_graft_event,
 )
 from hf_graft.training.divergence import measured_results
 from hf_graft.training.member_logs import MemberLogs
@@ -101,14 +101,16 @@ class GraftingTrainer(Trainer):
 
     @property
     def population(self) -> StudentPopulation:
-        """The StudentPopulation being trained, whatever wraps it for training (DDP, torch.compile): the
-        wrappers hold this very module, and unwrapping costs a walk of every submodule."""
+        """The population trained, whatever wraps it (DDP, torch.compile), without a walk to unwrap it."""
         return self._population
 
     @property
-    def graft_callback(self) -> GraftingCallback:
-        """The callback that decides when to graft (the Trainer may rebuild it from a checkpoint)."""
+    def graft_callback(self) -> GraftingCallback:  # the Trainer may rebuild it from a checkpoint
         return next(c for c in self.callback_handler.callbacks if isinstance(c, GraftingCallback))
+
+    @property
+    def epoch_sampler(self) -> EpochShuffleSampler | None:  # once the training dataloader is built
+        return self._samplers[0] if self._samplers else None
 
     @property
     def diverged_members(self) -> dict[int, int]:
@@ -258,13 +260,9 @@ class GraftingTrainer(Trainer):
         return report
 
     def _call_graft_event(self, event: str, graft_index: int, **kwargs) -> None:
-        """The Trainer's CallbackHandler only dispatches its own events: call ours on every callback
-        that defines them, in the handler's order."""
-        for callback in self.callback_handler.callbacks:
-            handler = getattr(callback, event, None)
-            if handler is not None:
-                handler(self.args, self.state, self.control, model=self.population, graft_index=graft_index,
-                        train_dataset=self.train_dataset, data_collator=self.data_collator, **kwargs)
+        dispatch_graft_event(self.callback_handler.callbacks, event, self.args, self.state, self.control,
+                             model=self.population, graft_index=graft_index, train_dataset=self.train_dataset,
+                             data_collator=self.data_collator, **kwargs)
 
     def _log_alpha_histograms(self, report: GraftReport) -> None:
         """Per-member histogram of the anchors' alphas for TensorBoard (when it is a report_to target)."""
@@ -362,8 +360,9 @@ class GraftingTrainer(Trainer):
         config back when training ends."""
         config = self.args
         self._nan_inf_filter_on_device = bool(config.logging_nan_inf_filter) and self._streams_to_device()
-        if self._nan_inf_filter_on_device:
-            self.args = dataclasses.replace(config, logging_nan_inf_filter=False)
+        if self._nan_inf_filter_on_device:  # a copy: the config is never changed
+            self.args = copy.copy(config)
+            vars(self.args)["logging_nan_inf_filter"] = False
         try:
             return super().train(**kwargs)
         finally:

@@ -168,6 +168,89 @@ def test_cifar_round_trip(tmp_path, arch):
     assert "import hf_graft" in card
 
 
+@pytest.mark.parametrize("arch,kwargs,recorded", [
+    ("cifar_resnet20", {}, {"shortcut": "A"}),  # the default is recorded too
+    ("cifar_resnet20", {"shortcut": "B"}, {"shortcut": "B"}),
+    ("cifar_wrn28_10", {"depth": 10, "widen_factor": 1}, {"depth": 10, "widen_factor": 1}),
+], ids=["resnet-A", "resnet-B", "small-wrn"])
+def test_cifar_construction_arguments_are_recorded(tmp_path, arch, kwargs, recorded):
+    torch.manual_seed(6)
+    model = timm.create_model(arch, num_classes=10, **kwargs).eval()
+    folder = save_student(model, tmp_path / "s", architecture=arch, data_config=DATA_CONFIG)
+    model_args = json.loads((folder / "config.json").read_text())["model_args"]
+    assert recorded.items() <= model_args.items()
+    _assert_same_logits(folder, model, DATA_CONFIG["input_size"])
+
+
+def _projection_convs(model: torch.nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if name.endswith("shortcut.0") and isinstance(m, torch.nn.Conv2d)]
+
+
+def test_export_saved_before_shortcuts_were_recorded_loads_as_option_b(tmp_path):
+    """A folder exported when option B was the only CIFAR ResNet: B weights, config.json without
+    `shortcut`. timm rebuilds it as B by itself; transformers with `saved_model_args`."""
+    from transformers import AutoModelForImageClassification
+
+    from hf_graft.models import saved_model_args
+
+    torch.manual_seed(7)
+    model = timm.create_model("cifar_resnet20", num_classes=10, shortcut="B").eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    folder = save_student(model, tmp_path / "old", architecture="cifar_resnet20", data_config=DATA_CONFIG)
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["model_args"]["shortcut"]
+    assert config["model_args"] == {"global_pool": "avg"}  # what an export wrote before
+    config_file.write_text(json.dumps(config, indent=2))
+
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x)
+        via_timm = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        assert _projection_convs(via_timm) == ["layer2.0.shortcut.0", "layer3.0.shortcut.0"]
+        torch.testing.assert_close(via_timm(x), expected, rtol=1e-6, atol=1e-6)
+        # the architecture alone (no weights loaded) is B as well
+        assert _projection_convs(timm.create_model(f"local-dir:{folder}")) == _projection_convs(via_timm)
+        # an explicit argument still wins
+        assert _projection_convs(timm.create_model(f"local-dir:{folder}", shortcut="A")) == []
+
+        assert saved_model_args(folder) == {"global_pool": "avg", "shortcut": "B"}
+        via_transformers, info = AutoModelForImageClassification.from_pretrained(
+            folder, model_args=saved_model_args(folder), output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+        torch.testing.assert_close(via_transformers.eval()(pixel_values=x).logits, expected, rtol=1e-6, atol=1e-6)
+
+    # hf_graft's own loaders take the timm path
+    from hf_graft.evaluation import load_model
+
+    loaded = load_model(str(folder))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.logits(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_folder_without_shortcut_record_follows_its_weights(tmp_path):
+    """An option-A folder whose config does not name the shortcut (hand-written model_args) loads as
+    A: a saved config without `shortcut` means B only where the weights hold projection convs."""
+    from hf_graft.models import saved_model_args
+
+    torch.manual_seed(8)
+    model = timm.create_model("cifar_resnet20", num_classes=10).eval()
+    folder = save_student(model, tmp_path / "a", architecture="cifar_resnet20", data_config=DATA_CONFIG)
+    config = json.loads((folder / "config.json").read_text())
+    del config["model_args"]["shortcut"]
+    (folder / "config.json").write_text(json.dumps(config))
+    reloaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    assert _projection_convs(reloaded) == [] and reloaded.shortcut_type == "A"
+    assert saved_model_args(folder)["shortcut"] == "A"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), model(x), rtol=1e-6, atol=1e-6)
+
+
 def test_architecture_kwargs_reach_both_loaders(tmp_path):
     # transformers never reads pretrained_cfg to build the network: the kwargs must travel in model_args
     kwargs = {"global_pool": "max", "drop_rate": 0.1}

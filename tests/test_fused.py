@@ -37,16 +37,19 @@ def _population(name: str, K: int, dtype=torch.float64, **kwargs) -> StudentPopu
 
 # ----------------------------------------------------------------------------- the wide network
 ARCHITECTURES = [
-    ("cifar_resnet20", {}),
+    ("cifar_resnet20", {}),  # zero-padding (option A) shortcuts: padded per member
+    ("cifar_resnet20", {"shortcut": "B"}),  # 1x1 conv + BN projections
     ("cifar_mobilenetv2", {"width_mult": 0.25}),
+    ("cifar_wrn28_10", {"depth": 10, "widen_factor": 1}),  # pre-activation blocks, conv shortcuts
     ("test_resnet", {}),  # timm ResNet: BasicBlock and Bottleneck, avg-pool + conv downsample
     ("resnet18", {}),  # timm ResNet: conv downsample
     ("test_efficientnet", {}),  # timm EfficientNet blocks: depthwise, squeeze-excite, BatchNormAct2d, SiLU
     ("mobilenetv2_050", {}),  # timm MobileNetV2: depthwise, BatchNormAct2d, ReLU6
 ]
+ARCHITECTURE_IDS = [name + "-B" * (kwargs.get("shortcut") == "B") for name, kwargs in ARCHITECTURES]
 
 
-@pytest.mark.parametrize("name,kwargs", ARCHITECTURES, ids=[a for a, _ in ARCHITECTURES])
+@pytest.mark.parametrize("name,kwargs", ARCHITECTURES, ids=ARCHITECTURE_IDS)
 def test_fused_network_computes_exactly_the_members(name, kwargs, single_thread):
     """Training and eval forwards, per-member and shared batches: the same logits, losses, gradients
     and per-member BatchNorm statistics as the members run one after another (float64)."""

@@ -253,10 +253,22 @@ def test_in_parallel_semantics_with_plain_average():
                 assert torch.equal(state[name], w)
 
 
-def test_anchor_rule_on_timm_model():
+ANCHOR_RULE_MODELS = [
+    ("resnet10t", {}),
+    ("cifar_resnet20", {}),  # parameter-free (zero-padding) shortcuts: 19 convs + fc
+    ("cifar_resnet20", {"shortcut": "B"}),  # projection shortcuts: their BN follows their own conv
+    ("cifar_wrn28_10", {"depth": 10, "widen_factor": 1}),  # pre-activation: a BN follows the conv feeding it
+]
+
+
+@pytest.mark.parametrize("name,kwargs", ANCHOR_RULE_MODELS, ids=["resnet10t", "cifar-A", "cifar-B", "wrn"])
+def test_anchor_rule_on_timm_model(name, kwargs):
     """BatchNorm weight/bias/running stats take the alpha of the conv before them; the classifier
     bias takes the classifier weight's; num_batches_tracked is not mixed (docs/method.md §3)."""
-    members = make_members("resnet10t", 2, seed0=10)
+    members = make_members(name, 2, seed0=10, **kwargs)
+    with torch.no_grad():
+        for m in members:  # classifier biases that differ (a Wide ResNet starts them at zero)
+            m.get_classifier().bias.normal_(0, 0.1)
     pre = [snapshot(m) for m in members]
     report = graft_members(members)
     modules = dict(members[0].named_modules())
@@ -289,6 +301,8 @@ def test_anchor_rule_on_timm_model():
         used = used / ((own["fc.bias"] - other["fc.bias"]) ** 2).sum()
         assert used.item() == pytest.approx(report.members[k].alphas["fc.weight"], abs=1e-5)
     assert n_bn == 2 * 4 * sum(isinstance(m, nn.BatchNorm2d) for m in members[0].modules())
+    if name == "cifar_resnet20":  # the 20 weight layers of ResNet-20, plus two projections with option B
+        assert len(report.members[0].alphas) == (22 if kwargs.get("shortcut") == "B" else 20)
 
 
 def test_anchor_plan_entries_before_first_anchor_and_tied_weights():

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-# Registers the CIFAR architectures (cifar_resnet20/32/56/110, cifar_mobilenetv2) in timm.
+# Registers the CIFAR architectures (cifar_resnet20/32/56/110, cifar_mobilenetv2, cifar_wrn28_10) in timm.
 from hf_graft import models  # noqa: F401
 
 # Public name -> the submodule that defines it: the one place to edit when a name moves.

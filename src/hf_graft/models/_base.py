@@ -1,4 +1,4 @@
-"""What the CIFAR architectures share: timm's classifier-head interface and the CIFAR init."""
+"""What the CIFAR architectures share: timm's classifier-head interface and the initialisations."""
 
 from __future__ import annotations
 
@@ -9,32 +9,35 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import create_classifier, get_device_dtype
 
-__all__ = ["CifarClassifierBase", "init_cifar_weights"]
+__all__ = ["CifarClassifierBase", "kaiming_normal_fan_in"]
 
 
-def init_cifar_weights(model: nn.Module) -> None:
-    """Kaiming-normal (fan_out, relu) convs and unit/zero BN, the usual CIFAR-network init.
-
-    The linear head keeps PyTorch's default init, so a head made by ``reset_classifier``
-    starts the same way as the one built with the model.
-    """
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+def kaiming_normal_fan_in(module: nn.Module) -> None:
+    """Kaiming-normal weights, std sqrt(2 / fan_in), on every conv and linear layer of `module`
+    (the paper's CIFAR ResNets); biases and BatchNorm keep PyTorch's defaults."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode='fan_in', nonlinearity='relu')
 
 
 class CifarClassifierBase(nn.Module):
     """timm's head interface (get/reset_classifier, forward_head, grad checkpointing) for a model
-    with ``num_features``, ``global_pool``, ``drop_rate`` and a linear head named ``classifier_name``."""
+    with ``num_features``, ``global_pool``, ``drop_rate`` and a linear head named ``classifier_name``.
+
+    ``init_weights`` (called at the end of ``__init__``) and ``init_classifier`` (called on a head
+    made by ``reset_classifier``) keep PyTorch's default initialisation unless a model overrides
+    them, so a new head starts the way the model's own head did.
+    """
 
     classifier_name = 'fc'
 
     @torch.jit.ignore
     def init_weights(self) -> None:
-        init_cifar_weights(self)
+        pass
+
+    @torch.jit.ignore
+    def init_classifier(self, head: nn.Module) -> None:
+        pass
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -51,6 +54,7 @@ class CifarClassifierBase(nn.Module):
             global_pool = self.global_pool.pool_type
         dd = get_device_dtype(self)
         self.global_pool, head = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.init_classifier(head)
         setattr(self, self.classifier_name, head)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.global_pool.train(self.training)

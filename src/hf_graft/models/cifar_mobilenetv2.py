@@ -1,15 +1,17 @@
-"""MobileNetV2 (Sandler et al., 2018) adjusted for 32x32 inputs, registered as a timm model.
+"""MobileNetV2 (Sandler et al., 2018) for 32x32 inputs, as the grafting paper trained it; a timm model.
 
-The inverted-residual table is the paper's (expansion t, channels c, repeats n, stride s), width
-1.0, 1280-channel head.  Two strides are set to 1 so a 32 px image is downsampled only 8x
-(32 -> 4) instead of 32x (32 -> 1): the stem conv and the first block of the second stage
-(24 channels), as in the common CIFAR variants of MobileNetV2.
-Strides do not change the parameter count, so it equals the ImageNet model's with a smaller
-head: 2,236,682 parameters for 10 classes.
+The inverted-residual table is the MobileNetV2 paper's (expansion t, channels c, repeats n,
+stride s), width 1.0, 1280-channel head.  Two strides are set to 1 so a 32 px image is
+downsampled only 8x (32 -> 4) instead of 32x (32 -> 1): the stem conv and the first block of the
+second stage (24 channels).
 
-Blocks follow the paper: no 1x1 expansion when t == 1, identity residual only when stride is 1
-and the width is unchanged (no projection shortcuts), ReLU6 after expansion and depthwise
-convs, linear bottleneck.  Depthwise convs are ``nn.Conv2d(..., groups=channels)``.
+Blocks are those of the widely used CIFAR variant the grafting paper's code trains, which differ
+from the MobileNetV2 paper in three ways: ReLU (not ReLU6) after the expansion and depthwise
+convs; a 1x1 expansion conv in every block, also where t = 1; and a residual on every stride-1
+block, identity where the width is kept and a 1x1 conv + BatchNorm projection where it changes
+(the first block of the t = 1, 24-, 96- and 320-channel stages).  Stride-2 blocks have no
+residual.  2,296,922 parameters for 10 classes.  Weights keep PyTorch's default initialisation,
+as in the paper's code.  Depthwise convs are ``nn.Conv2d(..., groups=channels)``.
 
 Modules are declared in forward order (conv, then its BN) so that ``state_dict()`` lists each
 BatchNorm right after the conv it normalises; the grafting code relies on that order.
@@ -49,37 +51,40 @@ def _round_channels(chs: float, divisor: int = 8) -> int:
 
 
 class InvertedResidual(nn.Module):
-    """1x1 expand (skipped when t == 1) -> 3x3 depthwise -> 1x1 linear projection, + identity."""
+    """1x1 expand -> 3x3 depthwise -> 1x1 linear projection; on stride-1 blocks plus a shortcut
+    (identity, or a 1x1 conv + BN projection where the width changes)."""
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, expand_ratio: int, device=None, dtype=None):
         dd = dict(device=device, dtype=dtype)
         super().__init__()
         hidden = in_chs * expand_ratio
-        self.has_residual = stride == 1 and in_chs == out_chs
+        self.has_residual = stride == 1
         # Declaration order == forward order == state_dict order.
-        if expand_ratio != 1:
-            self.conv_pw = nn.Conv2d(in_chs, hidden, 1, bias=False, **dd)
-            self.bn1 = nn.BatchNorm2d(hidden, **dd)
-            self.act1 = nn.ReLU6(inplace=True)
-        else:
-            self.conv_pw = self.bn1 = self.act1 = None
+        self.conv_pw = nn.Conv2d(in_chs, hidden, 1, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(hidden, **dd)
+        self.act1 = nn.ReLU(inplace=True)
         self.conv_dw = nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False, **dd)
         self.bn2 = nn.BatchNorm2d(hidden, **dd)
-        self.act2 = nn.ReLU6(inplace=True)
+        self.act2 = nn.ReLU(inplace=True)
         self.conv_pwl = nn.Conv2d(hidden, out_chs, 1, bias=False, **dd)
         self.bn3 = nn.BatchNorm2d(out_chs, **dd)
+        if self.has_residual and in_chs != out_chs:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_chs, out_chs, 1, bias=False, **dd),
+                nn.BatchNorm2d(out_chs, **dd),
+            )
+        else:
+            self.shortcut = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x
-        if self.conv_pw is not None:
-            out = self.act1(self.bn1(self.conv_pw(out)))
+        out = self.act1(self.bn1(self.conv_pw(x)))
         out = self.act2(self.bn2(self.conv_dw(out)))
         out = self.bn3(self.conv_pwl(out))
-        return out + x if self.has_residual else out
+        return out + self.shortcut(x) if self.has_residual else out
 
 
 class CifarMobileNetV2(CifarClassifierBase):
-    """MobileNetV2 for 32x32 inputs with the timm classifier interface.
+    """MobileNetV2 (the grafting paper's CIFAR variant) for 32x32 inputs, with the timm classifier interface.
 
     Args:
         num_classes: classifier outputs; 0 leaves the head as identity (pooled features out).
@@ -114,7 +119,7 @@ class CifarMobileNetV2(CifarClassifierBase):
         stem_chs = _round_channels(32 * width_mult)
         self.conv_stem = nn.Conv2d(in_chans, stem_chs, 3, stride=stem_stride, padding=1, bias=False, **dd)
         self.bn1 = nn.BatchNorm2d(stem_chs, **dd)
-        self.act1 = nn.ReLU6(inplace=True)
+        self.act1 = nn.ReLU(inplace=True)
         self.feature_info = [dict(num_chs=stem_chs, reduction=stem_stride, module='act1')]
 
         stages, in_chs, reduction = [], stem_chs, stem_stride
@@ -134,12 +139,12 @@ class CifarMobileNetV2(CifarClassifierBase):
         self.num_features = self.head_hidden_size = _round_channels(1280 * max(1.0, width_mult))
         self.conv_head = nn.Conv2d(in_chs, self.num_features, 1, bias=False, **dd)
         self.bn2 = nn.BatchNorm2d(self.num_features, **dd)
-        self.act2 = nn.ReLU6(inplace=True)
+        self.act2 = nn.ReLU(inplace=True)
         self.feature_info.append(dict(num_chs=self.num_features, reduction=reduction, module='act2'))
 
         self.global_pool, self.classifier = create_classifier(
             self.num_features, num_classes, pool_type=global_pool, **dd)
-        self.init_weights()
+        self.init_weights()  # PyTorch's defaults, as the paper's code
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -173,7 +178,7 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def cifar_mobilenetv2(pretrained: bool = False, **kwargs) -> CifarMobileNetV2:
-    """MobileNetV2 1.0 for 32 px inputs (stem and stage-2 stride 1, ~2.24 M parameters)."""
+    """MobileNetV2 1.0 for 32 px inputs, the grafting paper's CIFAR variant (2.30 M parameters)."""
     return build_model_with_cfg(
         CifarMobileNetV2,
         'cifar_mobilenetv2',

@@ -4,11 +4,12 @@ Layout: a 3x3 conv stem with 16 channels, then three stages of ``n = (depth - 2)
 blocks with 16/32/64 channels, stride 2 at the start of stages 2 and 3, global average pooling
 and a linear head.  For a 32x32 input the last feature map is 8x8.
 
-Shortcuts use **option B** of the paper: identity when the shape is unchanged, and a 1x1 conv +
-BatchNorm projection when the stride or the width changes (two places per network).  Option A
-(zero-padding, parameter free) is not used because the grafting code works on conv/BN weights
-and a projection keeps every residual path made of such layers.  Option B costs 2,752
-parameters more than option A (ResNet-56: 855,770 instead of 853,018 for 10 classes).
+Shortcuts are identity where the shape is kept.  Where it changes (the first block of stages 2
+and 3), the default is **option A** of the ResNet paper, the one its CIFAR networks and the
+grafting paper's networks use: keep every second pixel and pad the channels with zeros, no
+parameters.  ResNet-20/32/56/110 then have 269,722 / 464,154 / 853,018 / 1,727,962 parameters for
+10 classes.  ``shortcut="B"`` uses a 1x1 conv + BatchNorm projection instead (2,752 parameters
+more).  Conv and linear weights are Kaiming-normal (fan-in), as in the paper's networks.
 
 Modules are declared in forward order (conv, then its BN, ...) so that ``state_dict()`` lists
 each BatchNorm right after the conv it normalises; the grafting code relies on that order.
@@ -17,24 +18,56 @@ from typing import Any, Dict, List
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._base import CifarClassifierBase
+from ._base import CifarClassifierBase, kaiming_normal_fan_in
+from .saved_configs import saved_shortcut
 
-__all__ = ['CifarResNet', 'BasicBlock', 'CIFAR10_MEAN', 'CIFAR10_STD']
+__all__ = ['CifarResNet', 'BasicBlock', 'ZeroPadShortcut', 'SHORTCUTS', 'CIFAR10_MEAN', 'CIFAR10_STD']
 
-# Per-channel statistics of the CIFAR-10 training set (the values used by most CIFAR recipes).
+# CIFAR normalisation of the grafting paper's code (and of many CIFAR recipes).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
+SHORTCUTS = ('A', 'B')
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option A: every ``stride``-th pixel, and zero channels added before and after the input's.
+
+    For ``out_chs = 2 * in_chs`` (a stage change) the input lands in the middle, ``in_chs / 2``
+    zero channels on each side.  No parameters.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1):
+        super().__init__()
+        if out_chs < in_chs:
+            raise ValueError(f'a zero-padding shortcut cannot narrow {in_chs} channels to {out_chs}')
+        self.stride = stride
+        self.pad_front = (out_chs - in_chs) // 2
+        self.pad_back = out_chs - in_chs - self.pad_front
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_grouped(x, 1)
+
+    def forward_grouped(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """``groups`` inputs side by side along the channels (fused members), each padded on its own."""
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        x = x[:, :, ::self.stride, ::self.stride]
+        pad = (0, 0, 0, 0, self.pad_front, self.pad_back)
+        out = F.pad(x, pad) if groups == 1 else F.pad(x.unflatten(1, (groups, -1)), pad).flatten(1, 2)
+        # keep the input's memory layout, which the residual sum then keeps too
+        return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers plus a shortcut (identity, or 1x1 conv + BN projection: option B)."""
+    """Two 3x3 conv-BN layers plus a shortcut: identity where the shape is kept, else option A
+    (``ZeroPadShortcut``) or option B (1x1 conv + BN projection)."""
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, device=None, dtype=None):
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, shortcut: str = 'A', device=None, dtype=None):
         dd = dict(device=device, dtype=dtype)
         super().__init__()
         # Declaration order == forward order == state_dict order (see module docstring).
@@ -43,13 +76,15 @@ class BasicBlock(nn.Module):
         self.act1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(out_chs, out_chs, 3, stride=1, padding=1, bias=False, **dd)
         self.bn2 = nn.BatchNorm2d(out_chs, **dd)
-        if stride != 1 or in_chs != out_chs:
+        if stride == 1 and in_chs == out_chs:
+            self.shortcut = nn.Identity()
+        elif shortcut == 'A':
+            self.shortcut = ZeroPadShortcut(in_chs, out_chs, stride)
+        else:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd),
                 nn.BatchNorm2d(out_chs, **dd),
             )
-        else:
-            self.shortcut = nn.Identity()
         self.act2 = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,6 +103,8 @@ class CifarResNet(CifarClassifierBase):
         global_pool: timm pooling type ('avg', 'max', 'avgmax', 'catavgmax', '' for none).
         drop_rate: dropout before the classifier (0 as in the paper).
         widths: channels of the stem and of the three stages.
+        shortcut: 'A' (zero padding, parameter-free, the default) or 'B' (1x1 conv + BN projection)
+            where a block changes the shape.
     """
 
     def __init__(
@@ -78,16 +115,23 @@ class CifarResNet(CifarClassifierBase):
             global_pool: str = 'avg',
             drop_rate: float = 0.,
             widths=(16, 32, 64),
+            shortcut: str = 'A',
             device=None,
             dtype=None,
     ):
         super().__init__()
         if depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(f'CIFAR ResNet depth must be 6n + 2 with n >= 1, got {depth}')
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f'CIFAR ResNet shortcut must be one of {SHORTCUTS}, got {shortcut!r}')
         dd = dict(device=device, dtype=dtype)
         self.depth = depth
         self.num_classes = num_classes
         self.drop_rate = drop_rate
+        self.shortcut_type = shortcut
+        # timm's reconstruction arguments: every saved config (hf-graft export, timm's save_for_hf)
+        # then names the shortcut, and a config that does not predates option A (saved_configs.py)
+        self._model_args = {'shortcut': shortcut}
         self.grad_checkpointing = False
         blocks_per_stage = (depth - 2) // 6
 
@@ -102,7 +146,7 @@ class CifarResNet(CifarClassifierBase):
             reduction *= stride
             blocks = []
             for block_idx in range(blocks_per_stage):
-                blocks.append(BasicBlock(in_chs, out_chs, stride if block_idx == 0 else 1, **dd))
+                blocks.append(BasicBlock(in_chs, out_chs, stride if block_idx == 0 else 1, shortcut, **dd))
                 in_chs = out_chs
             self.add_module(f'layer{stage_idx + 1}', nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'layer{stage_idx + 1}'))
@@ -110,6 +154,14 @@ class CifarResNet(CifarClassifierBase):
         self.num_features = self.head_hidden_size = in_chs
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
         self.init_weights()
+
+    @torch.jit.ignore
+    def init_weights(self) -> None:
+        kaiming_normal_fan_in(self)
+
+    @torch.jit.ignore
+    def init_classifier(self, head: nn.Module) -> None:
+        kaiming_normal_fan_in(head)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -150,7 +202,15 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_cifar_resnet(variant: str, depth: int, pretrained: bool = False, **kwargs) -> CifarResNet:
-    """Build through timm so pretrained_cfg, num_classes/in_chans defaults and features_only work."""
+    """Build through timm so pretrained_cfg, num_classes/in_chans defaults and features_only work.
+
+    Without a ``shortcut`` argument, a model rebuilt from a saved config (``local-dir:`` /
+    ``hf-hub:``) gets the shortcut its weights were trained with (see saved_configs.py).
+    """
+    if 'shortcut' not in kwargs:
+        shortcut = saved_shortcut(kwargs.get('pretrained_cfg'))
+        if shortcut is not None:
+            kwargs['shortcut'] = shortcut
     return build_model_with_cfg(
         CifarResNet,
         variant,
@@ -163,23 +223,23 @@ def _create_cifar_resnet(variant: str, depth: int, pretrained: bool = False, **k
 
 @register_model
 def cifar_resnet20(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-20 for CIFAR (3 blocks per stage, ~0.27 M parameters)."""
+    """ResNet-20 for CIFAR (3 blocks per stage, 0.27 M parameters with option A)."""
     return _create_cifar_resnet('cifar_resnet20', 20, pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet32(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-32 for CIFAR (5 blocks per stage, ~0.47 M parameters)."""
+    """ResNet-32 for CIFAR (5 blocks per stage, 0.46 M parameters with option A)."""
     return _create_cifar_resnet('cifar_resnet32', 32, pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet56(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-56 for CIFAR (9 blocks per stage, ~0.86 M parameters)."""
+    """ResNet-56 for CIFAR (9 blocks per stage, 0.85 M parameters with option A)."""
     return _create_cifar_resnet('cifar_resnet56', 56, pretrained, **kwargs)
 
 
 @register_model
 def cifar_resnet110(pretrained: bool = False, **kwargs) -> CifarResNet:
-    """ResNet-110 for CIFAR (18 blocks per stage, ~1.73 M parameters)."""
+    """ResNet-110 for CIFAR (18 blocks per stage, 1.73 M parameters with option A)."""
     return _create_cifar_resnet('cifar_resnet110', 110, pretrained, **kwargs)

@@ -20,7 +20,9 @@ __all__ = [
     "check_folder_architecture",
 ]
 
-HF_GRAFT_ARCHITECTURES = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "cifar_resnet110", "cifar_mobilenetv2")
+HF_GRAFT_ARCHITECTURES = (
+    "cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "cifar_resnet110", "cifar_mobilenetv2", "cifar_wrn28_10",
+)
 
 
 class UnknownArchitectureError(HfGraftError, ValueError):

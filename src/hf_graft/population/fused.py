@@ -1,8 +1,9 @@
 """Fused members (`member_execution: fused`): the K students of one architecture as one wide network.
 
 Every `Conv2d` of the K members runs as one convolution with K times the groups, every BatchNorm as
-one batch norm over K times the channels, every `Linear` as one batched matrix product; activations,
-pooling, dropout and residual additions act on the wide tensor exactly as on one member's. Channel
+one batch norm over K times the channels, every `Linear` as one batched matrix product, every
+zero-padding shortcut as a padding of each member's channel block; activations, pooling, dropout and
+residual additions act on the wide tensor exactly as on one member's. Channel
 block k of every wide activation belongs to member k, and a grouped convolution never mixes groups,
 so the wide network computes exactly the K members' outputs, with one set of kernels instead of K.
 That is meant for small members on a GPU, whose many small kernels, launched one member after the
@@ -81,10 +82,11 @@ def _drop_path_types() -> tuple[type, ...]:
 def _container_types() -> tuple[type, ...]:
     """Modules whose own forward code only calls their children, adds, multiplies and pools per
     channel (read from their source): they run unchanged on the wide tensor."""
-    from hf_graft.models import BasicBlock, CifarMobileNetV2, CifarResNet, InvertedResidual
+    from hf_graft.models import BasicBlock, CifarMobileNetV2, CifarResNet, CifarWideResNet, InvertedResidual, PreActBlock
 
     return (
         nn.Sequential, nn.ModuleList, CifarResNet, BasicBlock, CifarMobileNetV2, InvertedResidual,
+        CifarWideResNet, PreActBlock,
         *_timm_types("timm.models.resnet", "ResNet", "BasicBlock", "Bottleneck"),
         *_timm_types("timm.models.efficientnet", "EfficientNet"),
         *_timm_types("timm.models.mobilenetv3", "MobileNetV3"),
@@ -92,6 +94,14 @@ def _container_types() -> tuple[type, ...]:
                      "InvertedResidual", "EdgeResidual"),
         *_timm_types("timm.layers.adaptive_avgmax_pool", "SelectAdaptivePool2d"),
     )
+
+
+def _channel_pad_types() -> tuple[type, ...]:
+    """Parameter-free layers that add channels (a zero-padding shortcut): they must pad every
+    member's channel block on its own, not the wide tensor's ends."""
+    from hf_graft.models import ZeroPadShortcut
+
+    return (ZeroPadShortcut,)
 
 
 def _stateless_types() -> tuple[type, ...]:
@@ -116,6 +126,7 @@ def check_fusable(model: nn.Module, model_name: str = "") -> None:
     """Raise `FusionError` (one line) unless every layer of `model` has a fused form."""
     conv, norm, linear = _conv_types(), _norm_types(), _linear_types()
     containers, stateless, drop_path = _container_types(), _stateless_types(), _drop_path_types()
+    channel_pad = _channel_pad_types()
     name = model_name or type(model).__name__
 
     def fail(path: str, module: nn.Module, why: str = "has no fused form") -> None:
@@ -134,7 +145,7 @@ def check_fusable(model: nn.Module, model_name: str = "") -> None:
                 if type(child) not in stateless:
                     fail(f"{path}.{child_name}", child)
             return
-        if kind in drop_path or kind in stateless:
+        if kind in drop_path or kind in stateless or kind in channel_pad:
             if kind is nn.Flatten and (module.start_dim != 1 or module.end_dim != -1):
                 fail(path, module, f"flattens dims {module.start_dim}..{module.end_dim} (only 1..-1 fuses)")
             return
@@ -310,6 +321,19 @@ class _FusedDropPath(nn.Module):
         return x * mask.repeat_interleave(x.shape[1] // self.num_members, dim=1)
 
 
+class _FusedChannelPad(nn.Module):
+    """A zero-padding shortcut on the wide tensor: member k's channel block is padded on its own,
+    so its channels land where they would in the member alone."""
+
+    def __init__(self, shortcut: nn.Module, num_members: int):
+        super().__init__()
+        self.shortcut = shortcut
+        self.num_members = num_members
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shortcut.forward_grouped(x, self.num_members)
+
+
 # ----------------------------------------------------------------------------- the wide network
 class FusedMembers:
     """Runs K members of one architecture as one wide network; see the module docstring.
@@ -325,6 +349,7 @@ class FusedMembers:
         _check_alike(members, model_name)
         self.num_members = len(members)
         conv, norm, linear, drop_path = _conv_types(), _norm_types(), _linear_types(), _drop_path_types()
+        channel_pad = _channel_pad_types()
         memo: dict[int, nn.Module] = {}
         self.norms: list[_FusedBatchNorm] = []
         peers_of = [dict(m.named_modules()) for m in members]
@@ -341,6 +366,8 @@ class FusedMembers:
                 memo[id(module)] = _FusedLinear(peers)
             elif kind in drop_path:
                 memo[id(module)] = _FusedDropPath(module, self.num_members)
+            elif kind in channel_pad:
+                memo[id(module)] = _FusedChannelPad(module, self.num_members)
         # member 0's structure (its forward code) with every layer that holds weights replaced by its
         # fused form; the copy holds no parameters or buffers of its own
         self.wide = copy.deepcopy(members[0], memo)

@@ -52,6 +52,10 @@ def test_foreign_member_is_where_hf_graft_expects_it(member):
         pytest.fail(f"{_where(member)}: its owner is gone ({err}); hf_graft uses it for {member.why}")
     if member.kind == "instance":
         found = _instance_has(owner, member.name)
+    elif member.kind == "reads":
+        import inspect
+
+        found = re.search(rf"\b{re.escape(member.name)}\b", inspect.getsource(owner)) is not None
     elif member.kind == "hook":
         found = callable(getattr(owner, member.name, None))
     else:
@@ -78,7 +82,7 @@ def test_no_private_member_of_another_package_outside_compat():
     are reached only in _compat.py (a module's own private names are its business)."""
     foreign = re.compile(r"\b(?:torch|timm|transformers|accelerate|datasets|nn)\.(?:[A-Za-z]\w*\.)*_[a-z]\w*")
     attribute = re.compile(r"\.(_modules|_parameters|_buffers|_orig_mod|_indices|_tr_loss|_globalstep_last_logged|"
-                           r"_created_lr_scheduler|_reversed_padding_repeated_twice|tb_writer|training_bar)\b")
+                           r"_created_lr_scheduler|_reversed_padding_repeated_twice|_model_args|tb_writer|training_bar)\b")
     offenders = []
     for path in PACKAGE.rglob("*.py"):
         if path.name == "_compat.py":

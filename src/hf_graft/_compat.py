@@ -21,7 +21,7 @@ __all__ = [
     "FOREIGN_MEMBERS", "OVERRIDDEN_HOOKS", "TIMM_EFFICIENTNET_BLOCKS", "ForeignMember", "batchnorm_base", "close_progress_bars",
     "conv_padding", "dataset_indices", "foreach_mul_", "foreach_norm", "inductor_modes", "keep_batches_on_host",
     "logged_loss_state", "mark_scheduler_created", "model_args", "model_input_config", "own_buffers",
-    "own_parameters", "submodules", "tensorboard_writers", "timm_module", "unwrap_compiled",
+    "own_parameters", "record_model_args", "submodules", "tensorboard_writers", "timm_module", "unwrap_compiled",
 ]
 
 
@@ -33,7 +33,9 @@ class ForeignMember:
     owner: str
     name: str
     why: str
-    kind: str = "attribute"  # attribute (looked up on the owner), instance (set on instances), hook (overridden)
+    # attribute (looked up on the owner), instance (set on instances), hook (overridden), reads (a function
+    # of the owner reads the attribute `name` of its argument)
+    kind: str = "attribute"
 
 
 # private Trainer / nn.Module methods that hf_graft's classes override (checked to exist with these names)
@@ -75,6 +77,8 @@ FOREIGN_MEMBERS: tuple[ForeignMember, ...] = (
                   "the model inside torch.compile's wrapper", "instance"),
     ForeignMember("timm", "timm.models._input", "get_model_args", "an export's construction arguments"),
     ForeignMember("timm", "timm.models._input", "get_model_input_config", "an export's input config"),
+    ForeignMember("timm", "timm.models._input:get_model_args", "_model_args",
+                  "where the CIFAR ResNets record their shortcut for exports", "reads"),
     ForeignMember("timm", "timm.models._efficientnet_blocks", "InvertedResidual",
                   "EfficientNet blocks that fused members run unchanged"),
     ForeignMember("datasets", "datasets:Dataset", "_indices", "a selection's rows when naming a bad example",
@@ -169,6 +173,12 @@ def model_args(model: nn.Module) -> dict[str, Any]:
     from timm.models._input import get_model_args
 
     return dict(get_model_args(model))
+
+
+def record_model_args(model: nn.Module, **kwargs: Any) -> None:
+    """Arguments that `model_args` (timm's `get_model_args`) must report for `model`, e.g. a default that an
+    export has to name (timm keeps them in `model._model_args`)."""
+    model._model_args = {**getattr(model, "_model_args", {}), **kwargs}
 
 
 def model_input_config(model: nn.Module) -> dict[str, Any]:

@@ -23,6 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from hf_graft import _compat
+
 from ._base import CifarClassifierBase, kaiming_normal_fan_in
 from .saved_configs import saved_shortcut
 
@@ -131,7 +133,7 @@ class CifarResNet(CifarClassifierBase):
         self.shortcut_type = shortcut
         # timm's reconstruction arguments: every saved config (hf-graft export, timm's save_for_hf)
         # then names the shortcut, and a config that does not predates option A (saved_configs.py)
-        self._model_args = {'shortcut': shortcut}
+        _compat.record_model_args(self, shortcut=shortcut)
         self.grad_checkpointing = False
         blocks_per_stage = (depth - 2) // 6
 

@@ -29,6 +29,7 @@ _PUBLIC = {
     "adaptive_alpha": "grafting",
     "kd_loss": "distill",
     "filter_report": "filters",
+    "reid_metrics": "metrics.reid",
 }
 
 __all__ = sorted(_PUBLIC)
@@ -52,5 +53,6 @@ if TYPE_CHECKING:  # static analysers and IDEs see the names without importing t
     from .distill import kd_loss
     from .filters import filter_report
     from .grafting import adaptive_alpha, graft_members, layer_information
+    from .metrics.reid import reid_metrics
     from .population import PopulationSpec, StudentPopulation
     from .trainer import GraftingTrainer

@@ -186,6 +186,18 @@ def test_ambiguous_identity_columns_name_the_candidates(tmp_path):
     assert data.query["identity"] == [7, 5]
 
 
+def test_a_negative_identity_other_than_junk_is_named(tmp_path):
+    from datasets import load_from_disk
+
+    path = _saved_dataset(tmp_path / "saved")
+    saved = load_from_disk(str(path))
+    saved["query"] = saved["query"].map(lambda row: {"pid": -3 if row["pid"] == 5 else row["pid"]})
+    saved.save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match=r"^identity_column: split 'query', column 'pid': identity -3 at row 1; "
+                                         r"allowed: >= 0, or -1 for junk$"):
+        load_reid_data(str(tmp_path / "bad"))
+
+
 def test_missing_columns_and_splits_are_named(tmp_path):
     path = _saved_dataset(tmp_path / "saved", camera="view")
     with pytest.raises(ValueError, match=r"^camera_column: no column looks like the cameras \(columns: \['img', 'pid', "

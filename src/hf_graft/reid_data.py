@@ -226,6 +226,10 @@ def load_reid_dataset(name: str, data_dir: str | os.PathLike | None = None, *, d
     splits = _as_images(splits, columns["image"])
     for role in SPLITS:  # junk out, in every split
         identities = _integers(splits[role], "identity")
+        if (identities < JUNK_IDENTITY).any():
+            row = int(np.flatnonzero(identities < JUNK_IDENTITY)[0])
+            raise ValueError(f"identity_column: split {split_names[role]!r}, column {columns['identity']!r}: identity "
+                             f"{int(identities[row])} at row {row}; allowed: >= 0, or {JUNK_IDENTITY} for junk")
         if (identities == JUNK_IDENTITY).any():
             splits[role] = splits[role].select(np.flatnonzero(identities != JUNK_IDENTITY))
         if len(splits[role]) == 0:

@@ -17,7 +17,7 @@ import hf_graft
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC = ["GraftingConfig", "DataArguments", "GraftingTrainer", "StudentPopulation", "PopulationSpec", "graft_members",
-          "layer_information", "adaptive_alpha", "kd_loss", "filter_report"]
+          "layer_information", "adaptive_alpha", "kd_loss", "filter_report", "reid_metrics"]
 
 
 # ----------------------------------------------------------------------------- from hf_graft import ...

@@ -144,3 +144,18 @@ def test_gpu_step_diagnose_quick(tmp_path):
     assert 0.9 * hand < loop_cl < 1.3 * hand
     report = out.read_text()
     assert "| `cifar_resnet20` | 16 | 2 | hand loop |" in report and "| trainer, fused |" in report
+
+
+def test_reid_metrics_quick(tmp_path):
+    """The ReID metric benchmark at a tiny size: every side timed, the same results on every side, the
+    markdown report written."""
+    out = tmp_path / "reid_metrics.md"
+    lines = _run("reid_metrics.py", "--markdown", str(out))
+    match = re.fullmatch(r"RATIO reference / hf_graft reid_metrics time \(median wall, 300 x 1500, 256-d\): "
+                         r"(\d+\.\d)x, CPU time (\d+\.\d)x; reference_matvec (\d+\.\d)x, reference_precomputed "
+                         r"(\d+\.\d)x; same results: yes \(target >= 10x\)", lines[-1])
+    assert match, lines[-1]
+    assert all(float(g) > 0 for g in match.groups())
+    report = out.read_text()
+    assert "Results (every side the same: yes)" in report and "valid_queries 300" in report
+    assert re.search(r"^\| reference \| \d+\.\d{3} \| \d+\.\d{3} \| \d+\.\d{3} \| \d+\.\dx \|", report, re.M)

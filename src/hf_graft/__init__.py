@@ -29,6 +29,7 @@ _PUBLIC = {
     "adaptive_alpha": "graft.grafting",
     "kd_loss": "graft.distill",
     "filter_report": "graft.filters",
+    "reid_metrics": "metrics.reid",
 }
 
 __all__ = sorted(_PUBLIC)
@@ -54,3 +55,4 @@ if TYPE_CHECKING:  # static analysers and IDEs see the names without importing t
     from hf_graft.graft.grafting import adaptive_alpha, graft_members, layer_information
     from hf_graft.population.students import PopulationSpec, StudentPopulation
     from hf_graft.training.trainer import GraftingTrainer
+    from hf_graft.metrics.reid import reid_metrics

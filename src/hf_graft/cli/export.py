@@ -122,7 +122,7 @@ def build_parser(prog: str = "hf-graft export") -> argparse.ArgumentParser:
     parser.add_argument("--revision", default=None, metavar="BRANCH",
                         help="branch of the Hub repo to push to (created from the default branch if missing)")
     parser.add_argument("--license", default=None,
-                        help="license of the model, a Hub license id such as apache-2.0 or mit (in the card's metadata)")
+                        help="the model's license, a Hub license id such as apache-2.0 or mit (the card's metadata)")
     parser.add_argument(
         "--token", default=None,
         help="Hub token (default: $HF_TOKEN or the cached `hf auth login`; prefer those, a command-line token is "

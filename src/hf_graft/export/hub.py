@@ -12,7 +12,9 @@ from typing import Any, Mapping, Sequence
 from hf_graft.export.student_folder import EXPORT_FILES
 from hf_graft.errors import HfGraftError
 
-__all__ = ["PushOptionError", "PushToHubError", "UPLOAD_OPTIONS", "check_upload_options", "push_student", "scrub_secrets"]
+__all__ = [
+    "PushOptionError", "PushToHubError", "UPLOAD_OPTIONS", "check_upload_options", "push_student", "scrub_secrets",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -137,10 +139,11 @@ def push_student(
     except _push_errors() as error:
         raise _push_error(folder, repo_id, api, error, secrets) from None
     upload = dict(commit_message=commit_message or DEFAULT_COMMIT_MESSAGE, revision=revision, **upload_options)
+    branch = f" (branch {revision})" if revision else ""
     if not blocking:
         future = api.run_as_future(_upload, api, folder, target, secrets, **upload)
-        logger.info("uploading the student to %s%s in the background", repo_url, f" (branch {revision})" if revision else "")
+        logger.info("uploading the student to %s%s in the background", repo_url, branch)
         return future
     _upload(api, folder, target, secrets, **upload)
-    logger.info("pushed the student to %s%s", repo_url, f" (branch {revision})" if revision else "")
+    logger.info("pushed the student to %s%s", repo_url, branch)
     return str(repo_url)

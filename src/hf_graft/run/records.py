@@ -2,7 +2,7 @@
 settings, `graft_run.json`) and the Trainer's state (the batch size, the planned epochs and every logged
 evaluation, `trainer_state.json`).
 
-Training makes the record from the live trainer (`RunRecords.from_state`), `hf-graft export` reads it
+Training makes the record from the live trainer (`trainer_records`), `hf-graft export` reads it
 from a checkpoint folder (`read_run_records`): both cards are built from the same record.
 """
 
@@ -17,10 +17,11 @@ from typing import Any, Mapping, Sequence
 
 from hf_graft.config import grafting_settings_of, kd_settings_of
 from hf_graft.errors import HfGraftError
+from hf_graft.run.output_dir import run_identity
 from hf_graft.run.results import logged_evaluation
 from hf_graft.utils.files import RUN_IDENTITY_FILE, TRAINER_STATE_FILE
 
-__all__ = ["RunRecords", "RunRecordsError", "read_run_records"]
+__all__ = ["RunRecords", "RunRecordsError", "read_run_records", "trainer_records"]
 
 _MEMBER_TOP1 = re.compile(r"^eval_member(\d+)_top1$")
 
@@ -91,6 +92,12 @@ class RunRecords:
                 row["ensemble_top1"] = entry["eval_ensemble_top1"]
             rows.append(row)
         return rows
+
+
+def trainer_records(trainer) -> RunRecords:
+    """The records of a `GraftingTrainer`'s run as they stand: its identity (as `train()` saves it in every
+    checkpoint, computed when `train()` has not run) and its `TrainerState`."""
+    return RunRecords.from_state(trainer.run_identity or run_identity(trainer), trainer.state)
 
 
 def _read_json(path: Path) -> Any:

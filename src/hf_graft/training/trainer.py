@@ -37,7 +37,7 @@ from hf_graft.metrics import PopulationMetrics
 from hf_graft.population.fused import separate_storage
 from hf_graft.population.students import PopulationSpec, StudentPopulation
 from hf_graft.run.output_dir import OutputDirClaim, checkpoint_bytes, run_identity, save_run_identity
-from hf_graft.run.records import RunRecords
+from hf_graft.run.records import trainer_records
 from hf_graft.run.preflight import check_run_settings, cudnn_benchmark, cudnn_benchmark_setting
 from hf_graft.run.results import ensemble_metrics, logged_evaluation, member_metrics, run_results, summary_lines
 from hf_graft.training.callbacks import (
@@ -420,9 +420,8 @@ class GraftingTrainer(Trainer):
                           architecture=args.student_model, model_kwargs=args.student_model_kwargs,
                           member_metrics=member_metrics(results, args.num_students),
                           ensemble_metrics=ensemble_metrics(results), selected_member=k,
-                          selection_reason=results["selection_reason"], license=args.license,
-                          records=RunRecords.from_state(self.run_identity or run_identity(self), self.state),
-                          repo_id=args.hub_model_id if args.push_to_hub else None)
+                          selection_reason=results["selection_reason"], records=trainer_records(self),
+                          license=args.license, repo_id=args.hub_model_id if args.push_to_hub else None)
         results["student_dir"] = str(folder)
         self.student_dir = folder
         return folder

@@ -131,7 +131,7 @@ def test_push_to_hub_in_offline_mode_is_refused_before_training(tmp_path, capsys
 def test_no_file_of_a_run_holds_the_hub_token(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from hf_graft import trainer
+    from hf_graft.training import trainer
 
     secret = "hf_PlantedSecretTokenForTheTest0123456789"
     pushed = {}

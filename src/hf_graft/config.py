@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 from transformers import TrainingArguments
 
@@ -14,7 +14,8 @@ from hf_graft.graft.grafting import ANCHOR_RULES, CRITERIA, INTERNAL_ORDERS, LEV
 from hf_graft.graft.schedule import cosine_lr_multipliers
 from hf_graft.trainer_fields import refused_field
 
-__all__ = ["ConfigError", "DataArguments", "GraftingConfig", "as_mapping", "GRAFT_SOURCES", "DATA_ORDERS", "MEMBER_EXECUTIONS", "TRAIN_AUGMENTATIONS"]
+__all__ = ["ConfigError", "DataArguments", "GraftingConfig", "as_mapping", "grafting_settings_of", "kd_settings_of",
+           "lr_multipliers_of", "GRAFT_SOURCES", "DATA_ORDERS", "MEMBER_EXECUTIONS", "TRAIN_AUGMENTATIONS"]
 
 GRAFT_SOURCES = ("external", "noise", "internal", "none")
 DATA_ORDERS = ("independent", "shared")
@@ -299,6 +300,11 @@ class GraftingConfig(TrainingArguments):
     export_student: bool = field(
         default=True, metadata={"help": "Write the selected student to output_dir/student at the end of training."}
     )
+    license: Optional[str] = field(
+        default=None,
+        metadata={"help": "The exported student's license, a Hub license id such as apache-2.0 or mit, in its model "
+                  "card's metadata (null: no license line)."},
+    )
 
     # --- the output folder
     replace_output_dir: bool = field(
@@ -423,6 +429,8 @@ class GraftingConfig(TrainingArguments):
             _fail(owner, "kd_weight/ce_weight", (self.kd_weight, self.ce_weight), "numbers >= 0")
         if self.teacher_models is not None and len(self.teacher_models) == 0:
             self.teacher_models = None
+        if self.license is not None and (not isinstance(self.license, str) or not self.license.strip()):
+            _fail(owner, "license", self.license, "null, or a Hub license id such as apache-2.0 or mit")
         self._check_compile_settings(owner)
         refused = refused_field(self)
         if refused is not None:
@@ -473,19 +481,7 @@ class GraftingConfig(TrainingArguments):
     @property
     def lr_multipliers(self) -> list[float]:
         """Each member's multiplier of `learning_rate`, from `lr_spread`."""
-        spread = _lr_spread_words(self.lr_spread)
-        allowed = "none, cosine, or one positive multiplier per member"
-        if spread in (["none"], []):
-            return [1.0] * self.num_students
-        if spread == ["cosine"]:
-            return cosine_lr_multipliers(self.num_students)
-        try:
-            values = [float(s) for s in spread]
-        except ValueError:
-            _fail("GraftingConfig", "lr_spread", spread, allowed)
-        if len(values) != self.num_students or any(v <= 0 for v in values):
-            _fail("GraftingConfig", "lr_spread", spread, f"{allowed} ({self.num_students} numbers)")
-        return values
+        return lr_multipliers_of(self.lr_spread, self.num_students)
 
     @property
     def grafting_enabled(self) -> bool:
@@ -493,40 +489,60 @@ class GraftingConfig(TrainingArguments):
 
     def grafting_settings(self) -> dict[str, Any]:
         """The settings that define the method, for model cards and results files."""
-        return {
-            "num_students": self.num_students,
-            "graft_source": self.graft_source,
-            "graft_level": self.graft_level,
-            "graft_criterion": self.graft_criterion,
-            "graft_bins": self.graft_bins,
-            "graft_A": self.graft_A,
-            "graft_c": self.graft_c,
-            "graft_anchor": self.graft_anchor,
-            "graft_alpha_decimals": self.graft_alpha_decimals,
-            "graft_histogram_include_max": self.graft_histogram_include_max,
-            "graft_every_epochs": self.graft_every_epochs,
-            "graft_every_steps": self.graft_every_steps,
-            "graft_start_epoch": self.graft_start_epoch,
-            "graft_noise_a": self.graft_noise_a,
-            "graft_noise_first_t": self.graft_noise_first_t,
-            "graft_internal_order": self.graft_internal_order,
-            "bn_recalibration_batches": self.bn_recalibration_batches,
-            "lr_spread": self.lr_spread,
-            "lr_schedule": (
-                f"step x{self.lr_decay_gamma} at epochs {self.lr_decay_epochs}" if self.lr_decay_epochs
-                else str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type))
-            ),
-            "lr_multipliers": self.lr_multipliers,
-            "data_order": self.data_order,
-            "shared_init": self.shared_init,
-        }
+        return grafting_settings_of(vars(self))
 
     def kd_settings(self) -> dict[str, Any] | None:
-        if not self.teacher_models:
-            return None
-        return {
-            "teacher_models": list(self.teacher_models),
-            "kd_temperature": self.kd_temperature,
-            "kd_weight": self.kd_weight,
-            "ce_weight": self.ce_weight,
-        }
+        return kd_settings_of(vars(self))
+
+
+def lr_multipliers_of(lr_spread: Any, num_students: int) -> list[float]:
+    """Each member's multiplier of the learning rate, from an `lr_spread` and the number of members."""
+    spread = _lr_spread_words(lr_spread)
+    allowed = "none, cosine, or one positive multiplier per member"
+    if spread in (["none"], []):
+        return [1.0] * num_students
+    if spread == ["cosine"]:
+        return cosine_lr_multipliers(num_students)
+    try:
+        values = [float(s) for s in spread]
+    except ValueError:
+        _fail("GraftingConfig", "lr_spread", spread, allowed)
+    if len(values) != num_students or any(v <= 0 for v in values):
+        _fail("GraftingConfig", "lr_spread", spread, f"{allowed} ({num_students} numbers)")
+    return values
+
+
+# the settings that define the method, in the order cards and results files list them
+_GRAFTING_FIELDS = (
+    "num_students", "graft_source", "graft_level", "graft_criterion", "graft_bins", "graft_A", "graft_c",
+    "graft_anchor", "graft_alpha_decimals", "graft_histogram_include_max", "graft_every_epochs", "graft_every_steps",
+    "graft_start_epoch", "graft_noise_a", "graft_noise_first_t", "graft_internal_order", "bn_recalibration_batches",
+    "lr_spread",
+)
+_KD_FIELDS = ("teacher_models", "kd_temperature", "kd_weight", "ce_weight")
+
+
+def grafting_settings_of(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that define the method, from a config's field values: a `GraftingConfig`'s, or a run
+    identity's record of them (`graft_run.json`), so that a checkpoint's export lists what training listed.
+    Settings that `values` lacks (a record of an older run) are left out."""
+    settings = {name: values[name] for name in _GRAFTING_FIELDS if name in values}
+    if values.get("lr_decay_epochs"):
+        settings["lr_schedule"] = f"step x{values.get('lr_decay_gamma')} at epochs {values['lr_decay_epochs']}"
+    elif "lr_scheduler_type" in values:
+        schedule = values["lr_scheduler_type"]
+        settings["lr_schedule"] = str(getattr(schedule, "value", schedule))
+    if "lr_spread" in values and "num_students" in values:
+        settings["lr_multipliers"] = lr_multipliers_of(values["lr_spread"], values["num_students"])
+    settings.update({name: values[name] for name in ("data_order", "shared_init") if name in values})
+    return settings
+
+
+def kd_settings_of(values: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The distillation (grafting+) settings from a config's field values, as `grafting_settings_of`; None
+    without teachers."""
+    if not values.get("teacher_models"):
+        return None
+    settings = {name: values[name] for name in _KD_FIELDS if name in values}
+    settings["teacher_models"] = list(settings["teacher_models"])
+    return settings

@@ -54,18 +54,24 @@ def _export_member(
     repo_id: str | None,
     member_metrics: Mapping[int, Mapping[str, float]] | None,
     overwrite: bool = False,
+    license: str | None = None,
 ) -> Path:
     from hf_graft.export.target import check_export_target, checkpoint_source
     from hf_graft.population.students import load_checkpoint_members
+    from hf_graft.run.records import read_run_records
+    from hf_graft.run.results import ensemble_metrics, member_metrics as logged_member_metrics
 
     spec = _check_member(checkpoint_dir, member)
     check_export_target(out, checkpoint_dir, overwrite)
+    records = read_run_records(checkpoint_dir)  # the settings and evaluations, as training's card shows them
+    evaluation = records.evaluation() or {}  # of the weights in this checkpoint, when it was evaluated
     _, (model,) = load_checkpoint_members(checkpoint_dir, [int(member)])
     return write_student(
-        model, out, spec=spec, member_metrics=member_metrics, selected_member=int(member),
+        model, out, spec=spec, selected_member=int(member),
+        member_metrics=member_metrics or logged_member_metrics(evaluation, spec.num_students),
+        ensemble_metrics=None if member_metrics else ensemble_metrics(evaluation),
         selection_reason=f"chosen explicitly when exporting the checkpoint {checkpoint_dir.name} (--member {member})",
-        grafting_settings={"population size": spec.num_students, "checkpoint": checkpoint_dir.name},
-        repo_id=repo_id,
+        records=records, license=license, repo_id=repo_id,
         replace=True,  # check_export_target decided
         source=checkpoint_source(checkpoint_dir, int(member)),
     )
@@ -79,17 +85,23 @@ def export_from_checkpoint(
     push_to_hub: str | None = None,
     token: str | None = None,
     private: bool | None = None,
+    revision: str | None = None,
     member_metrics: Mapping[int, Mapping[str, float]] | None = None,
     overwrite: bool = False,
+    license: str | None = None,
 ) -> Path:
-    """Export member `member` of a training checkpoint to `out`, and push it when `push_to_hub` names a repo.
+    """Export member `member` of a training checkpoint to `out`, and push it when `push_to_hub` names a repo
+    (to the branch `revision`, created if missing).
 
+    The model card shows what the checkpoint records: the run's settings (graft_run.json), every logged
+    evaluation (trainer_state.json; `member_metrics` replaces the one of this checkpoint's step) and the
+    dataset (graft_population.json); `license` is its license line.
     A non-empty `out` is replaced only if it holds an export of this same checkpoint, or with `overwrite`.
     A failed push raises `PushToHubError` and leaves the written folder in place.
     """
-    folder = _export_member(Path(checkpoint_dir), member, out, push_to_hub, member_metrics, overwrite)
+    folder = _export_member(Path(checkpoint_dir), member, out, push_to_hub, member_metrics, overwrite, license)
     if push_to_hub:
-        push_student(folder, push_to_hub, token=token, private=private)
+        push_student(folder, push_to_hub, token=token, private=private, revision=revision)
     return folder
 
 
@@ -107,6 +119,10 @@ def build_parser(prog: str = "hf-graft export") -> argparse.ArgumentParser:
                         help="replace --out as a whole even if it holds something else")
     parser.add_argument("--push-to-hub", metavar="REPO", default=None, help="Hub model repo id to upload the folder to")
     parser.add_argument("--private", action="store_true", default=None, help="create the Hub repo as private")
+    parser.add_argument("--revision", default=None, metavar="BRANCH",
+                        help="branch of the Hub repo to push to (created from the default branch if missing)")
+    parser.add_argument("--license", default=None,
+                        help="the model's license, a Hub license id such as apache-2.0 or mit (the card's metadata)")
     parser.add_argument(
         "--token", default=None,
         help="Hub token (default: $HF_TOKEN or the cached `hf auth login`; prefer those, a command-line token is "
@@ -144,19 +160,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 validate_repo_id(args.push_to_hub)
             except HFValidationError as e:
                 raise ValueError(f"--push-to-hub {args.push_to_hub!r}: not a valid repo id ({e})") from None
+        if args.license is not None and not args.license.strip():
+            raise ValueError("--license: empty; give a Hub license id such as apache-2.0 or mit, or leave it out")
+        if args.revision is not None and not args.push_to_hub:
+            raise ValueError("--revision: only with --push-to-hub")
         metrics = _load_member_metrics(args.member_metrics) if args.member_metrics else None
     except (HfGraftError, OSError, ValueError) as e:
         return fail(2, str(e), e)
 
     try:
         folder = _export_member(Path(args.checkpoint_dir), args.member, args.out, args.push_to_hub, metrics,
-                                args.overwrite)
+                                args.overwrite, args.license)
     except (HfGraftError, OSError, ValueError) as e:
         return fail(1, f"export failed: {e}", e)
     print(f"wrote {folder}")
     if args.push_to_hub:
         try:
-            url = push_student(folder, args.push_to_hub, token=token, private=args.private)
+            url = push_student(folder, args.push_to_hub, token=token, private=args.private, revision=args.revision)
         except PushToHubError as e:
             return fail(1, f"{e}; the exported folder is kept", e)
         print(f"pushed to {url}")

@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from hf_graft.export.student_folder import EXPORT_FILES
 from hf_graft.errors import HfGraftError
 
-__all__ = ["PushToHubError", "push_student", "scrub_secrets"]
+__all__ = [
+    "PushOptionError", "PushToHubError", "UPLOAD_OPTIONS", "check_upload_options", "push_student", "scrub_secrets",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COMMIT_MESSAGE = "Upload filter-grafted student (hf_graft)"
+# HfApi.upload_folder arguments a push passes on (the folder, repo, files and revision are the push's own)
+UPLOAD_OPTIONS = ("commit_description", "create_pr", "parent_commit")
 
 
 class PushToHubError(HfGraftError, RuntimeError):
     """The upload of an exported student failed; the message is one line naming the repo and the cause."""
+
+
+class PushOptionError(HfGraftError, TypeError):
+    """A push was given an argument it does not take; the message is one line naming it."""
 
 
 def scrub_secrets(text: str, secrets: Sequence[str | None]) -> str:
@@ -59,20 +73,55 @@ def _push_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def check_upload_options(options: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The keyword arguments of a push that go to `HfApi.upload_folder`; any other is refused in one line."""
+    unknown = sorted(set(options) - set(UPLOAD_OPTIONS))
+    if unknown:
+        raise PushOptionError(
+            f"{where}: unexpected argument(s) {', '.join(unknown)}; allowed besides commit_message, blocking, token, "
+            f"revision and private: {', '.join(UPLOAD_OPTIONS)} (the card's license comes from GraftingConfig.license, "
+            "its dataset and tags from the run)"
+        )
+    return dict(options)
+
+
+def _upload(api, folder: Path, repo_id: str, secrets: Sequence[str | None], **upload_kwargs):
+    try:
+        return api.upload_folder(folder_path=str(folder), repo_type="model", allow_patterns=list(EXPORT_FILES),
+                                 repo_id=repo_id, **upload_kwargs)
+    except _push_errors() as error:
+        raise _push_error(folder, repo_id, api, error, secrets) from None
+
+
+def _push_error(folder: Path, repo_id: str, api, error: BaseException, secrets) -> PushToHubError:
+    endpoint = getattr(api, "endpoint", None)
+    where = f" ({endpoint})" if endpoint else ""
+    message = f"could not push {folder} to the Hub repo {repo_id}{where}: {_push_failure_cause(error)}"
+    return PushToHubError(scrub_secrets(message, secrets))
+
+
 def push_student(
     folder: str | os.PathLike,
     repo_id: str,
     *,
     token: str | None = None,
     private: bool | None = None,
-    commit_message: str = "Upload filter-grafted student (hf_graft)",
-) -> str:
-    """Upload an exported student folder (its three files, nothing else) to a Hub model repo; returns its URL.
+    commit_message: str | None = None,
+    revision: str | None = None,
+    blocking: bool = True,
+    **upload_options,
+) -> str | Future:
+    """Upload an exported student folder (its three files, nothing else) to a Hub model repo.
 
-    `token=None` uses $HF_TOKEN or the cached `hf auth login`. Any network or Hub failure raises
-    `PushToHubError` with a one-line message naming the repo, with the token removed from it.
+    `revision`: the branch to commit to (created from the default branch when missing; default: the
+    default branch). `upload_options`: `HfApi.upload_folder`'s commit_description, create_pr, parent_commit.
+    Returns the repo URL; with `blocking=False`, as `transformers.Trainer.push_to_hub`, a `Future` of the
+    upload's `CommitInfo` (the repo and branch are made first). `token=None` uses $HF_TOKEN or the cached
+    `hf auth login`. Any network or Hub failure raises `PushToHubError` (from the Future's `result()` when
+    not blocking) with a one-line message naming the repo, with the token removed from it.
     """
     folder = Path(folder)
+    upload_options = check_upload_options(upload_options, "push_student")
     missing = [name for name in EXPORT_FILES if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder}: not a student export, missing {', '.join(missing)}")
@@ -85,16 +134,16 @@ def push_student(
         repo_url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         # the Hub may resolve an owner-less id to the token's namespace
         target = getattr(repo_url, "repo_id", None) or repo_id
-        api.upload_folder(
-            repo_id=target,
-            folder_path=str(folder),
-            repo_type="model",
-            commit_message=commit_message,
-            allow_patterns=list(EXPORT_FILES),
-        )
+        if revision and not revision.startswith("refs/pr/"):  # a pull request's ref exists already or not at all
+            api.create_branch(target, branch=revision, repo_type="model", exist_ok=True)
     except _push_errors() as error:
-        endpoint = getattr(api, "endpoint", None)
-        where = f" ({endpoint})" if endpoint else ""
-        message = f"could not push {folder} to the Hub repo {repo_id}{where}: {_push_failure_cause(error)}"
-        raise PushToHubError(scrub_secrets(message, secrets)) from None
+        raise _push_error(folder, repo_id, api, error, secrets) from None
+    upload = dict(commit_message=commit_message or DEFAULT_COMMIT_MESSAGE, revision=revision, **upload_options)
+    branch = f" (branch {revision})" if revision else ""
+    if not blocking:
+        future = api.run_as_future(_upload, api, folder, target, secrets, **upload)
+        logger.info("uploading the student to %s%s in the background", repo_url, branch)
+        return future
+    _upload(api, folder, target, secrets, **upload)
+    logger.info("pushed the student to %s%s", repo_url, branch)
     return str(repo_url)

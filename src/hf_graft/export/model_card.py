@@ -1,9 +1,14 @@
-"""The model card (README.md) of an exported student, as a `huggingface_hub.ModelCard`."""
+"""The model card (README.md) of an exported student, as a `huggingface_hub.ModelCard`: its metadata (license,
+base model, dataset, the evaluation results the Hub reads) and text, from `model_card_template.md`.
+
+Pure functions of what the writer passes; `framework_versions` reads the installed versions."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from hf_graft.models.registry import architecture_note
@@ -11,10 +16,14 @@ from hf_graft.run.results import format_number as _format_number
 from hf_graft.data.transforms import DATA_CONFIG_KEYS
 from hf_graft.utils.serialization import to_json_value
 
-__all__ = ["PAPER_BIBTEX", "build_model_card"]
+__all__ = [
+    "PAPER_BIBTEX", "TEMPLATE_PATH", "accuracy_results", "base_model_id", "build_model_card", "framework_versions",
+]
 
 CARD_TAGS = ["image-classification", "timm", "filter-grafting"]
 KD_CARD_TAGS = ["grafting-plus", "knowledge-distillation"]
+ACCURACY_METRIC = "accuracy"  # the `evaluate` metric id the Hub lists
+TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
 
 PAPER_TITLE = "Filter Grafting for Deep Neural Networks: Reason, Method, and Cultivation"
 PAPER_URL = "https://arxiv.org/abs/2004.12311"
@@ -26,8 +35,13 @@ PAPER_BIBTEX = """@article{cheng2020filter,
 }"""
 
 
-def _is_hub_dataset_id(name: str | None) -> bool:
-    if not name or os.path.exists(name) or name.startswith((".", "/", "~")) or "\\" in name:
+def _is_local_path(name: str) -> bool:
+    return os.path.exists(name) or name.startswith((".", "/", "~")) or "\\" in name
+
+
+def _is_hub_repo_id(name: str | None) -> bool:
+    """A dataset or model name that is a Hub repo id (not a local folder)."""
+    if not name or _is_local_path(name):
         return False
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -72,44 +86,77 @@ def _settings_table(settings: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _import_banner(architecture: str) -> list[str]:
-    """The card's first lines for an architecture that exists in timm only after `import hf_graft`."""
-    if not architecture_note(architecture):
-        return []
-    return [
-        f"> **Run `import hf_graft` before loading this model** (`pip install hf_graft`): `{architecture}` is "
-        "registered in timm by hf_graft. Without the import, timm reports an unknown model and transformers says "
-        "the architecture is not supported by your version of timm (upgrading timm does not help).\n"
-    ]
+def _evaluations_table(evaluations: Sequence[Mapping[str, Any]], selected_member: int | None) -> str:
+    """One row per logged evaluation: its epoch and step, each member's top-1 and the ensemble's."""
+    columns: list[str] = []
+    for row in evaluations:
+        columns += [c for c in row if c not in ("epoch", "step") and c not in columns]
+    if not columns:
+        return ""
+
+    def label(column: str) -> str:
+        name = column.removesuffix("_top1")
+        if name.startswith("member") and name[6:].isdigit():
+            k = int(name[6:])
+            return f"member {k} (exported)" if k == selected_member else f"member {k}"
+        return name
+
+    lines = ["| epoch | step | " + " | ".join(label(c) for c in columns) + " |", "|---:|---:|" + "---:|" * len(columns)]
+    for row in evaluations:
+        epoch = row.get("epoch")
+        shown = [f"{epoch:.2f}".rstrip("0").rstrip(".") if isinstance(epoch, float) else _format_number(epoch or ""),
+                 _format_number(row.get("step", "")), *(_format_number(row.get(c, "")) for c in columns)]
+        lines.append("| " + " | ".join(shown) + " |")
+    return "\n".join(lines) + "\n"
 
 
-def _usage_section(architecture: str, repo_id: str | None) -> str:
-    needs_import = architecture.startswith("cifar_")
-    timm_id = f"hf-hub:{repo_id}" if repo_id else "local-dir:path/to/this/folder"
-    hf_id = repo_id or "path/to/this/folder"
-    prelude = "import hf_graft  # registers the cifar_* architectures in timm\n" if needs_import else ""
-    text = "## How to use\n\n"
-    if needs_import:
-        text += (
-            f"`{architecture}` is not a built-in timm architecture: run `import hf_graft` "
-            "(`pip install hf_graft`) before loading, with timm or with transformers.\n\n"
-        )
-    text += (
-        "With timm:\n\n```python\n"
-        f"{prelude}import timm\n\n"
-        f'model = timm.create_model("{timm_id}", pretrained=True).eval()\n'
-        "data_config = timm.data.resolve_model_data_config(model)\n"
-        "transform = timm.data.create_transform(**data_config, is_training=False)\n"
-        "logits = model(transform(image).unsqueeze(0))\n```\n\n"
-        "With transformers:\n\n```python\n"
-        f"{prelude}from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline\n\n"
-        f'model = AutoModelForImageClassification.from_pretrained("{hf_id}").eval()\n'
-        f'processor = AutoImageProcessor.from_pretrained("{hf_id}")\n'
-        "logits = model(**processor(image, return_tensors=\"pt\")).logits\n\n"
-        f'classifier = pipeline("image-classification", model="{hf_id}")\n'
-        "classifier(image)\n```\n"
-    )
-    return text
+def _dataset_label(name: str) -> str:
+    """How the card names a dataset: a Hub id as it is, a local folder by its own name."""
+    return Path(name.rstrip("/\\")).name if _is_local_path(name) else name
+
+
+def _plain_split(split: str | None) -> str | None:
+    # a held-out part ("10% of 'train' held out (seed 0)") is described in the text, not as a split name
+    return split if split and re.fullmatch(r"[\w.\-]+", split) else None
+
+
+def base_model_id(student_model: str, pretrained_cfg: Mapping[str, Any] | None) -> str | None:
+    """The Hub repo of the weights a pretrained student started from: the hf_hub_id timm gives for its
+    pretrained tag, else the model name when it is a Hub id (`hf-hub:` removed); None for a local folder."""
+    hub_id = (pretrained_cfg or {}).get("hf_hub_id")
+    if hub_id:
+        return str(hub_id)
+    name = student_model.removeprefix("hf-hub:")
+    if name.startswith("local-dir:") or _is_local_path(name):
+        return None
+    return name if _is_hub_repo_id(name) else None
+
+
+def accuracy_results(metrics: Mapping[str, float] | None) -> list[tuple[str, str, float]]:
+    """(metric_type, metric_name, value) of a classifier's top-1 and top-5, as the evaluation logged them (%)."""
+    metrics = metrics or {}
+    results = []
+    if metrics.get("top1") is not None:
+        results.append((ACCURACY_METRIC, "top-1 accuracy (%)", float(metrics["top1"])))
+    if metrics.get("top5") is not None:
+        results.append((ACCURACY_METRIC, "top-5 accuracy (%)", float(metrics["top5"])))
+    return results
+
+
+def framework_versions() -> list[tuple[str, str]]:
+    """The installed versions of hf_graft and the libraries it trains and exports with."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import hf_graft
+
+    found = [("hf_graft", hf_graft.__version__)]
+    for label, package in (("PyTorch", "torch"), ("timm", "timm"), ("Transformers", "transformers"),
+                           ("Accelerate", "accelerate"), ("Datasets", "datasets")):
+        try:
+            found.append((label, version(package)))
+        except PackageNotFoundError:
+            pass
+    return found
 
 
 def build_model_card(
@@ -126,54 +173,79 @@ def build_model_card(
     repo_id: str | None,
     license: str | None = None,
     data_config: Mapping[str, Any] | None = None,
+    base_model: str | None = None,
+    eval_split: str | None = None,
+    eval_results: Sequence[tuple[str, str, float]] | None = None,
+    task_type: str = "image-classification",
+    hyperparameters: Mapping[str, Any] | None = None,
+    evaluations: Sequence[Mapping[str, Any]] | None = None,
+    versions: Sequence[tuple[str, str]] | None = None,
 ) -> Any:
-    """The README.md of an exported student, as a `huggingface_hub.ModelCard`."""
-    from huggingface_hub import ModelCard, ModelCardData
+    """The README.md of an exported student, as a `huggingface_hub.ModelCard` (from `model_card_template.md`).
 
-    tags = list(CARD_TAGS) + (list(KD_CARD_TAGS) if kd_settings else [])
+    `eval_results` are (metric_type, metric_name, value) of the exported member on the evaluation split, the
+    results the Hub reads (default: its top-1 and top-5 from `member_metrics`); `evaluations` are the rows of
+    `RunRecords.evaluations`; `versions` are (library, version) pairs (see `framework_versions`).
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    if eval_results is None:
+        eval_results = accuracy_results(member_metrics.get(selected_member) if selected_member is not None else None)
+    title = repo_id.split("/")[-1] if repo_id else f"{architecture} (filter grafting)"
+    dataset_label = _dataset_label(dataset_name) if dataset_name else None
+    results = [
+        EvalResult(task_type=task_type, dataset_type=dataset_label, dataset_name=dataset_label,
+                   dataset_split=_plain_split(eval_split), metric_type=metric_type, metric_name=metric_name,
+                   metric_value=value)
+        for metric_type, metric_name, value in (eval_results if dataset_label else ())
+    ]
     card_data = ModelCardData(
         library_name="timm",
         pipeline_tag="image-classification",
-        tags=tags,
-        datasets=[dataset_name] if _is_hub_dataset_id(dataset_name) else None,
+        tags=list(CARD_TAGS) + (list(KD_CARD_TAGS) if kd_settings else []),
         license=license,
+        base_model=base_model,
+        datasets=[dataset_name] if _is_hub_repo_id(dataset_name) else None,
+        metrics=list(dict.fromkeys(r.metric_type for r in results)) or None,
+        eval_results=results or None,
+        model_name=title if results else None,
     )
-    title = repo_id.split("/")[-1] if repo_id else f"{architecture} (filter grafting)"
-    num_members = len(member_metrics)
-    dataset_text = f" on `{dataset_name}`" if dataset_name else ""
-    method = "filter grafting with knowledge distillation (grafting+)" if kd_settings else "filter grafting"
-    intro = (
-        f"An image classifier with the timm architecture `{architecture}`, trained{dataset_text} with {method} "
-        f"([Cheng et al., 2020]({PAPER_URL})): a population of "
-        + (f"{num_members} " if num_members else "")
-        + "networks of the same architecture is trained side by side, and every so often each network's "
-        "weights are mixed with those of the next, weighted by the information (entropy) of their filters, so "
-        "that filters which carry little information are revived. This repository holds one member of that "
-        "population as a stand-alone timm model, loadable with timm and with transformers.\n"
-    )
-    body = [f"# {title}\n", *_import_banner(architecture), intro]
-    if label_names:
-        names = [str(n) for n in label_names]
-        shown = ", ".join(f"`{n}`" for n in names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
-        body.append(f"Classes ({len(names)}): {shown}\n")
-    if data_config:
-        pre = {k: data_config[k] for k in DATA_CONFIG_KEYS if data_config.get(k) is not None}
-        if pre:
-            body.append("Evaluation preprocessing (also in `config.json` → `pretrained_cfg`): "
-                        + ", ".join(f"{k}={json.dumps(to_json_value(v, k))}" for k, v in pre.items()) + "\n")
-    body.append("## Evaluation results\n")
-    body.append(_metrics_table(member_metrics, ensemble_metrics, selected_member))
-    body.append("## Selected member\n")
+    names = [str(n) for n in label_names or []]
+    pre = {k: data_config[k] for k in DATA_CONFIG_KEYS if (data_config or {}).get(k) is not None}
     if selected_member is not None:
-        body.append(f"This repository holds member {selected_member}: {selection_reason or 'no reason recorded'}.\n")
+        selection = f"This repository holds member {selected_member}: {selection_reason or 'no reason recorded'}."
     else:
-        body.append("The member that was exported was not recorded.\n")
-    body.append("## Training settings\n\n### Filter grafting\n")
-    body.append(_settings_table(grafting_settings) if grafting_settings else "_Not recorded._\n")
-    if kd_settings:
-        body.append("### Knowledge distillation (grafting+)\n")
-        body.append(_settings_table(kd_settings))
-    body.append(_usage_section(architecture, repo_id))
-    body.append(f"## Citation\n\n{PAPER_TITLE}:\n\n```bibtex\n{PAPER_BIBTEX}\n```\n")
-    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(body)
-    return ModelCard(content)
+        selection = "The member that was exported was not recorded."
+    evaluated_on = None
+    if dataset_label:
+        evaluated_on = (f"the `{eval_split}` split of `{dataset_label}`" if _plain_split(eval_split)
+                        else f"{eval_split} of `{dataset_label}`" if eval_split else f"`{dataset_label}`")
+    needs_hf_graft = bool(architecture_note(architecture))
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        title=title,
+        architecture=architecture,
+        needs_hf_graft=needs_hf_graft,
+        base_model=base_model,
+        dataset_name=dataset_name,
+        method="filter grafting with knowledge distillation (grafting+)" if kd_settings else "filter grafting",
+        paper_url=PAPER_URL,
+        num_members=len(member_metrics),
+        num_classes=len(names),
+        classes=", ".join(f"`{n}`" for n in names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else ""),
+        preprocessing=", ".join(f"{k}={json.dumps(to_json_value(v, k))}" for k, v in pre.items()),
+        evaluated_on=evaluated_on,
+        metrics_table=_metrics_table(member_metrics, ensemble_metrics, selected_member).rstrip(),
+        evaluations_table=_evaluations_table(evaluations or [], selected_member).rstrip(),
+        selection=selection,
+        hyperparameters=[(name, _format_number(value)) for name, value in (hyperparameters or {}).items()],
+        grafting_table=_settings_table(grafting_settings).rstrip() if grafting_settings else "_Not recorded._",
+        kd_table=_settings_table(kd_settings).rstrip() if kd_settings else "",
+        prelude="import hf_graft  # registers the cifar_* architectures in timm\n" if needs_hf_graft else "",
+        timm_id=f"hf-hub:{repo_id}" if repo_id else "local-dir:path/to/this/folder",
+        hf_id=repo_id or "path/to/this/folder",
+        framework_versions=list(versions or []),
+        paper_title=PAPER_TITLE,
+        paper_bibtex=PAPER_BIBTEX,
+    )

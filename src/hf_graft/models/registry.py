@@ -34,8 +34,9 @@ def architecture_note(architecture: str) -> dict[str, str]:
     if architecture not in HF_GRAFT_ARCHITECTURES:
         return {}
     return {
-        "hf_graft_note": f"{architecture} is registered in timm by hf_graft: run `import hf_graft` "
-        "(pip install hf_graft) before loading this model with timm or transformers"
+        "hf_graft_note": f"{architecture} is registered in timm by the hf_graft package (installed from its "
+        "source repository, as the project's README describes; not from the package index): run `import hf_graft` "
+        "before loading this model with timm or transformers"
     }
 
 

@@ -45,6 +45,7 @@ class PopulationSpec:
     # timm data config used in training: input_size, interpolation, mean, std, crop_pct, crop_mode
     data_config: dict[str, Any] = field(default_factory=dict)
     dataset_name: str | None = None  # what the population was trained on (for the model card)
+    eval_split: str | None = None  # what it was evaluated on: a split, or the held-out part (model card)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

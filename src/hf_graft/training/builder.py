@@ -118,6 +118,7 @@ def build_run(
         label_names=data.label_names,
         data_config=resolve_student_data_config(probe, data_args.input_size),
         dataset_name=data_args.dataset_name,
+        eval_split=data.eval_split or None,
     )
     population = StudentPopulation.from_spec(
         spec, seed=config.seed, pretrained=config.student_pretrained, shared_init=config.shared_init

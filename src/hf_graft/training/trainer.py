@@ -28,7 +28,7 @@ from hf_graft.data.on_device import DeviceImageDataset, collate_examples
 from hf_graft.data.sampling import EpochShuffleSampler, MemberOrderDataset
 from hf_graft.data.transfer import SideStreamCopy, on_host
 from hf_graft.data.transforms import DeviceNormalizer, students_data_config
-from hf_graft.export.hub import push_student
+from hf_graft.export.hub import check_upload_options, push_student
 from hf_graft.export.writer import write_student
 from hf_graft.graft.filters import population_filter_metrics
 from hf_graft.graft.grafting import GraftReport
@@ -37,6 +37,7 @@ from hf_graft.metrics import PopulationMetrics
 from hf_graft.population.fused import separate_storage
 from hf_graft.population.students import PopulationSpec, StudentPopulation
 from hf_graft.run.output_dir import OutputDirClaim, checkpoint_bytes, run_identity, save_run_identity
+from hf_graft.run.records import trainer_records
 from hf_graft.run.preflight import check_run_settings, cudnn_benchmark, cudnn_benchmark_setting
 from hf_graft.run.results import ensemble_metrics, logged_evaluation, member_metrics, run_results, summary_lines
 from hf_graft.training.callbacks import (
@@ -418,9 +419,8 @@ class GraftingTrainer(Trainer):
                           architecture=args.student_model, model_kwargs=args.student_model_kwargs,
                           member_metrics=member_metrics(results, args.num_students),
                           ensemble_metrics=ensemble_metrics(results), selected_member=k,
-                          selection_reason=results["selection_reason"], grafting_settings=args.grafting_settings(),
-                          kd_settings=args.kd_settings(),
-                          repo_id=args.hub_model_id if args.push_to_hub else None)
+                          selection_reason=results["selection_reason"], records=trainer_records(self),
+                          license=args.license, repo_id=args.hub_model_id if args.push_to_hub else None)
         results["student_dir"] = str(folder)
         self.student_dir = folder
         return folder
@@ -433,17 +433,16 @@ class GraftingTrainer(Trainer):
         """Checkpoints (the whole population) stay local: only the student is ever pushed."""
 
     def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
-                    revision: str | None = None, **kwargs) -> str | None:
-        """Upload only the student folder to `hub_model_id` (written first if `train()` did not), never the
-        population or a checkpoint. A failed upload raises `PushToHubError` (one line, no token); the local
-        folder stays. Returns the repo URL (on the main process; None on the others)."""
+                    revision: str | None = None, private: bool | None = None, **kwargs):
+        """Upload only the student folder (written if need be) to `hub_model_id`, branch `revision` or `hub_revision`
+        (made if missing). Returns the repo URL, or with blocking=False the upload's Future, as the Trainer does."""
+        check_upload_options(kwargs, "GraftingTrainer.push_to_hub")  # before the student is written
         if not self.args.hub_model_id:
             raise ValueError("GraftingConfig.hub_model_id: required to push the student to the Hub")
         folder = self.student_dir if self.student_dir is not None else self.save_student()
         if not self.is_world_process_zero():
             return None
-        url = push_student(folder, self.args.hub_model_id, token=token or self.args.hub_token,
-                           private=self.args.hub_private_repo,
-                           commit_message=commit_message or "Upload filter-grafted student (hf_graft)")
-        logger.info("pushed the student to %s", url)
-        return url
+        return push_student(folder, self.args.hub_model_id, token=token or self.args.hub_token,
+                            private=self.args.hub_private_repo if private is None else private,
+                            commit_message=commit_message, revision=revision or self.args.hub_revision,
+                            blocking=blocking, **kwargs)

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import create_classifier, get_device_dtype
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["CifarClassifierBase", "kaiming_normal_fan_in"]
 
@@ -40,6 +41,15 @@ class CifarClassifierBase(nn.Module):
         pass
 
     @torch.jit.ignore
+    def run_stages(self, x: torch.Tensor, stages) -> torch.Tensor:
+        """`x` through `stages` in order, each checkpointed when gradient checkpointing is on."""
+        for stage in stages:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
+        return x
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 

@@ -20,7 +20,6 @@ from typing import Any, Dict, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
@@ -155,12 +154,7 @@ class CifarMobileNetV2(CifarClassifierBase):
         )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act1(self.bn1(self.conv_stem(x)))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            for stage in self.blocks:
-                x = checkpoint(stage, x, use_reentrant=False)
-        else:
-            x = self.blocks(x)
+        x = self.run_stages(self.act1(self.bn1(self.conv_stem(x))), self.blocks)
         return self.act2(self.bn2(self.conv_head(x)))
 
 

@@ -19,7 +19,6 @@ from typing import Any, Dict, List
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
@@ -174,13 +173,7 @@ class CifarResNet(CifarClassifierBase):
         return [self.layer1, self.layer2, self.layer3]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act1(self.bn1(self.conv1(x)))
-        for stage in self._stages():
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(stage, x, use_reentrant=False)
-            else:
-                x = stage(x)
-        return x
+        return self.run_stages(self.act1(self.bn1(self.conv1(x))), self._stages())
 
 
 

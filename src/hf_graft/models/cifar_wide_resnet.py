@@ -16,7 +16,6 @@ from typing import Any, Dict, List
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
@@ -143,13 +142,7 @@ class CifarWideResNet(CifarClassifierBase):
         return [self.layer1, self.layer2, self.layer3]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
-        for stage in self._stages():
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(stage, x, use_reentrant=False)
-            else:
-                x = stage(x)
-        return self.act(self.bn(x))
+        return self.act(self.bn(self.run_stages(self.conv1(x), self._stages())))
 
 
 default_cfgs = generate_default_cfgs({

@@ -244,12 +244,15 @@ def test_export_refuses_a_folder_that_is_not_an_export_of_this_checkpoint(finish
     # the run's own student/ is not an export of a checkpoint either
     assert export.main([str(checkpoint_8), "--member", "0", "--out", str(finished_run / "student")]) == 2
 
-    assert export.main([str(checkpoint_8), "--member", "0", "--out", str(mine), "--overwrite"]) == 0
-    assert sorted(p.name for p in mine.iterdir()) == sorted(export.EXPORT_FILES)
-    assert json.loads((mine / "config.json").read_text())["hf_graft_export"]["checkpoint"] == "checkpoint-8"
+    # --overwrite replaces what an earlier export wrote, never anything else
+    assert export.main([str(checkpoint_8), "--member", "0", "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(export.EXPORT_FILES)
+    assert json.loads((out / "config.json").read_text())["hf_graft_export"]["checkpoint"] == "checkpoint-8"
+    assert export.main([str(checkpoint_8), "--member", "0", "--out", str(mine), "--overwrite"]) == 2
+    assert (mine / "README.md").read_text() == "my notes"
     capsys.readouterr()
     assert export.main([str(checkpoint_8), "--member", "0", "--out", str(finished_run), "--overwrite"]) == 2
-    assert "training output" in error_lines(capsys, "hf-graft export")[0]
+    assert "contains the checkpoint being exported" in error_lines(capsys, "hf-graft export")[0]
 
 
 def test_exported_files_are_readable_by_others_under_the_umask(finished_run, tmp_path):

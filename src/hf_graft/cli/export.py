@@ -116,7 +116,8 @@ def export_from_checkpoint(
 ) -> Path:
     """Export member `member` of a training checkpoint to `out`, and push it when `push_to_hub` names a repo.
 
-    A non-empty `out` is replaced only if it holds an export of this same checkpoint, or with `overwrite`.
+    A non-empty `out` is replaced only if it holds an export of this same checkpoint, or, with `overwrite`,
+    an earlier export of another one (see `export.target`).
     A failed push raises `PushToHubError` and leaves the written folder in place.
     """
     folder = _export_member(Path(checkpoint_dir), member, out, push_to_hub, member_metrics, overwrite)
@@ -141,7 +142,8 @@ def build_parser(prog: str = "hf-graft export") -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True,
                         help="folder to write (replaced if it holds an export of the same checkpoint)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace --out as a whole even if it holds something else")
+                        help="replace --out when it holds an earlier export of another checkpoint (never a folder "
+                        "holding anything else)")
     parser.add_argument("--push-to-hub", metavar="REPO", default=None, help="Hub model repo id to upload the folder to")
     parser.add_argument("--private", action="store_true", default=None, help="create the Hub repo as private")
     parser.add_argument(

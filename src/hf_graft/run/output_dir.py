@@ -439,8 +439,9 @@ class OutputDirClaim:
     `self.resume`. `check_fresh`: refuse (or, with `args.replace_output_dir`, clear) a folder holding
     another run when not resuming. `identity`: this run's identity, compared with the checkpoint's.
     `needed_bytes`: free space the folder must have. `clear`: with `replace_output_dir`, whether this
-    claim clears the previous run now; False leaves it for a later claim (the trainer's, once the run
-    is built and about to train), so that a run refused while it is being built loses nothing.
+    claim clears the previous run now; False leaves it to `clear_previous_run` (the trainer calls it through
+    `at_train_begin` once its data loaders, optimizer and scheduler are built, right before the first step),
+    so that a run refused while it is being built loses nothing.
     """
 
     def __init__(self, args, resume: str | bool | None = None, *, check_fresh: bool = True,
@@ -448,6 +449,7 @@ class OutputDirClaim:
         self.args = args
         self.lock: OutputDirLock | None = None
         self.clear = clear
+        self._replaced: list[Path] = []  # what replace_output_dir removes (process 0)
         self.resume = _on_main_process(args, lambda: self._claim(resume, check_fresh, identity, needed_bytes))
 
     def _claim(self, resume, check_fresh, identity, needed_bytes) -> str | None:
@@ -462,15 +464,34 @@ class OutputDirClaim:
                 check_checkpoint_folder(checkpoint)
                 if identity is not None:
                     check_resume_identity(checkpoint, identity)
-            if replaced and self.clear:
-                for path in replaced:
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
-                logger.warning("replace_output_dir: removed the previous run's %s from %s",
-                               ", ".join(p.name for p in replaced), output_dir)
+            self._replaced = replaced
+            if self.clear:
+                self.clear_previous_run()
         except BaseException:
             self.release()
             raise
         return checkpoint
+
+    def clear_previous_run(self) -> None:
+        """Remove the previous run that `replace_output_dir` replaces (once; nothing on other processes)."""
+        replaced, self._replaced = self._replaced, []
+        for path in replaced:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if replaced:
+            logger.warning("replace_output_dir: removed the previous run's %s from %s",
+                           ", ".join(p.name for p in replaced), self.args.output_dir)
+
+    def at_train_begin(self):
+        """A `TrainerCallback` that calls `clear_previous_run` when training begins."""
+        from transformers import TrainerCallback
+
+        claim = self
+
+        class ClearPreviousRun(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                claim.clear_previous_run()
+
+        return ClearPreviousRun()
 
     def _check_fresh(self, output_dir: str) -> list[Path]:
         """Refuse a folder holding another run, or (with `replace_output_dir`) list what replacing it removes."""

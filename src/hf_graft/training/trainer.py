@@ -520,9 +520,11 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         claim = OutputDirClaim(
             self.args, resume_from_checkpoint, identity=self.run_identity, needed_bytes=self._checkpoint_bytes(),
             # a second train() of this trainer continues in the folder it already claimed
-            check_fresh=not getattr(self, "_claimed_output_dir", False),
+            check_fresh=not getattr(self, "_claimed_output_dir", False), clear=False,
         )
         self._claimed_output_dir = True
+        clear_previous_run = claim.at_train_begin()  # replace_output_dir: only once everything is built
+        self.add_callback(clear_previous_run)
         try:
             with _cudnn_benchmark(self._cudnn_benchmark_setting()):
                 try:
@@ -536,6 +538,7 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
                 self._finish_run(output.metrics, started)
             return output
         finally:
+            self.remove_callback(clear_previous_run)
             claim.release()
             self._close_progress_bars()  # an error then starts on a line of its own
 

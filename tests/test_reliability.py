@@ -88,3 +88,124 @@ def test_replace_output_dir_removes_the_previous_run_only_when_training_begins(f
     with pytest.raises(ValueError, match="no optimizer today"):
         cli(out)
     assert _files(out) == before
+
+
+# ----------------------------------------------------------------------------- wrong results in silence: data
+def _saved_dataset(folder: Path, splits: dict, label_feature=None, images=None) -> str:
+    """A save_to_disk DatasetDict of 8x8 RGB images with the given labels per split; `label_feature` per split
+    (a `datasets` feature, default: inferred), `images` a function of the row giving a PIL image."""
+    import numpy as np
+    from datasets import Dataset, DatasetDict, Features
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    make = images or (lambda i: Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)))
+    parts = {}
+    for split, labels in splits.items():
+        features = None
+        feature = (label_feature or {}).get(split)
+        if feature is not None:
+            features = Features({"image": ImageFeature(), "label": feature})
+        parts[split] = Dataset.from_dict({"image": [make(i) for i in range(len(labels))], "label": labels},
+                                         features=features)
+        if features is None:
+            parts[split] = parts[split].cast_column("image", ImageFeature())
+    DatasetDict(parts).save_to_disk(str(folder))
+    return str(folder)
+
+
+def test_splits_that_disagree_on_the_labels_are_refused_naming_both(tmp_path):
+    from datasets import ClassLabel
+
+    from hf_graft.config import DataArguments
+    from hf_graft.data.checks import LabelError
+    from hf_graft.data.loading import load_image_data
+
+    names = ClassLabel(names=["a", "b", "c"])
+    outside = _saved_dataset(tmp_path / "outside", {"train": [0, 1, 2, 0], "test": [5, 5]}, {"train": names})
+    with pytest.raises(LabelError, match=r"splits 'train' and 'test' disagree on the labels of column 'label' "
+                                         r"\(integers outside the ClassLabel's range\): 'train' has a ClassLabel of 3 "
+                                         r"names \{'a', 'b', 'c'\} \(0..2\), 'test' has integer labels \{5\}"):
+        load_image_data(DataArguments(dataset_name=outside))
+    # integers inside the names' range are those classes: never renumbered
+    inside = load_image_data(DataArguments(dataset_name=_saved_dataset(
+        tmp_path / "inside", {"train": [0, 1, 2, 0], "test": [1, 2, 2]}, {"train": names})))
+    assert inside.label_names == ["a", "b", "c"] and inside.eval["label"] == [1, 2, 2]
+    # an evaluation label the training split lacks: no class is made up for it
+    strings = _saved_dataset(tmp_path / "strings", {"train": ["cat", "dog", "cat"], "test": ["dog", "zebra"]})
+    with pytest.raises(LabelError, match=r"split 'test' has label\(s\) \{'zebra'\} that split 'train' lacks "
+                                         r"\('train' has \{'cat', 'dog'\}\)"):
+        load_image_data(DataArguments(dataset_name=strings))
+    integers = _saved_dataset(tmp_path / "integers", {"train": [0, 1, 2, 0], "test": [1, 5]})
+    with pytest.raises(LabelError, match=r"split 'test' has label\(s\) \{5\} that split 'train' lacks"):
+        load_image_data(DataArguments(dataset_name=integers))
+    mixed = _saved_dataset(tmp_path / "mixed", {"train": ["cat", "dog"], "test": [0, 1]})
+    with pytest.raises(LabelError, match=r"\(different kinds of labels\): 'train' has string labels "
+                                         r"\{'cat', 'dog'\}, 'test' has integer labels \{0, 1\}"):
+        load_image_data(DataArguments(dataset_name=mixed))
+
+
+def test_one_class_and_empty_splits_are_refused_in_one_line(tmp_path, capsys):
+    from datasets import ClassLabel
+
+    one = _saved_dataset(tmp_path / "one", {"train": ["cat"] * 8, "test": ["cat"] * 4})
+    assert cli(tmp_path / "run_one", "--dataset_name", one) == 2
+    (line,) = error_lines(capsys)
+    assert "DataArguments.label_column: the data has a single class ({'cat'})" in line
+    # several classes, but the training examples hold one of them
+    names = {"train": ClassLabel(names=["a", "b"]), "test": ClassLabel(names=["a", "b"])}
+    sorted_by_class = _saved_dataset(tmp_path / "sorted", {"train": [0] * 8 + [1] * 8, "test": [0, 1]}, names)
+    from hf_graft.config import DataArguments, GraftingConfig
+    from hf_graft.data.checks import LabelError
+    from hf_graft.data.loading import load_image_data
+    from hf_graft.training.builder import build_population_and_datasets
+
+    data = load_image_data(DataArguments(dataset_name=sorted_by_class))
+    data.train = data.train.select(range(8))  # the first 8 rows: class 'a' only
+    config = GraftingConfig(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
+    with pytest.raises(LabelError, match=r"the training examples \(8\) hold a single class \{'a'\} of 2"):
+        build_population_and_datasets(config, DataArguments(dataset_name=sorted_by_class), data=data)
+    # a split saved with no examples
+    empty = _saved_dataset(tmp_path / "empty", {"train": [0, 1, 0, 1], "test": []},
+                           {"train": ClassLabel(names=["a", "b"]), "test": ClassLabel(names=["a", "b"])})
+    assert cli(tmp_path / "run_empty", "--dataset_name", empty) == 2
+    (line,) = error_lines(capsys)
+    assert f"DataArguments.dataset_name: {empty}: split(s) 'test' were saved with no examples" in line
+    assert not any((tmp_path / name).exists() for name in ("run_one", "run_empty"))
+
+
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped_white(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from hf_graft.config import DataArguments
+    from hf_graft.data.loading import load_image_data
+    from hf_graft.data.on_device import decode_split
+    from hf_graft.data.populations import population_datasets
+
+    rng = np.random.default_rng(3)
+    deep = [rng.integers(0, 65536, (8, 8), dtype=np.uint16) for _ in range(4)]
+    # the 8-bit image each one is: round(v * 255 / 65535)
+    shallow = [np.round(d.astype(np.float64) * 255 / 65535).astype(np.uint8) for d in deep]
+    folders = {bits: _saved_dataset(tmp_path / f"bits{bits}", {"train": [0, 1, 0, 1], "test": [0, 1]},
+                                    images=lambda i, bits=bits: Image.fromarray(deep[i] if bits == 16 else shallow[i]))
+               for bits in (16, 8)}
+    pixels = {}
+    for bits, folder in folders.items():
+        args = DataArguments(dataset_name=folder, input_size=8, train_augmentation="none")
+        data = load_image_data(args)
+        assert data.train[0]["image"].mode == ("I;16" if bits == 16 else "L")
+        config = {"input_size": [3, 8, 8], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
+                  "crop_pct": 1.0, "crop_mode": "center"}
+        train, _ = population_datasets(data, args, config, num_members=1, order="shared", seed=0)
+        on_device, _ = decode_split(data.train, data.image_column, data.label_column, lambda image: image, 8, "cpu")
+        pixels[bits] = (torch.stack([train[i]["pixel_values"] for i in range(4)]), on_device)
+    for path in (0, 1):
+        assert torch.equal(pixels[16][path], pixels[8][path])
+    assert pixels[16][1].float().mean() < 200  # not the all-white 255 of a clipped conversion
+    from hf_graft.data.checks import as_rgb
+
+    with pytest.raises(ValueError, match=r"32-bit integer pixels \(PIL mode I\) in 0..70000, which have no known"):
+        as_rgb(Image.fromarray(np.array([[0, 70000]], dtype=np.int32)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from hf_graft.config import DataArguments, GraftingConfig
+from hf_graft.data.checks import check_classes
 from hf_graft.data.loading import ImageData, load_image_data
 from hf_graft.data.sampling import MemberOrderDataset
 from hf_graft.data.populations import population_datasets
@@ -54,6 +55,7 @@ def build_population_and_datasets(
     the label names and the dataset, which checkpoints and the exported student carry.
     """
     data = load_data(config, data_args) if data is None else data
+    check_classes(data)  # one class trains to loss 0 and top-1 100: refused
     probe = _student_probe(config, data.num_classes)
     if config.member_execution == "fused":  # refused here, before the population is built or data decoded
         from hf_graft.population.fused import check_fusable

@@ -209,3 +209,55 @@ def test_16_bit_images_are_scaled_to_8_bits_not_clipped_white(tmp_path):
 
     with pytest.raises(ValueError, match=r"32-bit integer pixels \(PIL mode I\) in 0..70000, which have no known"):
         as_rgb(Image.fromarray(np.array([[0, 70000]], dtype=np.int32)))
+
+
+def test_resume_names_another_dataset_or_augmentation_and_an_older_identity_still_resumes(tmp_path, capsys):
+    import shutil
+
+    from hf_graft.utils.files import RUN_IDENTITY_FILE
+
+    def digits_like(folder, seed):
+        import numpy as np
+        from datasets import ClassLabel
+        from PIL import Image
+
+        rng = np.random.default_rng(seed)
+        names = ClassLabel(names=[str(d) for d in range(10)])
+        labels = [i % 10 for i in range(16)]
+        return _saved_dataset(folder, {"train": labels, "test": labels[:8]}, {"train": names, "test": names},
+                              images=lambda i: Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)))
+
+    data = tmp_path / "a" / "data"
+    digits_like(data, seed=0)
+    out = tmp_path / "run"
+    tiny = ["--dataset_name", str(data), "--max_train_samples", "16", "--num_train_epochs", "2",
+            "--save_strategy", "epoch", "--replace_output_dir", "false"]
+    assert cli(out, *tiny) == 0  # checkpoint-1 and checkpoint-2
+    checkpoint = out / "checkpoint-1"
+    shutil.rmtree(out / "checkpoint-2")
+    capsys.readouterr()
+    resume = [*tiny, "--resume_from_checkpoint", str(checkpoint)]
+    before = _files(out)
+    # the same folder name, other images: the digest differs
+    moved = tmp_path / "b" / "data"
+    digits_like(moved, seed=1)
+    resume_moved = [*resume[:1], str(moved), *resume[2:]]
+    assert cli(out, *resume_moved) == 2
+    (line,) = error_lines(capsys)
+    assert f"resume_from_checkpoint: {checkpoint} was trained with the data (a digest of both splits' sizes" in line
+    # another augmentation
+    assert cli(out, *resume, "--train_augmentation", "pad_crop") == 2
+    (line,) = error_lines(capsys)
+    assert ("was trained with the training augmentation (DataArguments.train_augmentation and its settings) = "
+            '{"train_augmentation": "none"}, this run has {"crop_padding": 4, "hflip": 0.5, "train_augmentation": '
+            '"pad_crop"}') in line
+    assert _files(out) == before
+    # the same data moved to another folder resumes; so does a checkpoint whose identity predates these keys
+    shutil.copytree(data, tmp_path / "c" / "data")
+    assert cli(out, *resume[:1], str(tmp_path / "c" / "data"), *resume[2:]) == 0
+    shutil.rmtree(out / "checkpoint-2")
+    identity = json.loads((checkpoint / RUN_IDENTITY_FILE).read_text())
+    for key in ("dataset_name", "num_eval_examples", "data_digest", "train_augmentation"):
+        del identity[key]
+    (checkpoint / RUN_IDENTITY_FILE).write_text(json.dumps(identity))
+    assert cli(out, *resume) == 0

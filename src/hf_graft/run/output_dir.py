@@ -10,9 +10,10 @@
   checkpoints, unfinished checkpoints, results, the exported student).
 * **Resume.** The checkpoint must be a complete `checkpoint-N` folder (not a `tmp-` or `-replaced`
   leftover of an interrupted save, with readable weights) of the same experiment: every checkpoint holds
-  `graft_run.json`, the run identity (architecture, number of members and classes, label names, data,
-  optimisation and grafting settings), and a resume whose settings differ refuses with one line naming
-  the field and both values.
+  `graft_run.json`, the run identity (architecture, number of members and classes, label names, the
+  dataset, a digest of its rows and the training augmentation, optimisation and grafting settings), and a
+  resume whose settings differ refuses with one line naming the field and both values (an identity
+  without some of these, written by an earlier version, is compared on what it holds).
 
 In a distributed run, process 0 does the file work and every process raises the same error.
 """
@@ -349,11 +350,17 @@ def run_identity(trainer) -> dict[str, Any]:
         identity["input_size"] = (spec.data_config or {}).get("input_size")
     dataset = trainer.train_dataset
     identity["num_train_examples"] = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+    # the dataset, a digest of its rows and the augmentation (`data.fingerprint`), when the datasets say; the
+    # digest last, after the settings (seed, data_seed) that change the rows a run draws
+    data = dict(getattr(dataset, "data_identity", None) or {})
+    if "dataset_name" in data:
+        identity["dataset_name"] = data.pop("dataset_name")
     identity["total_train_batch_size"] = (
         args.per_device_train_batch_size * max(1, args.world_size) * args.gradient_accumulation_steps
     )
     for name in _CONFIG_IDENTITY_FIELDS:
         identity.setdefault(name, getattr(args, name, None))
+    identity.update(data)
     return _jsonable(identity)
 
 
@@ -366,6 +373,10 @@ _FIELD_NAMES = {
     "gradient_accumulation_steps)",
     "num_train_examples": "the number of training examples",
     "num_classes": "the number of classes",
+    "dataset_name": "DataArguments.dataset_name",
+    "num_eval_examples": "the number of evaluation examples",
+    "data_digest": "the data (a digest of both splits' sizes and of sampled rows)",
+    "train_augmentation": "the training augmentation (DataArguments.train_augmentation and its settings)",
 }
 
 
@@ -396,7 +407,7 @@ def check_resume_identity(checkpoint: str | os.PathLike, identity: dict[str, Any
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value)
+    text = json.dumps(value, sort_keys=True)
     return text if len(text) <= 120 else text[:117] + "..."
 
 

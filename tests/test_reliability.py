@@ -261,3 +261,95 @@ def test_resume_names_another_dataset_or_augmentation_and_an_older_identity_stil
         del identity[key]
     (checkpoint / RUN_IDENTITY_FILE).write_text(json.dumps(identity))
     assert cli(out, *resume) == 0
+
+
+# ----------------------------------------------------------------------------- a diverged member
+def test_the_ensemble_leaves_out_diverged_members_and_says_so():
+    import numpy as np
+
+    from hf_graft.metrics import PopulationMetrics
+
+    labels = np.arange(40) % 4
+    healthy = np.eye(4, dtype=np.float32)[labels] * 5.0  # right on every example
+    logits = np.stack([healthy, np.full_like(healthy, np.nan), np.roll(healthy, 1, axis=1)], axis=1)  # [N, 3, C]
+    everyone = PopulationMetrics("best")(logits, labels)
+    assert everyone["member0_top1"] == 100.0 and everyone["member2_top1"] == 0.0 and "ensemble_members" not in everyone
+    kept = PopulationMetrics("best")(logits, labels, leave_out={1: 3})
+    # the ensemble of members 0 and 2: the mean of their softmax, as population_accuracy computes it
+    import torch
+    from timm.utils import accuracy
+
+    probs = torch.softmax(torch.from_numpy(logits[:, [0, 2]]), dim=-1).mean(dim=1)
+    assert kept["ensemble_top1"] == float(accuracy(probs, torch.from_numpy(labels), topk=(1,))[0])
+    assert kept["ensemble_members"] == [0, 2] and kept["selected_member"] == 0.0 and kept["top1"] == 100.0
+    assert kept["member1_top1"] == everyone["member1_top1"]  # each member is still measured on its own
+    # the card and the closing summary say which members the ensemble is
+    from hf_graft.export.model_card import build_model_card
+    from hf_graft.run.results import summary_lines
+
+    results = {f"eval_{k}": v for k, v in kept.items()}
+    card = str(build_model_card(architecture="cifar_resnet20", label_names=None, dataset_name=None,
+                                member_metrics={k: {"top1": kept[f"member{k}_top1"]} for k in range(3)},
+                                ensemble_metrics={"top1": kept["ensemble_top1"], "members": [0, 2]}, selected_member=0,
+                                selection_reason=None, grafting_settings={}, kd_settings=None, repo_id=None))
+    assert f"| ensemble of members 0, 2 (diverged members left out) | {kept['ensemble_top1']:g} |" in card
+    assert f"ensemble {kept['ensemble_top1']:g} (members 0, 2, diverged left out)" in summary_lines(results, 3)[-1]
+
+
+class _PoisonMember:
+    """A TrainerCallback that fills one member's weights with nan after a step (a member diverging on its own)."""
+
+    def __new__(cls, member: int, step: int):
+        import torch
+        from transformers import TrainerCallback
+
+        class Poison(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if state.global_step == step:
+                    with torch.no_grad():
+                        for p in getattr(model, "module", model).members[member].parameters():
+                            p.fill_(float("nan"))
+
+        return Poison()
+
+
+@pytest.fixture(scope="module")
+def diverged_run(tmp_path_factory):
+    """A 2-epoch run (checkpoints at steps 4 and 8) whose member 1 diverges at step 2, with select_student 1:
+    (output folder, exit status, the command's error lines)."""
+    import contextlib
+    import io
+
+    import hf_graft.cli.train as train_cli
+
+    build = train_cli.build_trainer
+    out = tmp_path_factory.mktemp("diverged") / "run"
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr):
+        patch.setattr(train_cli, "build_trainer", lambda data_args, config, callbacks=None: build(
+            data_args, config, callbacks=[_PoisonMember(member=1, step=2)]))
+        code = cli(out, "--num_train_epochs", "2", "--save_strategy", "epoch", "--select_student", "1")
+    return out, code, [line for line in stderr.getvalue().splitlines() if line.startswith("hf-graft train:")]
+
+
+def test_a_diverged_member_chosen_for_export_is_refused_and_the_results_are_written(diverged_run):
+    out, code, lines = diverged_run
+    assert code == 1 and len(lines) == 1
+    assert ("no student written: select_student=1, but member 1 diverged at step 2 (non-finite weights or losses) "
+            "and is not exported; the healthy members are 0") in lines[0]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["selected_member"] is None and results["diverged_members"] == {"1": 2}
+    assert not (out / "student").exists()
+    # the ensemble is member 0 alone, and says so
+    assert results["eval_ensemble_members"] == [0]
+    assert results["eval_ensemble_top1"] == results["eval_member0_top1"]
+
+
+def test_export_of_a_member_with_nan_weights_names_the_tensors(diverged_run, tmp_path, capsys):
+    out, _, _ = diverged_run
+    assert export.main([str(out / "checkpoint-8"), "--member", "1", "--out", str(tmp_path / "student")]) == 2
+    (line,) = error_lines(capsys, "hf-graft export")
+    assert f"member 1 of {out / 'checkpoint-8'}: " in line and "tensors hold non-finite values (nan or inf): " in line
+    assert "conv1.weight" in line and "it diverged and is not exported" in line
+    assert not (tmp_path / "student").exists()
+    assert export.main([str(out / "checkpoint-8"), "--member", "0", "--out", str(tmp_path / "student")]) == 0

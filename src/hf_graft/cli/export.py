@@ -59,7 +59,23 @@ def _check_member(checkpoint_dir: Path, member: int):
     spec = PopulationSpec.load(checkpoint_dir)
     if isinstance(member, bool) or not 0 <= int(member) < spec.num_students:
         raise ValueError(f"member {member}: out of range, {checkpoint_dir} holds members 0..{spec.num_students - 1}")
+    _check_finite(checkpoint_dir, int(member))
     return spec
+
+
+def _check_finite(checkpoint_dir: Path, member: int) -> None:
+    """Refuse a member whose weights hold nan or inf (it diverged), naming the tensors."""
+    from safetensors import safe_open
+
+    from hf_graft.export.student_folder import describe_non_finite, non_finite_tensors
+
+    prefix = f"members.{member}."
+    with safe_open(str(checkpoint_dir / WEIGHTS_FILE), framework="pt") as handle:
+        state = {name[len(prefix):]: handle.get_tensor(name) for name in handle.keys() if name.startswith(prefix)}
+    broken = non_finite_tensors(state)
+    if broken:
+        raise ValueError(f"member {member} of {checkpoint_dir}: {describe_non_finite(broken, len(state))}; it "
+                         "diverged and is not exported: export another member")
 
 
 def _export_member(

@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hf_graft.run.output_dir import OutputDirError
 
     try:
-        run_training(data_args, config)
+        results = run_training(data_args, config)
     except (SetupError, OutputDirError, PreflightError) as err:  # refused before any training step
         print(f"hf-graft train: {err}", file=sys.stderr)
         return 2
@@ -101,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except PushToHubError as err:  # the local student is complete; only the upload failed
         print(f"hf-graft train: {err}; the student folder is kept", file=sys.stderr)
+        return 1
+    if config.export_student and results.get("selected_member") is None:  # e.g. the chosen member diverged
+        print(f"hf-graft train: no student written: {results.get('selection_reason')}; the results are in "
+              f"{config.output_dir}", file=sys.stderr)
         return 1
     return 0
 

@@ -441,7 +441,7 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         logits = prediction.predictions
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
-        metrics = self.eval_metrics(logits, prediction.label_ids)
+        metrics = self.eval_metrics(logits, prediction.label_ids, leave_out=self.diverged_members)
         metrics.update(self.filter_metrics())
         return metrics
 
@@ -555,18 +555,20 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
 
     def _finish_run(self, train_metrics: dict, started: float) -> None:
         self.results = self.run_results(train_metrics)
-        if self.args.export_student:
-            if self.results["selected_member"] is None:
-                logger.warning("no student written: %s", self.results["selection_reason"])
-            else:
-                self.save_student()
-        self.results["wall_time_s"] = round(time.perf_counter() - started, 2)
-        if self.is_world_process_zero():
-            self.save_metrics("all", self.results, combined=False)
-            self.save_state()
-            for line in summary_lines(self.results, self.args.num_students):
-                logger.info(line)
-        self.accelerator.wait_for_everyone()
+        try:
+            if self.args.export_student:
+                if self.results["selected_member"] is None:
+                    logger.warning("no student written: %s", self.results["selection_reason"])
+                else:
+                    self.save_student()
+        finally:  # the results are written even when the export fails
+            self.results["wall_time_s"] = round(time.perf_counter() - started, 2)
+            if self.is_world_process_zero():
+                self.save_metrics("all", self.results, combined=False)
+                self.save_state()
+                for line in summary_lines(self.results, self.args.num_students):
+                    logger.info(line)
+            self.accelerator.wait_for_everyone()
 
     def _close_progress_bars(self) -> None:
         from transformers.trainer_callback import ProgressCallback
@@ -618,7 +620,8 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         if self.eval_dataset is None and args.select_student == "best":
             selected, reason = None, "no eval_dataset to choose the best member by (select_student: best)"
         else:
-            selected, reason = select_member(members, args.select_student, num_members=args.num_students)
+            selected, reason = select_member(members, args.select_student, num_members=args.num_students,
+                                             diverged=self.diverged_members)
         results.update(selected_member=selected, selection_reason=reason, grafting=args.grafting_settings())
         if args.kd_settings():
             results["distillation"] = args.kd_settings()

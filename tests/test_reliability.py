@@ -353,3 +353,211 @@ def test_export_of_a_member_with_nan_weights_names_the_tensors(diverged_run, tmp
     assert "conv1.weight" in line and "it diverged and is not exported" in line
     assert not (tmp_path / "student").exists()
     assert export.main([str(out / "checkpoint-8"), "--member", "0", "--out", str(tmp_path / "student")]) == 0
+
+
+# ----------------------------------------------------------------------------- tracebacks where one line is owed
+def _interrupt_at(step: int, error: type[BaseException] = KeyboardInterrupt):
+    """A TrainerCallback raising `error` at the end of optimizer step `step` (as Ctrl-C would, mid-run)."""
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise error()
+
+    return Interrupt()
+
+
+def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import torch
+
+    save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):  # the file system fills up while checkpoint-4 is written
+        if "checkpoint-4" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "run"
+    assert cli(out, "--save_strategy", "steps", "--save_steps", "2") == 1
+    (line,) = error_lines(capsys)
+    assert f"the disk is full: checkpoint-4 could not be written to {out / 'tmp-checkpoint-4'} (" in line
+    assert f"the previous checkpoint {out / 'checkpoint-2'} is intact" in line
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-2"]  # nothing half-written left
+    from hf_graft.run.output_dir import check_checkpoint_folder
+
+    check_checkpoint_folder(out / "checkpoint-2")
+
+
+def test_damaged_json_in_a_checkpoint_is_named_in_one_line(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path / "run")
+    before = _files(out)
+    for name in ("trainer_state.json", "graft_run.json", "graft_population.json"):
+        file = out / "checkpoint-8" / name
+        text = file.read_text()
+        file.write_text(text[: len(text) // 2])  # truncated
+        assert cli(out, "--resume_from_checkpoint", "true", "--replace_output_dir", "false") == 2
+        (line,) = error_lines(capsys)
+        assert f"resume_from_checkpoint: {file} cannot be read (" in line and "damaged (truncated?)" in line
+        if name == "graft_population.json":
+            assert export.main([str(out / "checkpoint-8"), "--member", "0", "--out", str(tmp_path / "x")]) == 2
+            (line,) = error_lines(capsys, "hf-graft export")
+            assert f"checkpoint: {file} cannot be read (" in line
+            from hf_graft.population.students import PopulationSpec
+
+            with pytest.raises(ValueError, match=f"{file}: cannot be read"):
+                PopulationSpec.load(out / "checkpoint-8")
+        file.write_text(text)
+    assert {k: v[0] for k, v in _files(out).items()} == {k: v[0] for k, v in before.items()}
+
+
+def test_ctrl_c_during_training_or_export_is_one_line_saying_what_was_kept(tmp_path, capsys, monkeypatch):
+    import hf_graft.cli.train as train_cli
+    import hf_graft.export.student_folder as student_folder
+
+    build = train_cli.build_trainer
+    monkeypatch.setattr(train_cli, "build_trainer", lambda data_args, config, callbacks=None: build(
+        data_args, config, callbacks=[_interrupt_at(3)]))
+    out = tmp_path / "run"
+    assert cli(out, "--save_strategy", "steps", "--save_steps", "2") == 130
+    (line,) = error_lines(capsys)
+    assert (f"hf-graft train: interrupted; the last complete checkpoint is {out / 'checkpoint-2'}: resume from it "
+            "with the same command and --resume_from_checkpoint true --replace_output_dir false") in line
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]  # the lock released
+    from hf_graft.config import GraftingConfig
+
+    empty = GraftingConfig(output_dir=str(tmp_path / "none"), use_cpu=True, report_to="none")
+    assert train_cli._what_is_kept(empty).startswith(f"no checkpoint was written in {tmp_path / 'none'}, so there "
+                                                     "is nothing to resume")
+    monkeypatch.undo()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(student_folder, "_verify_folder", interrupted)
+    target = tmp_path / "student"
+    assert export.main([str(out / "checkpoint-2"), "--member", "0", "--out", str(target)]) == 130
+    (line,) = error_lines(capsys, "hf-graft export")
+    assert f"interrupted; --out {target} is as it was before (no partial export is left)" in line
+    assert not target.exists()
+    assert not any(p.name.startswith(".student") for p in tmp_path.iterdir())
+
+
+def test_label_smoothing_smooths_every_members_cross_entropy(make_trainer):
+    import torch
+    import torch.nn.functional as F
+
+    trainer = make_trainer(label_smoothing_factor=0.1, num_train_epochs=1)
+    assert trainer.label_smoother is None and trainer.args.label_smoothing_factor == 0.1
+    population = trainer.population.eval()
+    assert population.label_smoothing == 0.1
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    with torch.no_grad():
+        expected = torch.stack([F.cross_entropy(m(x), y, label_smoothing=0.1) for m in population.members])
+        plain = torch.stack([F.cross_entropy(m(x), y) for m in population.members])
+        loop = population(pixel_values=x, labels=y)["member_ce"]
+        population.set_execution(fused=True, model_name="cifar_resnet20")
+        fused = population(pixel_values=x, labels=y)["member_ce"]
+    torch.testing.assert_close(loop, expected, rtol=0, atol=0)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expected, plain)
+
+
+# ----------------------------------------------------------------------------- messages that mislead
+def test_resume_messages_say_what_is_true(finished_run, tmp_path, capsys):
+    import shutil
+
+    out = copy_run(finished_run, tmp_path / "run")
+    for checkpoint in ("checkpoint-4", "checkpoint-8"):
+        shutil.rmtree(out / checkpoint)  # results, but no checkpoint: a run that saved none
+    before = _files(out)
+    # with replace_output_dir (the quickstart's): a contradiction, said before anything is touched
+    assert cli(out, "--resume_from_checkpoint", "true") == 2
+    (line,) = error_lines(capsys)
+    assert ("resume_from_checkpoint and replace_output_dir are both set, but a resume continues the run in "
+            f"{out} and replace_output_dir deletes it") in line
+    assert cli(out, "--resume_from_checkpoint", "true", "--replace_output_dir", "false") == 2
+    (line,) = error_lines(capsys)
+    assert f"{out} holds another run's results (all_results.json, student, trainer_state.json) but no checkpoint-N" in line
+    assert "resume_from_checkpoint: true)" not in line  # never the advice to pass what was passed
+    assert cli(out, "--replace_output_dir", "false") == 2  # a fresh run: no advice to resume a run without checkpoints
+    (line,) = error_lines(capsys)
+    assert "resume it" not in line and "replace_output_dir: true" in line
+    assert _files(out) == before
+
+
+def test_an_unusable_hub_id_names_the_field_and_the_id(tmp_path, capsys):
+    for field in ("student_model", "teacher_models"):
+        assert cli(tmp_path / field, f"--{field}", "hf-hub:nobody/nothing") == 2
+        (line,) = error_lines(capsys)
+        assert (f"GraftingConfig.{field}: 'hf-hub:nobody/nothing': it is not in the local Hugging Face cache and "
+                "HF_HUB_OFFLINE is set") in line
+
+
+def test_a_stale_lock_of_a_live_unrelated_process_is_taken_over_and_said_so(tmp_path, caplog):
+    import logging
+    import socket
+
+    from hf_graft.run.output_dir import LOCK_FILE, lock_output_dir
+
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "started": 0}))
+    with caplog.at_level(logging.INFO, logger="hf_graft.run.output_dir"):
+        lock = lock_output_dir(tmp_path)
+    lock.release()
+    (message,) = [r.getMessage() for r in caplog.records if "taking over" in r.getMessage()]
+    assert "process 1 on" in message and "has ended" not in message
+    assert "which no process holds any more (that process id now belongs to another process)" in message
+
+
+def test_leftovers_of_interrupted_saves_are_removed_by_a_resume_and_by_replace(finished_run, tmp_path):
+    import shutil
+
+    from hf_graft.config import GraftingConfig
+    from hf_graft.run.output_dir import OutputDirClaim
+
+    def leave_leftovers(out):
+        (out / "tmp-checkpoint-12").mkdir()  # a save killed before it wrote anything
+        (out / ".student.tmp-k1ll3d").mkdir()  # an export killed while writing
+        (out / ".student.tmp-k1ll3d" / "model.safetensors").write_bytes(b"partial")
+        (out / ".student.old-k1ll3d").mkdir()  # student/ is back: the copy it replaced is garbage
+        shutil.copytree(out / "checkpoint-8", out / "tmp-checkpoint-99" / "checkpoint-99",  # the only copy of 99
+                        dirs_exist_ok=True)
+
+    out = copy_run(finished_run, tmp_path / "run")
+    leave_leftovers(out)
+    assert cli(out, "--resume_from_checkpoint", str(out / "checkpoint-8"), "--replace_output_dir", "false",
+               "--num_train_epochs", "3") == 0
+    names = {p.name for p in out.iterdir()}
+    assert not names & {"tmp-checkpoint-12", ".student.tmp-k1ll3d", ".student.old-k1ll3d"}
+    assert {"checkpoint-8", "student", "tmp-checkpoint-99"} <= names
+    # replace_output_dir removes them with the run it replaces
+    leave_leftovers(out)
+    config = GraftingConfig(output_dir=str(out), use_cpu=True, replace_output_dir=True, report_to="none")
+    claim = OutputDirClaim(config, None, clear=False)
+    try:
+        claim.clear_previous_run()
+    finally:
+        claim.release()
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_evaluate_says_when_the_class_names_differ(finished_run, tmp_path, capsys):
+    from datasets import ClassLabel
+
+    from hf_graft.cli.evaluate import main as evaluate_main
+
+    letters = ClassLabel(names=list("abcdefghij"))
+    data = _saved_dataset(tmp_path / "letters", {"train": list(range(10)), "test": list(range(10))},
+                          {"train": letters, "test": letters})
+    report = tmp_path / "results.json"
+    assert evaluate_main([str(finished_run / "student"), "--dataset_name", data, "--num_workers", "0",
+                          "--no_progress", "--json", str(report)]) == 0
+    (line,) = error_lines(capsys, "hf-graft evaluate")
+    assert ("warning: the dataset's class names {'a', 'b', 'c', 'd', 'e', 'f', ... (10 in all)} are not the model's "
+            "{'0', '1', '2', '3', '4', '5', ... (10 in all)} (10 of 10 are not among them): labels are compared by "
+            "class index") in line
+    assert json.loads(report.read_text())["warning"] in line

@@ -110,7 +110,8 @@ def test_library_trainer_refuses_another_run_and_may_train_again(make_trainer, t
 ])
 def test_resume_refuses_a_checkpoint_of_another_experiment(finished_run, tmp_path, capsys, change, message):
     out = copy_run(finished_run, tmp_path / "run")
-    assert cli(out, "--resume_from_checkpoint", "true", "--num_train_epochs", "2", *change) == 2
+    assert cli(out, "--resume_from_checkpoint", "true", "--replace_output_dir", "false", "--num_train_epochs", "2",
+               *change) == 2
     (line,) = error_lines(capsys)
     assert message in line and str(out / "checkpoint-8") in line
 
@@ -118,14 +119,15 @@ def test_resume_refuses_a_checkpoint_of_another_experiment(finished_run, tmp_pat
 def test_resume_with_the_same_settings_and_more_epochs(finished_run, tmp_path):
     out = copy_run(finished_run, tmp_path / "run")
     (out / "tmp-checkpoint-12").mkdir()  # never picked as the last checkpoint
-    assert cli(out, "--resume_from_checkpoint", "true", "--num_train_epochs", "3", "--save_strategy", "epoch") == 0
+    assert cli(out, "--resume_from_checkpoint", "true", "--replace_output_dir", "false", "--num_train_epochs", "3",
+               "--save_strategy", "epoch") == 0
     state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
     assert state["global_step"] == 12 and [e["step"] for e in state["log_history"] if "loss" in e][0] == 1
 
 
 def test_resume_from_a_missing_unfinished_or_damaged_checkpoint(finished_run, tmp_path, capsys):
     out = copy_run(finished_run, tmp_path / "run")
-    common = ["--num_train_epochs", "3"]
+    common = ["--num_train_epochs", "3", "--replace_output_dir", "false"]  # the quickstart sets it
     assert cli(out, "--resume_from_checkpoint", str(out / "checkpoint-99"), *common) == 2
     assert "checkpoint-99 does not exist" in error_lines(capsys)[0]
 

@@ -202,12 +202,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         folder = _export_member(Path(args.checkpoint_dir), args.member, args.out, args.push_to_hub, metrics,
                                 args.overwrite)
+    except KeyboardInterrupt:  # the folder is replaced in one rename at the end: nothing partial is left
+        return fail(130, f"interrupted; --out {args.out} is as it was before (no partial export is left)")
     except (OSError, ValueError, RuntimeError) as e:
         return fail(1, f"export failed: {e}")
     print(f"wrote {folder}")
     if args.push_to_hub:
         try:
             url = push_student(folder, args.push_to_hub, token=token, private=args.private)
+        except KeyboardInterrupt:
+            return fail(130, f"interrupted while uploading; {folder} is complete: push it again with --push-to-hub")
         except PushToHubError as e:
             return fail(1, f"{e}; the exported folder is kept")
         print(f"pushed to {url}")

@@ -65,6 +65,19 @@ def run_training(data_args: DataArguments, config: GraftingConfig, callbacks=Non
     return trainer.results
 
 
+def _what_is_kept(config: GraftingConfig) -> str:
+    """After an interrupted run: the checkpoint it can resume from (and the command-line flags that resume),
+    or that there is none."""
+    from hf_graft.run.output_dir import last_checkpoint
+
+    checkpoint = last_checkpoint(config.output_dir)
+    if checkpoint is None:
+        return f"no checkpoint was written in {config.output_dir}, so there is nothing to resume: run it again"
+    flags = "--resume_from_checkpoint true" + (" --replace_output_dir false" if config.replace_output_dir else "")
+    return (f"the last complete checkpoint is {checkpoint}: resume from it with the same command and {flags} "
+            "(an interrupted save leaves no half-written checkpoint)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
@@ -86,10 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hf_graft.training.divergence import DivergenceError
     from hf_graft.export.hub import PushToHubError
     from hf_graft.run.preflight import PreflightError
+    from hf_graft.run.checkpoints import CheckpointSaveError
     from hf_graft.run.output_dir import OutputDirError
 
     try:
         results = run_training(data_args, config)
+    except KeyboardInterrupt:  # Ctrl-C: what is kept and how to go on, not a traceback
+        print(f"hf-graft train: interrupted; {_what_is_kept(config)}", file=sys.stderr)
+        return 130
     except (SetupError, OutputDirError, PreflightError) as err:  # refused before any training step
         print(f"hf-graft train: {err}", file=sys.stderr)
         return 2
@@ -101,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except PushToHubError as err:  # the local student is complete; only the upload failed
         print(f"hf-graft train: {err}; the student folder is kept", file=sys.stderr)
+        return 1
+    except CheckpointSaveError as err:  # the disk is full: where, and which checkpoint is intact
+        print(f"hf-graft train: {err}", file=sys.stderr)
         return 1
     if config.export_student and results.get("selected_member") is None:  # e.g. the chosen member diverged
         print(f"hf-graft train: no student written: {results.get('selection_reason')}; the results are in "

@@ -47,7 +47,9 @@ import torch.nn as nn
 from hf_graft.data.transforms import DATA_CONFIG_KEYS
 from hf_graft.export.model_card import build_model_card
 from hf_graft.models.registry import architecture_note, check_architecture
-from hf_graft.utils.files import CONFIG_FILE, EXPORT_FILES, MODEL_CARD_FILE, WEIGHTS_FILE
+from hf_graft.utils.files import (
+    CONFIG_FILE, EXPORT_BACKUP_TAG, EXPORT_FILES, EXPORT_STAGING_TAG, MODEL_CARD_FILE, WEIGHTS_FILE,
+)
 from hf_graft.utils.serialization import to_json_value
 
 __all__ = [
@@ -330,7 +332,7 @@ def save_student(
         card = _minimal_card(config["architecture"], config["label_names"])
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}{EXPORT_STAGING_TAG}", dir=folder.parent))
     backup: Path | None = None
     try:
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -340,7 +342,7 @@ def save_student(
             _verify_folder(staging, model, config)
         apply_default_permissions(staging)
         if folder.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}{EXPORT_BACKUP_TAG}", dir=folder.parent))
             backup.rmdir()  # only the unique name is wanted: rename needs a free target
             os.replace(folder, backup)
         os.replace(staging, folder)

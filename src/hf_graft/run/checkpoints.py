@@ -20,11 +20,45 @@ README says how to move the bound.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 from hf_graft.utils.files import REPLACED_SUFFIX, STAGING_PREFIX
 
-__all__ = ["AtomicCheckpoints", "publish_dir"]
+__all__ = ["AtomicCheckpoints", "CheckpointSaveError", "publish_dir"]
+
+# what torch's zip writer and safetensors say when a write stops short (the file system is full)
+_SHORT_WRITE = re.compile(r"unexpected pos|file write failed|No space left|Disk quota exceeded", re.IGNORECASE)
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written because the disk is full; the message is one line saying where and
+    which earlier checkpoint is intact."""
+
+
+def _disk_full(error: BaseException) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(error, (OSError, RuntimeError)) and _SHORT_WRITE.search(str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _disk_full_error(run_dir: str, name: str, staging_root: str) -> CheckpointSaveError:
+    from hf_graft.run.output_dir import last_checkpoint
+
+    previous = last_checkpoint(run_dir)
+    kept = (f"the previous checkpoint {previous} is intact: free some space and resume from it "
+            "(resume_from_checkpoint: true)") if previous else "no earlier checkpoint exists"
+    free = shutil.disk_usage(run_dir).free / 2**20
+    return CheckpointSaveError(
+        f"the disk is full: {name} could not be written to {staging_root} ({free:.1f} MB free in "
+        f"{run_dir}); the unfinished copy was removed, {kept}")
 
 
 
@@ -55,6 +89,11 @@ class AtomicCheckpoints:
         self._staging_root = staging_root
         try:
             super()._save_checkpoint(model, trial)  # model, optimizer, scheduler, scaler, RNG, trainer state
+        except (OSError, RuntimeError) as err:
+            if not _disk_full(err):
+                raise
+            shutil.rmtree(staging_root, ignore_errors=True)  # the room it took, and no half-written leftover
+            raise _disk_full_error(run_dir, name, staging_root) from err
         finally:
             self._staging_root = None
         if args.should_save:

@@ -33,8 +33,8 @@ from typing import Any, Callable
 
 
 from hf_graft.utils.files import (
-    CHECKPOINT_RE, EXPORT_FILES, LOCK_FILE, POPULATION_FILE, RESULT_FILES, RUN_IDENTITY_FILE, STUDENT_DIR,
-    TRAINER_STATE_FILE, WEIGHTS_FILE, is_unfinished_checkpoint,
+    CHECKPOINT_RE, EXPORT_BACKUP_TAG, EXPORT_FILES, EXPORT_STAGING_TAG, LOCK_FILE, POPULATION_FILE, RESULT_FILES,
+    RUN_IDENTITY_FILE, STAGING_PREFIX, STUDENT_DIR, TRAINER_STATE_FILE, WEIGHTS_FILE, is_unfinished_checkpoint,
 )
 
 __all__ = [
@@ -44,6 +44,8 @@ __all__ = [
     "OutputDirClaim",
     "check_checkpoint_folder",
     "check_resume_identity",
+    "interrupted_save_leftovers",
+    "last_checkpoint",
     "lock_output_dir",
     "previous_run_entries",
     "run_identity",
@@ -175,13 +177,25 @@ def lock_output_dir(output_dir: str | os.PathLike) -> OutputDirLock:
             os.close(fd)
             continue
         if holder.get("pid"):
-            logger.info("output_dir %s: taking over the lock left by %s, which has ended", output_dir, _describe(holder))
+            logger.info("output_dir %s: taking over the lock left by %s, %s", output_dir, _describe(holder),
+                        _why_stale(holder))
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
         os.ftruncate(fd, 0)
         os.pwrite(fd, record.encode(), 0)
         lock = _held[folder] = OutputDirLock(folder, fd, path, created)
         return lock
     raise OutputDirError(f"output_dir: could not lock {output_dir} (its lock file keeps changing); try again")
+
+
+def _why_stale(holder: dict[str, Any]) -> str:
+    """Why a lock file whose `flock` is free is stale, as far as this process can tell."""
+    if holder.get("host") != socket.gethostname():
+        return "which no process holds any more (it was written on another host)"
+    if int(holder["pid"]) == os.getpid():
+        return "which this process wrote and no longer holds"
+    if _alive(int(holder["pid"])):
+        return "which no process holds any more (that process id now belongs to another process)"
+    return "which has ended"
 
 
 def _held_elsewhere(holder: dict[str, Any]) -> bool:
@@ -234,7 +248,31 @@ def _previous_run_to_replace(output_dir: str | os.PathLike) -> list[Path]:
             )
     names = previous_run_entries(folder)
     names += sorted(p.name for p in folder.iterdir() if p.is_dir() and is_unfinished_checkpoint(p))
+    names += [p.name for p in interrupted_save_leftovers(folder) if p.name not in names]
     return [folder / name for name in names]
+
+
+def interrupted_save_leftovers(output_dir: str | os.PathLike) -> list[Path]:
+    """What killed saves left in `output_dir` and that holds no only copy of anything: `tmp-checkpoint-N`
+    folders (unless one holds a complete checkpoint-N that is missing from the folder), the staging folders of
+    an interrupted export of `student/`, and the older copy it was replacing once `student/` is back."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in folder.iterdir():
+        name = entry.name
+        if not entry.is_dir():
+            continue
+        if name.startswith(STAGING_PREFIX) and CHECKPOINT_RE.match(name[len(STAGING_PREFIX):]):
+            complete = any((p / TRAINER_STATE_FILE).is_file() for p in entry.iterdir() if p.is_dir())
+            if not complete or (folder / name[len(STAGING_PREFIX):]).is_dir():
+                found.append(entry)
+        elif name.startswith(f".{STUDENT_DIR}{EXPORT_STAGING_TAG}"):
+            found.append(entry)
+        elif name.startswith(f".{STUDENT_DIR}{EXPORT_BACKUP_TAG}") and (folder / STUDENT_DIR).is_dir():
+            found.append(entry)
+    return sorted(found, key=lambda p: _natural(p.name))
 
 
 def _size(paths: list[Path]) -> int:
@@ -271,6 +309,14 @@ def check_checkpoint_folder(path: str | os.PathLike, *, what: str = "resume_from
         raise OutputDirError(f"{what}: {path} has no {POPULATION_FILE}; is it a hf_graft training checkpoint?")
     if what == "resume_from_checkpoint" and not (folder / TRAINER_STATE_FILE).is_file():
         raise OutputDirError(f"{what}: {path} has no trainer_state.json; it is not a complete checkpoint")
+    for name in (TRAINER_STATE_FILE, RUN_IDENTITY_FILE, POPULATION_FILE):  # truncated or damaged JSON
+        file = folder / name
+        if file.is_file():
+            try:
+                json.loads(file.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as err:
+                raise OutputDirError(f"{what}: {file} cannot be read ({err}); it is damaged (truncated?): use "
+                                     "another checkpoint") from None
     weights = folder / WEIGHTS_FILE
     if weights.is_file():
         problem = _safetensors_problem(weights)
@@ -284,7 +330,8 @@ def check_checkpoint_folder(path: str | os.PathLike, *, what: str = "resume_from
     return folder
 
 
-def _last_checkpoint(output_dir: str) -> str | None:
+def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest complete `checkpoint-N` folder of `output_dir`, or None."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return None
@@ -301,7 +348,7 @@ def resolve_resume(output_dir: str, resume: str | bool | None) -> str | None:
     if resume is None or resume is False or resume == "":
         return None
     if resume is True or str(resume) in ("true", "True", "last"):
-        last = _last_checkpoint(output_dir)
+        last = last_checkpoint(output_dir)
         if last is None and resume is True:
             raise OutputDirError(f"resume_from_checkpoint: no checkpoint-N folder in output_dir {output_dir}")
         if last is None:
@@ -328,7 +375,7 @@ _CONFIG_IDENTITY_FIELDS = (
     "lr_decay_gamma", "max_grad_norm", "graft_source", "graft_level", "graft_criterion", "graft_bins", "graft_A",
     "graft_c", "graft_every_epochs", "graft_every_steps", "graft_start_epoch", "graft_noise_a",
     "graft_invalid_threshold", "bn_recalibration_batches", "data_order", "teacher_models", "kd_temperature",
-    "kd_weight", "ce_weight",
+    "kd_weight", "ce_weight", "label_smoothing_factor",
 )
 
 
@@ -465,10 +512,17 @@ class OutputDirClaim:
 
     def _claim(self, resume, check_fresh, identity, needed_bytes) -> str | None:
         output_dir = self.args.output_dir
+        asked = resume is not None and resume is not False and resume != ""
+        if asked and getattr(self.args, "replace_output_dir", False):
+            raise OutputDirError(
+                "resume_from_checkpoint and replace_output_dir are both set, but a resume continues the run in "
+                f"{output_dir} and replace_output_dir deletes it; to resume, set replace_output_dir: false "
+                "(--replace_output_dir false); to start afresh, drop resume_from_checkpoint"
+            )
         self.lock = lock_output_dir(output_dir)
         try:
             checkpoint = resolve_resume(output_dir, resume)
-            replaced = self._check_fresh(output_dir) if checkpoint is None and check_fresh else []
+            replaced = self._check_fresh(output_dir, asked) if checkpoint is None and check_fresh else []
             if needed_bytes:  # counting the room the previous run's files leave when they are replaced
                 _check_room(output_dir, needed_bytes, freed_bytes=_size(replaced))
             if checkpoint is not None:
@@ -484,13 +538,20 @@ class OutputDirClaim:
         return checkpoint
 
     def clear_previous_run(self) -> None:
-        """Remove the previous run that `replace_output_dir` replaces (once; nothing on other processes)."""
+        """Remove the previous run that `replace_output_dir` replaces, and what interrupted saves left behind
+        (`interrupted_save_leftovers`); once, on the process that holds the lock."""
         replaced, self._replaced = self._replaced, []
         for path in replaced:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         if replaced:
             logger.warning("replace_output_dir: removed the previous run's %s from %s",
                            ", ".join(p.name for p in replaced), self.args.output_dir)
+        leftovers = interrupted_save_leftovers(self.args.output_dir) if self.lock is not None else []
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+        if leftovers:
+            logger.info("output_dir %s: removed what interrupted saves left behind: %s", self.args.output_dir,
+                        ", ".join(p.name for p in leftovers))
 
     def at_train_begin(self):
         """A `TrainerCallback` that calls `clear_previous_run` when training begins."""
@@ -504,7 +565,7 @@ class OutputDirClaim:
 
         return ClearPreviousRun()
 
-    def _check_fresh(self, output_dir: str) -> list[Path]:
+    def _check_fresh(self, output_dir: str, resume_asked: bool = False) -> list[Path]:
         """Refuse a folder holding another run, or (with `replace_output_dir`) list what replacing it removes."""
         previous = previous_run_entries(output_dir)
         if not previous:
@@ -512,7 +573,14 @@ class OutputDirClaim:
         if getattr(self.args, "replace_output_dir", False):
             return _previous_run_to_replace(output_dir)
         shown = ", ".join(previous[:4]) + (f", ... ({len(previous)} in all)" if len(previous) > 4 else "")
-        raise OutputDirError(f"output_dir: {output_dir} holds another run's checkpoints or results ({shown}); {WAYS_OUT}")
+        if resume_asked:  # "true" / "last" found no checkpoint: the results are of a run that saved none
+            raise OutputDirError(
+                f"resume_from_checkpoint: {output_dir} holds another run's results ({shown}) but no checkpoint-N "
+                "folder to resume from (that run saved none); use another or an emptied output_dir, or set "
+                "replace_output_dir: true, without resume_from_checkpoint, to replace it"
+            )
+        ways = WAYS_OUT if any(CHECKPOINT_RE.match(name) for name in previous) else WAYS_OUT.split(", ", 1)[1]
+        raise OutputDirError(f"output_dir: {output_dir} holds another run's checkpoints or results ({shown}); {ways}")
 
     def release(self) -> None:
         if self.lock is not None:

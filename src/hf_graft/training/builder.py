@@ -14,6 +14,7 @@ from hf_graft.data.loading import ImageData, load_image_data
 from hf_graft.data.sampling import MemberOrderDataset
 from hf_graft.data.populations import population_datasets
 from hf_graft.data.transforms import resolve_student_data_config
+from hf_graft.population.sources import hub_model_error
 from hf_graft.population.students import PopulationSpec, StudentPopulation
 
 __all__ = ["build_population_and_datasets", "load_data", "student_data_config"]
@@ -30,9 +31,14 @@ def _student_probe(config: GraftingConfig, num_classes: int):
 
     kwargs = dict(num_classes=num_classes, **config.student_model_kwargs)
     try:
-        return timm.create_model(config.student_model, device="meta", **kwargs)
-    except (NotImplementedError, RuntimeError):  # an architecture that computes with its weights when built
-        return timm.create_model(config.student_model, **kwargs)
+        try:
+            return timm.create_model(config.student_model, device="meta", **kwargs)
+        except (NotImplementedError, RuntimeError):  # an architecture that computes with its weights when built
+            return timm.create_model(config.student_model, **kwargs)
+    except Exception as err:  # an hf-hub: id that cannot be fetched: say which field and id
+        if not config.student_model.startswith("hf-hub:"):
+            raise
+        raise hub_model_error("GraftingConfig.student_model", config.student_model, err) from err
 
 
 def student_data_config(config: GraftingConfig, num_classes: int, input_size: int | None = None) -> dict[str, Any]:

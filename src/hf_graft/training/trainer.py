@@ -144,6 +144,7 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         self._population = model
         self._member_params: list[list[nn.Parameter]] | None = None
         model.ce_weight, model.kd_weight, model.kd_temperature = args.ce_weight, args.kd_weight, args.kd_temperature
+        model.label_smoothing = args.label_smoothing_factor  # every member's CE (the Trainer's smoother: see below)
         on_cuda = args.device.type == "cuda"
         self.channels_last = on_cuda if args.channels_last is None else bool(args.channels_last)
         model.set_execution(channels_last=self.channels_last, fused=args.member_execution == "fused",
@@ -174,17 +175,23 @@ class GraftingTrainer(AtomicCheckpoints, Trainer):
         self.eval_metrics = PopulationMetrics(
             args.select_student, args.extra_metrics, args.extra_metric_kwargs, owner=f"{type(args).__name__}.extra_metrics"
         )
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator or collate_examples,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            compute_metrics=compute_metrics or self._compute_metrics,
-            # recalibration first, so that users' `on_graft_end` sees the statistics the run continues with
-            callbacks=[self.graft_callback, *recalibration, *(callbacks or [])],
-            **kwargs,
-        )
+        # the Trainer builds a LabelSmoother from label_smoothing_factor, reading `model.config` (which a population
+        # has not); it would never run (compute_loss is the population's): the factor is zero while it is built
+        smoothing, args.label_smoothing_factor = args.label_smoothing_factor, 0.0
+        try:
+            super().__init__(
+                model=model,
+                args=args,
+                data_collator=data_collator or collate_examples,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                compute_metrics=compute_metrics or self._compute_metrics,
+                # recalibration first, so that users' `on_graft_end` sees the statistics the run continues with
+                callbacks=[self.graft_callback, *recalibration, *(callbacks or [])],
+                **kwargs,
+            )
+        finally:
+            args.label_smoothing_factor = smoothing
         if model.fused is not None and _is_sharded(self.accelerator):
             raise ValueError("GraftingConfig.member_execution: 'fused' runs with one process or DDP, not with "
                              f"{self.accelerator.distributed_type.value}; use member_execution: loop")

@@ -482,7 +482,8 @@ def test_resume_messages_say_what_is_true(finished_run, tmp_path, capsys):
             f"{out} and replace_output_dir deletes it") in line
     assert cli(out, "--resume_from_checkpoint", "true", "--replace_output_dir", "false") == 2
     (line,) = error_lines(capsys)
-    assert f"{out} holds another run's results (all_results.json, student, trainer_state.json) but no checkpoint-N" in line
+    assert (f"{out} holds another run's results (all_results.json, student, trainer_state.json) but no "
+            "checkpoint-N") in line
     assert "resume_from_checkpoint: true)" not in line  # never the advice to pass what was passed
     assert cli(out, "--replace_output_dir", "false") == 2  # a fresh run: no advice to resume a run without checkpoints
     (line,) = error_lines(capsys)

@@ -144,7 +144,8 @@ def _names_differ(model: LoadedModel, data_names: list[str]) -> str | None:
         return None
 
     def shown(values):
-        return "{" + ", ".join(map(repr, values[:6])) + (f", ... ({len(values)} in all)" if len(values) > 6 else "") + "}"
+        more = f", ... ({len(values)} in all)" if len(values) > 6 else ""
+        return "{" + ", ".join(map(repr, values[:6])) + more + "}"
 
     missing = [n for n in data_names if n not in set(names)]
     return (f"the dataset's class names {shown(data_names)} are not the model's {shown(names)} ({len(missing)} of "

@@ -27,7 +27,8 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = [
-    "CorruptImageError", "DECODE_ERRORS", "LabelError", "as_rgb", "check_classes", "prepare_labels", "undecodable_image",
+    "CorruptImageError", "DECODE_ERRORS", "LabelError", "as_rgb", "check_classes", "prepare_labels",
+    "undecodable_image",
 ]
 
 logger = logging.getLogger("hf_graft.data")

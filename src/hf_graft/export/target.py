@@ -61,17 +61,21 @@ def _is_export(folder: Path, entries: list[str]) -> bool:
         return False
     if _recorded_source(folder) is not None:
         return True
-    try:  # a run's own student/ folder: the student config without a checkpoint record
+    try:  # a run's own student/ folder: the student config (`student_folder.build_student_config`), no record
         config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and config.get("model_type") == "timm_wrapper" and "architecture" in config
+    return (isinstance(config, dict) and config.get("model_type") == "timm_wrapper" and "architecture" in config
+            and isinstance(config.get("model_args"), dict) and isinstance(config.get("pretrained_cfg"), dict))
 
 
 def _training_run_inside(folder: Path) -> Path | None:
     """A training output or checkpoint folder at `folder` or one level below it, if any."""
     for candidate in (folder, *(p for p in folder.iterdir() if p.is_dir())):
-        names = {p.name for p in candidate.iterdir()} if candidate.is_dir() else set()
+        try:
+            names = {p.name for p in candidate.iterdir()}
+        except OSError:  # a folder this user cannot read
+            continue
         if POPULATION_FILE in names or RUN_IDENTITY_FILE in names or any(CHECKPOINT_RE.match(n) for n in names):
             return candidate
     return None

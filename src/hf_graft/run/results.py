@@ -119,7 +119,9 @@ def ensemble_metrics(metrics: Mapping[str, Any], prefix: str = "eval") -> dict[s
 
 def ensemble_label(members: Sequence[int] | None) -> str:
     """What the ensemble is: "ensemble of all members", or of the members listed when some were left out."""
-    return "ensemble of all members" if members is None else f"ensemble of {_members(members)} (diverged members left out)"
+    if members is None:
+        return "ensemble of all members"
+    return f"ensemble of {_members(members)} (diverged members left out)"
 
 
 def filter_summaries(metrics: Mapping[str, Any], members: Sequence, *, thresholds: Sequence[float], bins: int,

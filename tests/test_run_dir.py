@@ -111,7 +111,8 @@ def test_library_trainer_refuses_another_run_and_may_train_again(make_trainer, t
 ])
 def test_resume_refuses_a_checkpoint_of_another_experiment(finished_run, tmp_path, capsys, change, message):
     out = copy_run(finished_run, tmp_path / "run")
-    assert cli(out, "--resume_from_checkpoint", "true", "--num_train_epochs", "2", *change) == 2
+    assert cli(out, "--resume_from_checkpoint", "true", "--replace_output_dir", "false", "--num_train_epochs", "2",
+               *change) == 2
     (line,) = error_lines(capsys)
     assert message in line and str(out / "checkpoint-8") in line
 
@@ -119,14 +120,15 @@ def test_resume_refuses_a_checkpoint_of_another_experiment(finished_run, tmp_pat
 def test_resume_with_the_same_settings_and_more_epochs(finished_run, tmp_path):
     out = copy_run(finished_run, tmp_path / "run")
     (out / "tmp-checkpoint-12").mkdir()  # never picked as the last checkpoint
-    assert cli(out, "--resume_from_checkpoint", "true", "--num_train_epochs", "3", "--save_strategy", "epoch") == 0
+    assert cli(out, "--resume_from_checkpoint", "true", "--replace_output_dir", "false", "--num_train_epochs", "3",
+               "--save_strategy", "epoch") == 0
     state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
     assert state["global_step"] == 12 and [e["step"] for e in state["log_history"] if "loss" in e][0] == 1
 
 
 def test_resume_from_a_missing_unfinished_or_damaged_checkpoint(finished_run, tmp_path, capsys):
     out = copy_run(finished_run, tmp_path / "run")
-    common = ["--num_train_epochs", "3"]
+    common = ["--num_train_epochs", "3", "--replace_output_dir", "false"]  # the quickstart sets it
     assert cli(out, "--resume_from_checkpoint", str(out / "checkpoint-99"), *common) == 2
     assert "checkpoint-99 does not exist" in error_lines(capsys)[0]
 
@@ -245,12 +247,15 @@ def test_export_refuses_a_folder_that_is_not_an_export_of_this_checkpoint(finish
     # the run's own student/ is not an export of a checkpoint either
     assert export.main([str(checkpoint_8), "--member", "0", "--out", str(finished_run / "student")]) == 2
 
-    assert export.main([str(checkpoint_8), "--member", "0", "--out", str(mine), "--overwrite"]) == 0
-    assert sorted(p.name for p in mine.iterdir()) == sorted(EXPORT_FILES)
-    assert json.loads((mine / "config.json").read_text())["hf_graft_export"]["checkpoint"] == "checkpoint-8"
+    # --overwrite replaces what an earlier export wrote, never anything else
+    assert export.main([str(checkpoint_8), "--member", "0", "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(EXPORT_FILES)
+    assert json.loads((out / "config.json").read_text())["hf_graft_export"]["checkpoint"] == "checkpoint-8"
+    assert export.main([str(checkpoint_8), "--member", "0", "--out", str(mine), "--overwrite"]) == 2
+    assert (mine / "README.md").read_text() == "my notes"
     capsys.readouterr()
     assert export.main([str(checkpoint_8), "--member", "0", "--out", str(finished_run), "--overwrite"]) == 2
-    assert "training output" in error_lines(capsys, "hf-graft export")[0]
+    assert "contains the checkpoint being exported" in error_lines(capsys, "hf-graft export")[0]
 
 
 def test_exported_files_are_readable_by_others_under_the_umask(finished_run, tmp_path):

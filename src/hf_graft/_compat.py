@@ -41,7 +41,8 @@ class ForeignMember:
 # private Trainer / nn.Module methods that hf_graft's classes override (checked to exist with these names)
 OVERRIDDEN_HOOKS = {
     "transformers.trainer:Trainer": ("_build_accelerator_args", "_clip_grad_norm", "_get_grad_norm",
-                                     "_get_train_sampler", "_prepare_inputs", "_push_from_checkpoint", "_save"),
+                                     "_get_train_sampler", "_prepare_inputs", "_push_from_checkpoint", "_save",
+                                     "_save_checkpoint"),
     "torch.nn:Module": ("_apply",),
 }
 

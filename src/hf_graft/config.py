@@ -137,6 +137,33 @@ class DataArguments:
                     _fail(owner, name, getattr(self, name), "null with data_on_device (pad_crop / none only)")
 
 
+# batch sizes, counts and intervals a run needs: (field, smallest allowed, whether null is allowed)
+_RUN_LENGTHS = (
+    ("per_device_train_batch_size", 1, False), ("per_device_eval_batch_size", 1, False),
+    ("gradient_accumulation_steps", 1, False), ("eval_accumulation_steps", 1, True),
+    ("dataloader_num_workers", 0, False), ("dataloader_prefetch_factor", 1, True), ("save_total_limit", 1, True),
+)
+
+
+def _check_run_lengths(config: "GraftingConfig", owner: str) -> None:
+    """Values the Trainer would only refuse once training starts (after replace_output_dir has cleared the
+    folder), or would run with silently: refused here, with the config."""
+    for name, low, nullable in _RUN_LENGTHS:
+        value = getattr(config, name)
+        if (value is None and not nullable) or (value is not None and value < low):
+            _fail(owner, name, value, f"an integer >= {low}" + (", or null" if nullable else ""))
+    for name in ("logging_steps", "save_steps", "eval_steps"):
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            _fail(owner, name, value, "a number > 0 (steps, or a fraction of the run below 1)"
+                  + (", or null" if name == "eval_steps" else ""))
+    if config.max_steps != -1 and config.max_steps < 1:
+        _fail(owner, "max_steps", config.max_steps, "a positive integer, or -1 to train num_train_epochs")
+    if config.max_steps == -1 and not config.num_train_epochs > 0:
+        _fail(owner, "num_train_epochs", config.num_train_epochs,
+              "a number > 0 (0 would train nothing and export an untrained student), or set max_steps")
+
+
 @dataclass
 class GraftingConfig(TrainingArguments):
     """Training arguments for a population of grafted timm students (and grafting+ teachers).
@@ -431,6 +458,7 @@ class GraftingConfig(TrainingArguments):
             self.teacher_models = None
         if self.license is not None and (not isinstance(self.license, str) or not self.license.strip()):
             _fail(owner, "license", self.license, "null, or a Hub license id such as apache-2.0 or mit")
+        _check_run_lengths(self, owner)
         self._check_compile_settings(owner)
         refused = refused_field(self)
         if refused is not None:

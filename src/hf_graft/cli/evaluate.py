@@ -138,6 +138,23 @@ def _label_map(model: LoadedModel, data_names: list[str]) -> list[int] | None:
     return [names.index(n) for n in data_names]
 
 
+def _names_differ(model: LoadedModel, data_names: list[str]) -> str | None:
+    """A warning when the model and the dataset both name their classes and the dataset's names are not
+    among the model's: the labels are then compared by class index alone."""
+    names = model.label_names
+    if not names or data_names == [str(i) for i in range(len(data_names))] or set(data_names) <= set(names):
+        return None
+
+    def shown(values):
+        more = f", ... ({len(values)} in all)" if len(values) > 6 else ""
+        return "{" + ", ".join(map(repr, values[:6])) + more + "}"
+
+    missing = [n for n in data_names if n not in set(names)]
+    return (f"the dataset's class names {shown(data_names)} are not the model's {shown(names)} ({len(missing)} of "
+            f"{len(data_names)} are not among them): labels are compared by class index, which is right only if "
+            "both list the same classes in the same order")
+
+
 def evaluate_model(
     model: str | LoadedModel,
     data_args,
@@ -151,7 +168,8 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Evaluate `model` (a MODEL string or a LoadedModel) on the evaluation split of `data_args`.
 
-    Returns {"model", "dataset", "split", "num_examples", "top1", "top5", <extra metric results>}.
+    Returns {"model", "dataset", "split", "num_examples", "top1", "top5", <extra metric results>}, and
+    "warning" when the dataset's class names are not the model's (`_names_differ`).
     `seed` picks the held-out part when the dataset has no evaluation split (use the training run's).
     """
     import numpy as np
@@ -167,6 +185,7 @@ def evaluate_model(
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     data = load_image_data(data_args, seed=seed)
     label_map = _label_map(loaded, data.label_names)
+    warning = _names_differ(loaded, data.label_names)
     dataset = MemberOrderDataset(data.eval, loaded.transform, data.image_column, data.label_column)
     if len(dataset) == 0:
         raise EvaluationError(f"{data_args.dataset_name}: the evaluation split has no examples")
@@ -193,6 +212,8 @@ def evaluate_model(
         "num_examples": int(len(labels_np)),
     }
     results.update({k: v for k, v in scores.items() if k not in population_keys})
+    if warning:
+        results["warning"] = warning
     return results
 
 
@@ -270,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (HfGraftError, ValueError, OSError) as error:
         return fail(1, one_line(error), error)
 
+    if "warning" in results:
+        print(f"{PROG}: warning: {results['warning']}", file=sys.stderr)
     print(f"{results['model']} on {results['dataset']} ({results['split']}, {results['num_examples']} images)")
     for key, value in results.items():
         if key not in ("model", "dataset", "split", "num_examples"):

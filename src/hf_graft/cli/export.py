@@ -44,7 +44,23 @@ def _check_member(checkpoint_dir: Path, member: int):
     spec = PopulationSpec.load(checkpoint_dir)
     if isinstance(member, bool) or not 0 <= int(member) < spec.num_students:
         raise ValueError(f"member {member}: out of range, {checkpoint_dir} holds members 0..{spec.num_students - 1}")
+    _check_finite(checkpoint_dir, int(member))
     return spec
+
+
+def _check_finite(checkpoint_dir: Path, member: int) -> None:
+    """Refuse a member whose weights hold nan or inf (it diverged), naming the tensors."""
+    from safetensors import safe_open
+
+    from hf_graft.export.student_folder import describe_non_finite, non_finite_tensors
+
+    prefix = f"members.{member}."
+    with safe_open(str(checkpoint_dir / WEIGHTS_FILE), framework="pt") as handle:
+        state = {name[len(prefix):]: handle.get_tensor(name) for name in handle.keys() if name.startswith(prefix)}
+    broken = non_finite_tensors(state)
+    if broken:
+        raise ValueError(f"member {member} of {checkpoint_dir}: {describe_non_finite(broken, len(state))}; it "
+                         "diverged and is not exported: export another member")
 
 
 def _export_member(
@@ -96,7 +112,8 @@ def export_from_checkpoint(
     The model card shows what the checkpoint records: the run's settings (graft_run.json), every logged
     evaluation (trainer_state.json; `member_metrics` replaces the one of this checkpoint's step) and the
     dataset (graft_population.json); `license` is its license line.
-    A non-empty `out` is replaced only if it holds an export of this same checkpoint, or with `overwrite`.
+    A non-empty `out` is replaced only if it holds an export of this same checkpoint, or, with `overwrite`,
+    an earlier export of another one (see `export.target`).
     A failed push raises `PushToHubError` and leaves the written folder in place.
     """
     folder = _export_member(Path(checkpoint_dir), member, out, push_to_hub, member_metrics, overwrite, license)
@@ -116,7 +133,8 @@ def build_parser(prog: str = "hf-graft export") -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True,
                         help="folder to write (replaced if it holds an export of the same checkpoint)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace --out as a whole even if it holds something else")
+                        help="replace --out when it holds an earlier export of another checkpoint (never a folder "
+                        "holding anything else)")
     parser.add_argument("--push-to-hub", metavar="REPO", default=None, help="Hub model repo id to upload the folder to")
     parser.add_argument("--private", action="store_true", default=None, help="create the Hub repo as private")
     parser.add_argument("--revision", default=None, metavar="BRANCH",
@@ -171,12 +189,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         folder = _export_member(Path(args.checkpoint_dir), args.member, args.out, args.push_to_hub, metrics,
                                 args.overwrite, args.license)
+    except KeyboardInterrupt:  # the folder is replaced in one rename at the end: nothing partial is left
+        return fail(130, f"interrupted; --out {args.out} is as it was before (no partial export is left)")
     except (HfGraftError, OSError, ValueError) as e:
         return fail(1, f"export failed: {e}", e)
     print(f"wrote {folder}")
     if args.push_to_hub:
         try:
             url = push_student(folder, args.push_to_hub, token=token, private=args.private, revision=args.revision)
+        except KeyboardInterrupt:
+            return fail(130, f"interrupted while uploading; {folder} is complete: push it again with --push-to-hub")
         except PushToHubError as e:
             return fail(1, f"{e}; the exported folder is kept", e)
         print(f"pushed to {url}")

@@ -67,6 +67,19 @@ def run_training(data_args: DataArguments, config: GraftingConfig, callbacks=Non
     return trainer.results
 
 
+def _what_is_kept(config: GraftingConfig) -> str:
+    """After an interrupted run: the checkpoint it can resume from (and the command-line flags that resume),
+    or that there is none."""
+    from hf_graft.run.output_dir import last_complete_checkpoint
+
+    checkpoint = last_complete_checkpoint(config.output_dir, world_size=config.world_size)
+    if checkpoint is None:
+        return f"no checkpoint was written in {config.output_dir}, so there is nothing to resume: run it again"
+    flags = "--resume_from_checkpoint true" + (" --replace_output_dir false" if config.replace_output_dir else "")
+    return (f"the last complete checkpoint is {checkpoint}: resume from it with the same command and {flags} "
+            "(a checkpoint whose save was interrupted is skipped)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_enabled(argv)  # HF_GRAFT_DEBUG=1 or --debug: a refusal's traceback too
@@ -90,10 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hf_graft.training.divergence import DivergenceError
     from hf_graft.export.hub import PushToHubError
     from hf_graft.run.preflight import PreflightError
+    from hf_graft.run.checkpoints import CheckpointSaveError
     from hf_graft.run.output_dir import OutputDirError
 
     try:
-        run_training(data_args, config, inputs_checked=True)  # parse_recipe checked the models and metrics
+        results = run_training(data_args, config, inputs_checked=True)  # parse_recipe checked models, metrics
+    except KeyboardInterrupt:  # Ctrl-C: what is kept and how to go on, not a traceback
+        print(f"hf-graft train: interrupted; {_what_is_kept(config)}", file=sys.stderr)
+        return 130
     except (SetupError, OutputDirError, PreflightError) as err:  # refused before any training step
         return _refused(err, 2, debug)
     except DivergenceError as err:  # all_results.json holds what was measured
@@ -102,6 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _refused(err, 1, debug, err.one_line())
     except PushToHubError as err:  # the local student is complete; only the upload failed
         return _refused(err, 1, debug, f"{err}; the student folder is kept")
+    except CheckpointSaveError as err:  # the disk is full: where, and which checkpoint is intact
+        return _refused(err, 1, debug)
+    if config.export_student and results.get("selected_member") is None:  # e.g. the chosen member diverged
+        print(f"hf-graft train: no student written: {results.get('selection_reason')}; the results are in "
+              f"{config.output_dir}", file=sys.stderr)
+        return 1
     return 0
 
 

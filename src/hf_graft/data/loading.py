@@ -75,7 +75,17 @@ def _load_raw(args: DataArguments):
             raise RuntimeError(f"DataArguments.data_dir: could not load images from {args.data_dir!r}: {cause}") from err
     path = Path(name).expanduser()
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as err:  # e.g. a split saved empty, which datasets cannot load back
+            empty = _empty_saved_splits(path)
+            if empty:
+                raise ValueError(
+                    f"DataArguments.dataset_name: {name}: split(s) {', '.join(map(repr, empty))} were saved with no "
+                    "examples, which datasets cannot load back; save the dataset without them"
+                ) from err
+            cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RuntimeError(f"DataArguments.dataset_name: could not load {name!r}: {cause}") from err
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
     if name.startswith((".", "/", "~")) and not path.is_dir():
         raise FileNotFoundError(f"DataArguments.dataset_name: {name!r} is not a folder")
@@ -88,6 +98,23 @@ def _load_raw(args: DataArguments):
     if not isinstance(loaded, datasets.DatasetDict):  # a dataset with a single unnamed split
         loaded = datasets.DatasetDict({"train": loaded})
     return loaded
+
+
+def _empty_saved_splits(path: Path) -> list[str]:
+    """The splits of a `save_to_disk` folder that hold no data files (saved with no examples)."""
+    import json
+
+    def empty(folder: Path) -> bool:
+        try:
+            return not json.loads((folder / "state.json").read_text()).get("_data_files")
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    try:
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ["train"] if empty(path) else []
+    return [str(split) for split in splits if empty(path / str(split))]
 
 
 def _pick_column(features, wanted: str | None, kind_check: Callable[[Any], bool], guesses, what: str) -> str:
@@ -165,6 +192,9 @@ def load_image_data(args: DataArguments, seed: int = 42) -> ImageData:
             split = train.train_test_split(test_size=args.validation_split_percentage / 100.0, seed=seed)
             train, evaluation = split["train"], split["test"]
             eval_split = f"{args.validation_split_percentage}% of {args.train_split!r} held out (seed {seed})"
+    for field, split, part in (("train_split", args.train_split, train), ("eval_split", eval_split, evaluation)):
+        if len(part) == 0:
+            raise ValueError(f"DataArguments.{field}: split {split!r} of {args.dataset_name} has no examples")
     for column in (image_column, label_column):
         if column not in evaluation.features:
             raise ValueError(

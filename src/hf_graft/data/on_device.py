@@ -43,7 +43,7 @@ from hf_graft.config import DataArguments
 from hf_graft.data.sampling import member_orders
 from hf_graft.utils.rng import mix_seed
 from hf_graft.data.transforms import normalize_pixels
-from hf_graft.data.checks import DECODE_ERRORS, undecodable_image
+from hf_graft.data.checks import DECODE_ERRORS, as_rgb, undecodable_image
 
 __all__ = [
     "DEVICE_AUGMENTATIONS",
@@ -306,8 +306,7 @@ def _decode_range(bounds: tuple[int, int]) -> np.ndarray:
     for j, value in enumerate(values):
         try:  # a file that cannot be read is named (split, row, file), not skipped
             image = feature.decode_example(value)
-            if image.mode != "RGB":
-                image = image.convert("RGB")
+            image = as_rgb(image)
         except DECODE_ERRORS as err:
             raise undecodable_image(dataset, low + j, column, err) from err
         image = geometry(image)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from hf_graft.config import DataArguments
+from hf_graft.data.fingerprint import data_identity
 from hf_graft.data.loading import ImageData
 from hf_graft.data.sampling import MemberOrderDataset
 from hf_graft.data.transforms import build_transform
@@ -28,22 +29,25 @@ def population_datasets(
     """(train, eval) datasets of a population: timm transforms for `data_config`, the training set
     in `order` for each of `num_members` members (one member: shared), the eval set shared.
     With `data_args.data_on_device`, both splits are decoded once onto `device` instead
-    (`device_data.DeviceImageDataset`; `train_cls` does not apply)."""
+    (`device_data.DeviceImageDataset`; `train_cls` does not apply).
+    The training set's `data_identity` (`fingerprint.data_identity`) is what a resume compares."""
     if data_args.data_on_device:
         from hf_graft.data.on_device import device_population_datasets
 
         train, evaluation = device_population_datasets(data, data_args, data_config, num_members=num_members,
                                                        order=order, seed=seed, device=device)
         evaluation.split_name = data.eval_split
-        return train, evaluation
-    train = train_cls(
-        data.train, build_transform(data_config, data_args, is_training=True), data.image_column, data.label_column,
-        num_members=num_members, order=order if num_members > 1 else "shared", seed=seed,
-    )
-    evaluation = MemberOrderDataset(
-        data.eval, build_transform(data_config, data_args, is_training=False), data.image_column, data.label_column,
-    )
-    evaluation.split_name = data.eval_split  # what the run's numbers are measured on, for its results
+    else:
+        train = train_cls(
+            data.train, build_transform(data_config, data_args, is_training=True), data.image_column,
+            data.label_column, num_members=num_members, order=order if num_members > 1 else "shared", seed=seed,
+        )
+        evaluation = MemberOrderDataset(
+            data.eval, build_transform(data_config, data_args, is_training=False), data.image_column,
+            data.label_column,
+        )
+        evaluation.split_name = data.eval_split  # what the run's numbers are measured on, for its results
+    train.data_identity = data_identity(data, data_args, data_config)
     return train, evaluation
 
 

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Sampler
 
-from hf_graft.data.checks import DECODE_ERRORS, undecodable_image
+from hf_graft.data.checks import DECODE_ERRORS, as_rgb, undecodable_image
 from hf_graft.utils.rng import mix_seed, preserved_rng, seed_global_rng
 
 __all__ = ["EpochShuffleSampler", "MemberOrderDataset", "member_orders"]
@@ -107,8 +107,7 @@ class MemberOrderDataset(TorchDataset):
         try:  # decoding happens here; a file that cannot be read is named, not skipped
             row = self.dataset[index]
             image = row[self.image_column]
-            if image.mode != "RGB":
-                image = image.convert("RGB")
+            image = as_rgb(image)
         except DECODE_ERRORS as err:
             raise undecodable_image(self.dataset, index, self.image_column, err) from err
         seed = mix_seed(self.seed, epoch, index, member)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from hf_graft.models.registry import architecture_note
-from hf_graft.run.results import format_number as _format_number
+from hf_graft.run.results import ensemble_label, format_number as _format_number
 from hf_graft.data.transforms import DATA_CONFIG_KEYS
 from hf_graft.utils.serialization import to_json_value
 
@@ -62,8 +62,10 @@ def _metrics_table(
     selected_member: int | None,
 ) -> str:
     rows = {int(k): dict(v) for k, v in member_metrics.items()}
+    ensemble_metrics = dict(ensemble_metrics or {})
+    ensemble_members = ensemble_metrics.pop("members", None)
     columns: list[str] = []
-    for metrics in [*rows.values(), dict(ensemble_metrics or {})]:
+    for metrics in [*rows.values(), ensemble_metrics]:
         columns += [c for c in metrics if c not in columns]
     if not columns:
         return "_No evaluation results were recorded with this export._\n"
@@ -73,7 +75,7 @@ def _metrics_table(
         label = f"**member {k} (exported)**" if k == selected_member else f"member {k}"
         lines.append(f"| {label} | " + " | ".join(_format_number(rows[k].get(c, "")) for c in columns) + " |")
     if ensemble_metrics:
-        lines.append("| ensemble of all members | "
+        lines.append(f"| {ensemble_label(ensemble_members)} | "
                      + " | ".join(_format_number(ensemble_metrics.get(c, "")) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 

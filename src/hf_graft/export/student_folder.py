@@ -47,11 +47,16 @@ import torch.nn as nn
 from hf_graft.data.transforms import DATA_CONFIG_KEYS
 from hf_graft.export.model_card import build_model_card
 from hf_graft.models.registry import architecture_note, check_architecture
-from hf_graft.utils.files import CONFIG_FILE, EXPORT_FILES, MODEL_CARD_FILE, WEIGHTS_FILE
+from hf_graft.utils.files import (
+    CONFIG_FILE, EXPORT_BACKUP_TAG, EXPORT_FILES, EXPORT_STAGING_TAG, MODEL_CARD_FILE, WEIGHTS_FILE,
+)
 from hf_graft.utils.serialization import to_json_value
 from hf_graft import _compat
 
-__all__ = ["CONFIG_FILE", "EXPORT_FILES", "MODEL_CARD_FILE", "WEIGHTS_FILE", "build_student_config", "save_student"]
+__all__ = [
+    "CONFIG_FILE", "EXPORT_FILES", "MODEL_CARD_FILE", "WEIGHTS_FILE", "build_student_config", "describe_non_finite",
+    "non_finite_tensors", "save_student",
+]
 
 
 TRANSFORMERS_CLASS = "TimmWrapperForImageClassification"
@@ -173,6 +178,16 @@ def _unwrap(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
+
+
+def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors of a state dict that hold nan or inf."""
+    return [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def describe_non_finite(names: Sequence[str], total: int) -> str:
+    shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+    return f"{len(names)} of {total} tensors hold non-finite values (nan or inf): {shown}"
 
 
 def _state_dict_for_file(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -302,6 +317,10 @@ def save_student(
     folder = Path(folder).absolute()
     if not replace:
         _check_replaceable(folder)
+    state = model.state_dict()
+    broken = non_finite_tensors(state)
+    if broken:  # a diverged network: no loader could be checked against it, and no one should use it
+        raise ValueError(f"{folder}: not written: {describe_non_finite(broken, len(state))}; the network diverged")
     config = build_student_config(
         model, architecture=architecture, model_kwargs=model_kwargs, label_names=label_names, data_config=data_config
     )
@@ -311,7 +330,7 @@ def save_student(
         card = _minimal_card(config["architecture"], config["label_names"])
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}{EXPORT_STAGING_TAG}", dir=folder.parent))
     backup: Path | None = None
     try:
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -321,7 +340,7 @@ def save_student(
             _verify_folder(staging, model, config)
         apply_default_permissions(staging)
         if folder.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}{EXPORT_BACKUP_TAG}", dir=folder.parent))
             backup.rmdir()  # only the unique name is wanted: rename needs a free target
             os.replace(folder, backup)
         os.replace(staging, folder)

@@ -2,9 +2,10 @@
 
 An export of a training checkpoint records in its config.json (`hf_graft_export`) the checkpoint's
 folder name, the member and a digest of the checkpoint (its trainer state, population description and
-weights header: no local path). Exporting again from the same checkpoint replaces such a folder; any
-other non-empty folder is refused unless `--overwrite` is given, which replaces the folder as a whole
-(never the current folder, one above it, the home folder, or a training output folder).
+weights header: no local path). Exporting again from the same checkpoint replaces such a folder.
+`--overwrite` also replaces a folder holding what an earlier export wrote (the three export files, with
+an export's config.json), whatever checkpoint it came from; nothing else is ever removed: a folder
+holding other files, the checkpoint being exported or a training run is refused, `--overwrite` or not.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import os
 import struct
 from pathlib import Path
 from typing import Any
-from hf_graft.utils.files import CONFIG_FILE, EXPORT_FILES, POPULATION_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE
+from hf_graft.utils.files import (
+    CHECKPOINT_RE, CONFIG_FILE, EXPORT_FILES, POPULATION_FILE, RUN_IDENTITY_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE,
+)
 
 __all__ = ["EXPORT_SOURCE_KEY", "apply_default_permissions", "check_export_target", "checkpoint_source"]
 
@@ -52,6 +55,32 @@ def _recorded_source(folder: Path) -> dict[str, Any] | None:
     return source if isinstance(source, dict) else None
 
 
+def _is_export(folder: Path, entries: list[str]) -> bool:
+    """Whether `folder` holds only what an export writes: its files, with an export's config.json."""
+    if not set(entries) <= set(EXPORT_FILES) or CONFIG_FILE not in entries:
+        return False
+    if _recorded_source(folder) is not None:
+        return True
+    try:  # a run's own student/ folder: the student config (`student_folder.build_student_config`), no record
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(config, dict) and config.get("model_type") == "timm_wrapper" and "architecture" in config
+            and isinstance(config.get("model_args"), dict) and isinstance(config.get("pretrained_cfg"), dict))
+
+
+def _training_run_inside(folder: Path) -> Path | None:
+    """A training output or checkpoint folder at `folder` or one level below it, if any."""
+    for candidate in (folder, *(p for p in folder.iterdir() if p.is_dir())):
+        try:
+            names = {p.name for p in candidate.iterdir()}
+        except OSError:  # a folder this user cannot read
+            continue
+        if POPULATION_FILE in names or RUN_IDENTITY_FILE in names or any(CHECKPOINT_RE.match(n) for n in names):
+            return candidate
+    return None
+
+
 def check_export_target(out: str | os.PathLike, checkpoint_dir: str | os.PathLike, overwrite: bool = False) -> None:
     """Refuse (FileExistsError, one line) an `--out` folder the export must not replace."""
     folder = Path(out).absolute()
@@ -59,6 +88,10 @@ def check_export_target(out: str | os.PathLike, checkpoint_dir: str | os.PathLik
         raise FileExistsError(f"--out {out}: exists and is not a folder")
     if not folder.is_dir():
         return
+    source = Path(checkpoint_dir).resolve()
+    if folder.resolve() in (source, *source.parents):
+        raise FileExistsError(f"--out {out}: contains the checkpoint being exported ({checkpoint_dir}); replacing it "
+                              "would delete that checkpoint; choose a folder of its own")
     entries = sorted(p.name for p in folder.iterdir())
     if not entries:
         return
@@ -66,23 +99,29 @@ def check_export_target(out: str | os.PathLike, checkpoint_dir: str | os.PathLik
     same = recorded is not None and recorded.get("checkpoint_digest") == _checkpoint_digest(Path(checkpoint_dir))
     if same and set(entries) <= set(EXPORT_FILES):
         return
-    if overwrite:
-        resolved = folder.resolve()
+    run = _training_run_inside(folder)
+    if run is not None:
+        where = "is" if run == folder else f"contains ({run.name})"
+        raise FileExistsError(f"--out {out}: {where} a training output or checkpoint folder, which an export never "
+                              "replaces; choose another folder")
+    if overwrite and _is_export(folder, entries):
         cwd = Path.cwd().resolve()
-        if resolved in (cwd, *cwd.parents, Path.home().resolve()):
-            raise FileExistsError(f"--out {out}: --overwrite would delete the current folder, one above it or the "
+        if folder.resolve() in (cwd, *cwd.parents, Path.home().resolve()):
+            raise FileExistsError(f"--out {out}: --overwrite would replace the current folder, one above it or the "
                                   "home folder; choose a folder of its own")
-        if (folder / POPULATION_FILE).is_file() or any(e.startswith("checkpoint-") for e in entries):
-            raise FileExistsError(f"--out {out}: is a training output or checkpoint folder; choose another folder")
         return
-    if recorded is not None:
+    if recorded is not None and set(entries) <= set(EXPORT_FILES):
         what = f"it holds an export of another checkpoint ({recorded.get('checkpoint')}, member {recorded.get('member')})"
-    else:
-        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-        what = f"it holds {shown}"
+        raise FileExistsError(f"--out {out}: not an export of {checkpoint_dir} ({what}); pass --overwrite to replace "
+                              "it, or choose another folder")
+    foreign = [e for e in entries if e not in EXPORT_FILES] or entries
+    shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+    if _is_export(folder, entries):
+        raise FileExistsError(f"--out {out}: holds another export (not of {checkpoint_dir}); pass --overwrite to "
+                              "replace it, or choose another folder")
     raise FileExistsError(
-        f"--out {out}: not empty and not an export of {checkpoint_dir} ({what}); pass --overwrite to replace it, "
-        "or choose another folder"
+        f"--out {out}: not empty and not an export of {checkpoint_dir} (it holds {shown}); an export replaces only "
+        "what an earlier export wrote (--overwrite included): choose another folder, or move those files away"
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -88,7 +88,9 @@ class PopulationMetrics:
     predictions (argmax) of the selected member (`f1`) and of the ensemble (`ensemble_f1`).
 
     Call it with [N, K, C] logits and [N] labels (or [N, K] per-member labels: the first column).
-    With `ensemble=False` the extra metrics are computed for the selected member only.
+    With `ensemble=False` the extra metrics are computed for the selected member only. Members in
+    `leave_out` (diverged ones) are still measured on their own, but are not in the ensemble, nor chosen
+    as the best member; the ensemble's metrics then come with `ensemble_members`, the members in it.
     """
 
     def __init__(
@@ -105,7 +107,7 @@ class PopulationMetrics:
         self.extra_kwargs = {str(k): dict(v) for k, v in (extra_metric_kwargs or {}).items()}
         self.ensemble = ensemble
 
-    def __call__(self, logits, labels) -> dict[str, Any]:
+    def __call__(self, logits, labels, leave_out: Collection[int] = ()) -> dict[str, Any]:
         logits = np.asarray(logits, dtype=np.float32)
         labels = np.asarray(labels)
         if labels.ndim == 2:  # per-member labels: evaluation data is shared, take the first view
@@ -113,11 +115,25 @@ class PopulationMetrics:
         labels = labels.astype(np.int64)
         results: dict[str, Any] = population_accuracy(torch.from_numpy(logits), torch.from_numpy(labels),
                                                       select_student=self.select_student)
+        members = [k for k in range(logits.shape[1]) if k not in set(leave_out)]
+        if members and len(members) < logits.shape[1]:
+            # the ensemble (and the best member) of the members left: one diverged member's nan logits
+            # would otherwise decide every example of the ensemble
+            best = self.select_student == "best"
+            kept = population_accuracy(torch.from_numpy(logits[:, members]), torch.from_numpy(labels),
+                                       select_student="best" if best else "0")
+            results.update({key: kept[key] for key in ("ensemble_top1", "ensemble_top5")})
+            results["ensemble_members"] = members
+            if best:
+                selected = members[int(kept["selected_member"])]
+                results.update(selected_member=float(selected), top1=results[f"member{selected}_top1"],
+                               top5=results[f"member{selected}_top5"])
         if not self.extra:
             return results
         predictions = {"": logits[:, int(results["selected_member"])].argmax(axis=-1)}
         if self.ensemble:  # the ensemble's probabilities exactly as population_accuracy computes them
-            probs = torch.softmax(torch.from_numpy(logits), dim=-1).mean(dim=1)
+            ensemble = logits[:, results["ensemble_members"]] if "ensemble_members" in results else logits
+            probs = torch.softmax(torch.from_numpy(ensemble), dim=-1).mean(dim=1)
             predictions["ensemble_"] = probs.argmax(dim=-1).numpy()
         for name, metric in self.extra:
             kwargs = self.extra_kwargs.get(name, {})

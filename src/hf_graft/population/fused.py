@@ -407,14 +407,16 @@ def fused_member_losses(
     labels: torch.Tensor,
     teacher_logits: torch.Tensor | None,
     temperature: float,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-member mean cross-entropy and distillation terms ([K] each) of [B, K, C] logits, for all
-    members at once: labels [B] (shared) or [B, K]; teacher logits [M, B, C] or [M, B, K, C].
+    """Per-member mean cross-entropy (with `label_smoothing`) and distillation terms ([K] each) of [B, K, C]
+    logits, for all members at once: labels [B] (shared) or [B, K]; teacher logits [M, B, C] or [M, B, K, C].
     The same terms as `StudentPopulation`'s loop (`F.cross_entropy`, `distill.kd_loss`) computes."""
     B, K, C = logits.shape
     z = at_least_float32(logits)
     y = labels.unsqueeze(1).expand(B, K) if labels.ndim == 1 else labels
-    ce = F.cross_entropy(z.reshape(B * K, C), y.reshape(B * K), reduction="none").view(B, K).mean(0)
+    ce = F.cross_entropy(z.reshape(B * K, C), y.reshape(B * K), reduction="none",
+                         label_smoothing=label_smoothing).view(B, K).mean(0)
     if teacher_logits is None:
         return ce, None
     if teacher_logits.ndim == 4:  # per-member teachers' views: [M, B, K, C] -> pbar [B, K, C]

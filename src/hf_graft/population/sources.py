@@ -25,7 +25,10 @@ from hf_graft.population.students import POPULATION_FILE
 from hf_graft.utils.files import CONFIG_FILE, is_unfinished_checkpoint
 from hf_graft.errors import HfGraftError
 
-__all__ = ["ACCEPTED", "ModelSource", "ModelSourceError", "check_model_name", "load_teacher", "resolve_model_source"]
+__all__ = [
+    "ACCEPTED", "ModelSource", "ModelSourceError", "check_model_name", "hub_model_error", "load_teacher",
+    "resolve_model_source",
+]
 
 MODEL_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 ACCEPTED = (
@@ -127,6 +130,29 @@ def check_model_name(owner: str, field: str, value: str) -> ModelSource:
     return source
 
 
+def hub_model_error(field: str, name: str, error: BaseException) -> ValueError:
+    """One line naming the config field and the `hf-hub:` id that could not be loaded, and why."""
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        from huggingface_hub import is_offline_mode
+
+        offline = bool(is_offline_mode())
+    except ImportError:  # older huggingface_hub
+        from huggingface_hub.constants import HF_HUB_OFFLINE as offline
+    if isinstance(error, LocalEntryNotFoundError) and offline:
+        why = ("it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it once online "
+               "(or unset HF_HUB_OFFLINE), or use a timm model name or a local model folder")
+    elif isinstance(error, GatedRepoError):
+        why = "the repo is gated: accept its terms on the Hub and log in (`hf auth login`)"
+    elif isinstance(error, RepositoryNotFoundError):
+        why = "no such model repo on the Hub (or it is private: log in with `hf auth login`)"
+    else:
+        lines = str(error).strip().splitlines()
+        why = f"cannot load it ({type(error).__name__}: {lines[0] if lines else ''})"
+    return ValueError(f"{field}: {name!r}: {why}")
+
+
 def load_teacher(name: str, model_kwargs: dict | None = None) -> nn.Module:
     """A frozen teacher (eval mode, no gradients) from a model name (see the module docstring)."""
     import timm
@@ -140,6 +166,8 @@ def load_teacher(name: str, model_kwargs: dict | None = None) -> nn.Module:
     try:
         model = timm.create_model(source.timm_name, pretrained=True, **kwargs)
     except Exception as err:
+        if source.kind == "hub":
+            raise hub_model_error("GraftingConfig.teacher_models", name, err) from err
         if source.kind != "timm":
             raise
         raise ValueError(

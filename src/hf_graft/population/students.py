@@ -60,7 +60,12 @@ class PopulationSpec:
         path = Path(folder) / POPULATION_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found; is {folder} a hf_graft training checkpoint?")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: cannot be read ({err}); it is damaged (truncated?)") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a population description (a JSON object)")
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -92,6 +97,10 @@ def _submodules(module: nn.Module):
 
 
 class StudentPopulation(nn.Module):
+    # no transformers config: the Trainer reads `model.config` when `label_smoothing_factor` is set (its own
+    # label smoother never runs: the population's loss smooths every member's CE itself)
+    config = None
+
     """K classifiers of one architecture trained side by side.
 
     `forward` takes either one batch for all members (`pixel_values` [B, C, H, W], `labels` [B])
@@ -107,10 +116,11 @@ class StudentPopulation(nn.Module):
             raise ValueError("StudentPopulation needs at least one member")
         self.members = nn.ModuleList(members)
         self.spec = spec
-        # loss weights (grafting+); set by the trainer from GraftingConfig
+        # loss weights (grafting+) and every member's CE label smoothing; set by the trainer from GraftingConfig
         self.ce_weight = 1.0
         self.kd_weight = 1.0
         self.kd_temperature = 2.0
+        self.label_smoothing = 0.0
         # execution (set by the trainer): batches in channels_last, members fused into one network
         self.channels_last = False
         self.fused = None  # a FusedMembers (not a submodule: it holds no state of its own)
@@ -202,7 +212,8 @@ class StudentPopulation(nn.Module):
                 return {"logits": stacked}
             from hf_graft.population.fused import fused_member_losses
 
-            ce, kd = fused_member_losses(stacked, labels, teacher_logits, self.kd_temperature)
+            ce, kd = fused_member_losses(stacked, labels, teacher_logits, self.kd_temperature,
+                                         label_smoothing=self.label_smoothing)
             return self._outputs(stacked, ce, kd)
         if self.channels_last:
             pixel_values = channels_last_batch(pixel_values)
@@ -220,7 +231,7 @@ class StudentPopulation(nn.Module):
             logits.append(z)
             if labels is not None:
                 y = self._member_view(labels, k, per_member_ndim=2)
-                ce_terms.append(F.cross_entropy(at_least_float32(z), y))
+                ce_terms.append(F.cross_entropy(at_least_float32(z), y, label_smoothing=self.label_smoothing))
                 if teacher_logits is not None:
                     # teacher_logits: [M, B, C] shared, or [M, B, K, C] per member
                     t = teacher_logits[:, :, k] if teacher_logits.ndim == 4 else teacher_logits

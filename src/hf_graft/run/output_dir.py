@@ -10,9 +10,10 @@
   checkpoints, unfinished checkpoints, results, the exported student).
 * **Resume.** The checkpoint must be a complete `checkpoint-N` folder (not a `tmp-` or `-replaced`
   leftover of an interrupted save, with readable weights) of the same experiment: every checkpoint holds
-  `graft_run.json`, the run identity (architecture, number of members and classes, label names, data,
-  optimisation and grafting settings), and a resume whose settings differ refuses with one line naming
-  the field and both values.
+  `graft_run.json`, the run identity (architecture, number of members and classes, label names, the
+  dataset, a digest of its rows and the training augmentation, optimisation and grafting settings), and a
+  resume whose settings differ refuses with one line naming the field and both values (an identity
+  without some of these, written by an earlier version, is compared on what it holds).
 
 In a distributed run, process 0 does the file work and every process raises the same error.
 """
@@ -32,8 +33,8 @@ from typing import Any, Callable
 
 
 from hf_graft.utils.files import (
-    CHECKPOINT_RE, EXPORT_FILES, LOCK_FILE, POPULATION_FILE, RESULT_FILES, RUN_IDENTITY_FILE, STUDENT_DIR,
-    TRAINER_STATE_FILE, WEIGHTS_FILE, is_unfinished_checkpoint,
+    CHECKPOINT_RE, EXPORT_BACKUP_TAG, EXPORT_FILES, EXPORT_STAGING_TAG, LOCK_FILE, POPULATION_FILE, RESULT_FILES,
+    RUN_IDENTITY_FILE, STAGING_PREFIX, STUDENT_DIR, TRAINER_STATE_FILE, WEIGHTS_FILE, is_unfinished_checkpoint,
 )
 from hf_graft.errors import HfGraftError
 
@@ -48,6 +49,8 @@ __all__ = [
     "newest_complete_checkpoint",
     "unfinished_save",
     "check_resume_identity",
+    "interrupted_save_leftovers",
+    "last_complete_checkpoint",
     "lock_output_dir",
     "previous_run_entries",
     "run_identity",
@@ -179,13 +182,25 @@ def lock_output_dir(output_dir: str | os.PathLike) -> OutputDirLock:
             os.close(fd)
             continue
         if holder.get("pid"):
-            logger.info("output_dir %s: taking over the lock left by %s, which has ended", output_dir, _describe(holder))
+            logger.info("output_dir %s: taking over the lock left by %s, %s", output_dir, _describe(holder),
+                        _why_stale(holder))
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
         os.ftruncate(fd, 0)
         os.pwrite(fd, record.encode(), 0)
         lock = _held[folder] = OutputDirLock(folder, fd, path, created)
         return lock
     raise OutputDirError(f"output_dir: could not lock {output_dir} (its lock file keeps changing); try again")
+
+
+def _why_stale(holder: dict[str, Any]) -> str:
+    """Why a lock file whose `flock` is free is stale, as far as this process can tell."""
+    if holder.get("host") != socket.gethostname():
+        return "which no process holds any more (it was written on another host)"
+    if int(holder["pid"]) == os.getpid():
+        return "which this process wrote and no longer holds"
+    if _alive(int(holder["pid"])):
+        return "which no process holds any more (that process id now belongs to another process)"
+    return "which has ended"
 
 
 def _held_elsewhere(holder: dict[str, Any]) -> bool:
@@ -238,7 +253,31 @@ def _previous_run_to_replace(output_dir: str | os.PathLike) -> list[Path]:
             )
     names = previous_run_entries(folder)
     names += sorted(p.name for p in folder.iterdir() if p.is_dir() and is_unfinished_checkpoint(p))
+    names += [p.name for p in interrupted_save_leftovers(folder) if p.name not in names]
     return [folder / name for name in names]
+
+
+def interrupted_save_leftovers(output_dir: str | os.PathLike) -> list[Path]:
+    """What killed saves left in `output_dir` and that holds no only copy of anything: `tmp-checkpoint-N`
+    folders (unless one holds a complete checkpoint-N that is missing from the folder), the staging folders of
+    an interrupted export of `student/`, and the older copy it was replacing once `student/` is back."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in folder.iterdir():
+        name = entry.name
+        if not entry.is_dir():
+            continue
+        if name.startswith(STAGING_PREFIX) and CHECKPOINT_RE.match(name[len(STAGING_PREFIX):]):
+            complete = any((p / TRAINER_STATE_FILE).is_file() for p in entry.iterdir() if p.is_dir())
+            if not complete or (folder / name[len(STAGING_PREFIX):]).is_dir():
+                found.append(entry)
+        elif name.startswith(f".{STUDENT_DIR}{EXPORT_STAGING_TAG}"):
+            found.append(entry)
+        elif name.startswith(f".{STUDENT_DIR}{EXPORT_BACKUP_TAG}") and (folder / STUDENT_DIR).is_dir():
+            found.append(entry)
+    return sorted(found, key=lambda p: _natural(p.name))
 
 
 def _size(paths: list[Path]) -> int:
@@ -258,18 +297,25 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
+def _json_problem(file: Path) -> str | None:
+    """Why a JSON file that exists cannot be read, or None."""
+    if not file.is_file():
+        return None
+    try:
+        json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        return " ".join(str(err).split())
+    return None
+
+
 def unfinished_save(folder: Path, *, world_size: int = 1) -> str | None:
     """Why `folder` is a checkpoint whose save did not finish (one line), or None. The Trainer writes
     `trainer_state.json` last, after every process's RNG state, so a killed save leaves it missing or
     truncated, or another process's RNG state missing."""
-    import json
-
     state_file = folder / TRAINER_STATE_FILE
     if not state_file.is_file():
         return f"has no {TRAINER_STATE_FILE}: its save did not finish"
-    try:
-        json.loads(state_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
+    if _json_problem(state_file):
         return f"has a truncated {TRAINER_STATE_FILE}: its save did not finish"
     if world_size > 1 and (folder / "optimizer.pt").is_file():
         missing = [f"rng_state_{i}.pth" for i in range(world_size) if not (folder / f"rng_state_{i}.pth").is_file()]
@@ -286,6 +332,10 @@ def checkpoint_problem(folder: Path, *, what: str = "resume_from_checkpoint", wo
         return "is what an interrupted checkpoint save left behind, not a checkpoint; use a checkpoint-N folder"
     if not (folder / POPULATION_FILE).is_file():
         return f"has no {POPULATION_FILE}; is it a hf_graft training checkpoint?"
+    for name in (RUN_IDENTITY_FILE, POPULATION_FILE):  # written before the save finished: truncated or damaged
+        problem = _json_problem(folder / name)
+        if problem:
+            return f"{name} cannot be read ({problem}); it is damaged (truncated?)"
     if what == "resume_from_checkpoint":
         unfinished = unfinished_save(folder, world_size=world_size)
         if unfinished:
@@ -319,17 +369,30 @@ def check_checkpoint_folder(path: str | os.PathLike, *, what: str = "resume_from
     return folder
 
 
+def _checkpoint_steps(folder: Path) -> list[int]:
+    """The steps of the `checkpoint-N` folders of `folder`, newest first."""
+    if not folder.is_dir():
+        return []
+    return sorted((int(p.name.split("-")[1]) for p in folder.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)),
+                  reverse=True)
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike, *, world_size: int = 1) -> str | None:
+    """The newest `checkpoint-N` of `output_dir` whose save finished, or None (nothing is changed)."""
+    for step in _checkpoint_steps(Path(output_dir)):
+        checkpoint = Path(output_dir) / f"checkpoint-{step}"
+        if unfinished_save(checkpoint, world_size=world_size) is None:
+            return str(checkpoint)
+    return None
+
+
 def newest_complete_checkpoint(output_dir: str | os.PathLike, *, world_size: int = 1) -> str | None:
     """The newest `checkpoint-N` of `output_dir`. Newer ones whose save did not finish (a job killed while
     saving) are named in one line each and removed: the resumed run writes those steps again, and the
     Trainer's rotation (`save_total_limit`) would otherwise keep them in place of complete ones. A finished
     checkpoint that was damaged later is not skipped: resuming refuses it, naming the file."""
     folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    steps = sorted((int(p.name.split("-")[1]) for p in folder.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)),
-                   reverse=True)
-    for step in steps:
+    for step in _checkpoint_steps(folder):
         checkpoint = folder / f"checkpoint-{step}"
         unfinished = unfinished_save(checkpoint, world_size=world_size)
         if unfinished is None:
@@ -376,7 +439,7 @@ _CONFIG_IDENTITY_FIELDS = (
     "graft_c", "graft_anchor", "graft_alpha_decimals", "graft_histogram_include_max", "graft_noise_first_t",
     "graft_internal_order", "graft_every_epochs", "graft_every_steps", "graft_start_epoch", "graft_noise_a",
     "graft_invalid_threshold", "bn_recalibration_batches", "data_order", "teacher_models", "kd_temperature",
-    "kd_weight", "ce_weight",
+    "kd_weight", "ce_weight", "label_smoothing_factor",
 )
 
 
@@ -398,11 +461,17 @@ def run_identity(trainer) -> dict[str, Any]:
         identity["input_size"] = (spec.data_config or {}).get("input_size")
     dataset = trainer.train_dataset
     identity["num_train_examples"] = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+    # the dataset, a digest of its rows and the augmentation (`data.fingerprint`), when the datasets say; the
+    # digest last, after the settings (seed, data_seed) that change the rows a run draws
+    data = dict(getattr(dataset, "data_identity", None) or {})
+    if "dataset_name" in data:
+        identity["dataset_name"] = data.pop("dataset_name")
     identity["total_train_batch_size"] = (
         args.per_device_train_batch_size * max(1, args.world_size) * args.gradient_accumulation_steps
     )
     for name in _CONFIG_IDENTITY_FIELDS:
         identity.setdefault(name, getattr(args, name, None))
+    identity.update(data)
     return _jsonable(identity)
 
 
@@ -415,6 +484,10 @@ _FIELD_NAMES = {
     "gradient_accumulation_steps)",
     "num_train_examples": "the number of training examples",
     "num_classes": "the number of classes",
+    "dataset_name": "DataArguments.dataset_name",
+    "num_eval_examples": "the number of evaluation examples",
+    "data_digest": "the data (a digest of both splits' sizes and of sampled rows)",
+    "train_augmentation": "the training augmentation (DataArguments.train_augmentation and its settings)",
 }
 
 
@@ -445,7 +518,7 @@ def check_resume_identity(checkpoint: str | os.PathLike, identity: dict[str, Any
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value)
+    text = json.dumps(value, sort_keys=True)
     return text if len(text) <= 120 else text[:117] + "..."
 
 
@@ -498,11 +571,12 @@ class OutputDirClaim:
     Claiming (the constructor) locks the folder, resolves `resume` (see `resolve_resume`) into
     `self.resume`, and, when not resuming and `check_fresh`, refuses a folder holding another run (with
     `args.replace_output_dir`, lists what replacing it removes). Nothing is changed on disk yet.
-    `confirm` then finishes the claim once the run is built and about to train: the checkpoint's
-    identity against this run's, the room a checkpoint needs, and, with `replace_output_dir`, the
-    removal of the previous run, so that a run refused while it is being built loses nothing. The
-    command line claims before it loads any data and hands the claim to the trainer (`GraftingTrainer.train`),
-    so each check runs once.
+    `confirm` then checks what needs the built run (the checkpoint's identity against this run's, the
+    room a checkpoint needs), and `clear_previous_run` (called by the trainer when training begins,
+    through `at_train_begin`) removes the run that `replace_output_dir` replaces and what interrupted
+    saves left behind, so that a run refused while it is being built loses nothing. The command line
+    claims before it loads any data and hands the claim to the trainer (`GraftingTrainer.train`), so
+    each check runs once.
     """
 
     def __init__(self, args, resume: str | bool | None = None, *, check_fresh: bool = True):
@@ -514,12 +588,19 @@ class OutputDirClaim:
 
     def _claim(self, resume, check_fresh) -> str | None:
         output_dir = self.args.output_dir
+        asked = resume is not None and resume is not False and resume != ""
+        if asked and getattr(self.args, "replace_output_dir", False):
+            raise OutputDirError(
+                "resume_from_checkpoint and replace_output_dir are both set, but a resume continues the run in "
+                f"{output_dir} and replace_output_dir deletes it; to resume, set replace_output_dir: false "
+                "(--replace_output_dir false); to start afresh, drop resume_from_checkpoint"
+            )
         self.lock = lock_output_dir(output_dir)
         try:
             checkpoint = resolve_resume(output_dir, resume, world_size=self.args.world_size)
             if checkpoint is not None:
                 check_checkpoint_folder(checkpoint, world_size=self.args.world_size)
-            replaced = self._check_fresh(output_dir) if checkpoint is None and check_fresh else []
+            replaced = self._check_fresh(output_dir, asked) if checkpoint is None and check_fresh else []
             self._replaced = [str(p) for p in replaced]
         except BaseException:
             self.release()
@@ -534,20 +615,42 @@ class OutputDirClaim:
         self.confirmed = True
 
     def _confirm(self, identity, needed_bytes) -> None:
-        output_dir = self.args.output_dir
         replaced = [Path(p) for p in self._replaced]
         if needed_bytes:  # counting the room the previous run's files leave when they are replaced
-            _check_room(output_dir, needed_bytes, freed_bytes=_size(replaced))
+            _check_room(self.args.output_dir, needed_bytes, freed_bytes=_size(replaced))
         if self.resume is not None and identity is not None:
             check_resume_identity(self.resume, identity)
-        if replaced:
-            for path in replaced:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            logger.warning("replace_output_dir: removed the previous run's %s from %s",
-                           ", ".join(p.name for p in replaced), output_dir)
-            self._replaced = []
 
-    def _check_fresh(self, output_dir: str) -> list[Path]:
+    def clear_previous_run(self) -> None:
+        """Remove the previous run that `replace_output_dir` replaces, and what interrupted saves left behind
+        (`interrupted_save_leftovers`); once, on the process that holds the lock."""
+        replaced, self._replaced = [Path(p) for p in self._replaced], []
+        for path in replaced:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if replaced:
+            logger.warning("replace_output_dir: removed the previous run's %s from %s",
+                           ", ".join(p.name for p in replaced), self.args.output_dir)
+        leftovers = interrupted_save_leftovers(self.args.output_dir) if self.lock is not None else []
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+        if leftovers:
+            logger.info("output_dir %s: removed what interrupted saves left behind: %s", self.args.output_dir,
+                        ", ".join(p.name for p in leftovers))
+
+    def at_train_begin(self):
+        """A `TrainerCallback` that calls `clear_previous_run` when training begins (after the Trainer has
+        built its data loaders, optimizer and scheduler, right before the first step)."""
+        from transformers import TrainerCallback
+
+        claim = self
+
+        class ClearPreviousRun(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                claim.clear_previous_run()
+
+        return ClearPreviousRun()
+
+    def _check_fresh(self, output_dir: str, resume_asked: bool = False) -> list[Path]:
         """Refuse a folder holding another run, or (with `replace_output_dir`) list what replacing it removes."""
         previous = previous_run_entries(output_dir)
         if not previous:
@@ -555,7 +658,14 @@ class OutputDirClaim:
         if getattr(self.args, "replace_output_dir", False):
             return _previous_run_to_replace(output_dir)
         shown = ", ".join(previous[:4]) + (f", ... ({len(previous)} in all)" if len(previous) > 4 else "")
-        raise OutputDirError(f"output_dir: {output_dir} holds another run's checkpoints or results ({shown}); {WAYS_OUT}")
+        if resume_asked:  # "true" / "last" found no checkpoint: the results are of a run that saved none
+            raise OutputDirError(
+                f"resume_from_checkpoint: {output_dir} holds another run's results ({shown}) but no checkpoint-N "
+                "folder to resume from (that run saved none); use another or an emptied output_dir, or set "
+                "replace_output_dir: true, without resume_from_checkpoint, to replace it"
+            )
+        ways = WAYS_OUT if any(CHECKPOINT_RE.match(name) for name in previous) else WAYS_OUT.split(", ", 1)[1]
+        raise OutputDirError(f"output_dir: {output_dir} holds another run's checkpoints or results ({shown}); {ways}")
 
     def release(self) -> None:
         if self.lock is not None:

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 from hf_graft.metrics.accuracy import best_member
 
 __all__ = [
+    "ensemble_label",
     "ensemble_metrics",
     "filter_summaries",
     "format_number",
@@ -35,16 +36,22 @@ def select_member(
     metric: str = "top1",
     *,
     num_members: int | None = None,
-) -> tuple[int, str]:
+    diverged: Mapping[int, int] | None = None,
+) -> tuple[int | None, str]:
     """Which member to export, and why.
 
     `"best"`: the member with the best eval `metric` (highest; lowest for *loss / *error metrics), ties to the
     lowest index. An int or digit string: that member, checked against 0..num_members-1 (num_members
-    defaults to the number of members in `member_metrics`).
+    defaults to the number of members in `member_metrics`). `diverged` ({member: step}) are never chosen:
+    "best" picks among the others, and an explicit choice of a diverged member gives (None, why).
     """
     metrics = {int(k): dict(v) for k, v in member_metrics.items()}
+    diverged = {int(k): int(v) for k, v in (diverged or {}).items()}
+    left_out = ""
+    if diverged:
+        left_out = f" ({_members(diverged)} diverged and {'is' if len(diverged) == 1 else 'are'} left out)"
     if isinstance(select_student, str) and select_student.strip().lower() == "best":
-        scored = {k: m.get(metric) for k, m in metrics.items()}
+        scored = {k: m.get(metric) for k, m in metrics.items() if k not in diverged}
         best = best_member(scored, lower_is_better=_lower_is_better(metric))
         if best is None:
             available = sorted({name for m in metrics.values() for name in m})
@@ -57,7 +64,7 @@ def select_member(
         direction = "lowest" if sign < 0 else "highest"
         reason = (
             f"member {best} has the {direction} eval {metric} ({format_number(scored[best])}) "
-            f"of the {len(scored)} evaluated members"
+            f"of the {len(scored)} evaluated members{left_out}"
         )
         tied = sorted(k for k, v in scored.items() if v == scored[best] and k != best)
         if tied:
@@ -76,7 +83,19 @@ def select_member(
     if not 0 <= index < count:
         valid = f"0..{count - 1}" if count else "none known"
         raise ValueError(f"select_student={index}: no such member (members: {valid})")
+    if index in diverged:
+        healthy = [k for k in range(count) if k not in diverged]
+        return None, (
+            f"select_student={index}, but member {index} diverged at step {diverged[index]} (non-finite weights or "
+            f"losses) and is not exported; the healthy members are {', '.join(map(str, healthy)) or 'none'}: "
+            "choose one of them (select_student, or hf-graft export CHECKPOINT --member K)"
+        )
     return index, f"member {index} was chosen explicitly (select_student={index})"
+
+
+def _members(indices) -> str:
+    indices = sorted(indices)
+    return f"member {indices[0]}" if len(indices) == 1 else "members " + ", ".join(map(str, indices))
 
 
 def format_number(value: Any) -> str:
@@ -97,8 +116,19 @@ def member_metrics(metrics: Mapping[str, Any], num_members: int, prefix: str = "
     }
 
 
-def ensemble_metrics(metrics: Mapping[str, Any], prefix: str = "eval") -> dict[str, float]:
-    return {name: metrics[f"{prefix}_ensemble_{name}"] for name in TOPK if f"{prefix}_ensemble_{name}" in metrics}
+def ensemble_metrics(metrics: Mapping[str, Any], prefix: str = "eval") -> dict[str, Any]:
+    """{"top1": ..., "top5": ...} of the ensemble, and "members" (the members in it) when some were left out."""
+    found = {name: metrics[f"{prefix}_ensemble_{name}"] for name in TOPK if f"{prefix}_ensemble_{name}" in metrics}
+    if f"{prefix}_ensemble_members" in metrics:
+        found["members"] = [int(k) for k in metrics[f"{prefix}_ensemble_members"]]
+    return found
+
+
+def ensemble_label(members: Sequence[int] | None) -> str:
+    """What the ensemble is: "ensemble of all members", or of the members listed when some were left out."""
+    if members is None:
+        return "ensemble of all members"
+    return f"ensemble of {_members(members)} (diverged members left out)"
 
 
 def filter_summaries(metrics: Mapping[str, Any], members: Sequence, *, thresholds: Sequence[float], bins: int,
@@ -138,9 +168,10 @@ def summary_lines(results: Mapping[str, Any], num_members: int) -> list[str]:
         lines.append(f"selected because {results.get('selection_reason')}")
     members = member_metrics(results, num_members)
     scores = [f"member {k} {format_number(v['top1'])}" for k, v in members.items() if "top1" in v]
-    ensemble = ensemble_metrics(results).get("top1")
-    if ensemble is not None and num_members > 1:
-        scores.append(f"ensemble {format_number(ensemble)}")
+    ensemble = ensemble_metrics(results)
+    if ensemble.get("top1") is not None and num_members > 1:
+        kept = f" ({_members(ensemble['members'])}, diverged left out)" if "members" in ensemble else ""
+        scores.append(f"ensemble {format_number(ensemble['top1'])}{kept}")
     if scores:
         lines.append("eval top-1 (%): " + ", ".join(scores))
     if "wall_time_s" in results:
@@ -177,7 +208,8 @@ def run_results(metrics: Mapping[str, Any], *, args, members: Sequence, has_eval
     if args.select_student == "best" and not has_eval and selection_metrics is None:
         selected, reason = None, "no eval_dataset to choose the best member by (select_student: best)"
     else:
-        selected, reason = select_member(chooser, args.select_student, num_members=args.num_students)
+        selected, reason = select_member(chooser, args.select_student, num_members=args.num_students,
+                                         diverged=diverged)
         if args.select_student == "best":
             results["selection_split"] = chooser_split or "the evaluation split"
             reason += f" on {results['selection_split']}"

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from hf_graft.config import DataArguments, GraftingConfig
+from hf_graft.data.checks import check_classes
 from hf_graft.data.loading import ImageData, load_image_data
 from hf_graft.data.sampling import MemberOrderDataset
 from hf_graft.data.populations import population_datasets, selection_dataset
 from hf_graft.data.transforms import resolve_student_data_config
 from hf_graft.metrics import check_extra_metrics
 from hf_graft.population.sources import check_model_name
+from hf_graft.population.sources import hub_model_error
 from hf_graft.population.students import PopulationSpec, StudentPopulation
 
 __all__ = ["RunParts", "build_population_and_datasets", "build_run", "check_run_inputs", "load_data", "student_data_config", "student_model_name"]
@@ -50,9 +52,14 @@ def _student_probe(config: GraftingConfig, num_classes: int, name: str | None = 
     kwargs = dict(num_classes=num_classes, **config.student_model_kwargs)
     name = name or student_model_name(config)
     try:
-        return timm.create_model(name, device="meta", **kwargs)
-    except (NotImplementedError, RuntimeError):  # an architecture that computes with its weights when built
-        return timm.create_model(name, **kwargs)
+        try:
+            return timm.create_model(name, device="meta", **kwargs)
+        except (NotImplementedError, RuntimeError):  # an architecture that computes with its weights when built
+            return timm.create_model(name, **kwargs)
+    except Exception as err:  # an hf-hub: id that cannot be fetched: say which field and id
+        if not name.startswith("hf-hub:"):
+            raise
+        raise hub_model_error("GraftingConfig.student_model", name, err) from err
 
 
 def student_data_config(config: GraftingConfig, num_classes: int, input_size: int | None = None) -> dict[str, Any]:
@@ -105,6 +112,7 @@ def build_run(
     """
     name = student_model_name(config) if inputs_checked else check_run_inputs(config)  # before the data
     data = load_data(config, data_args) if data is None else data
+    check_classes(data)  # one class trains to loss 0 and top-1 100: refused
     probe = _student_probe(config, data.num_classes, name)
     if config.member_execution == "fused":  # refused here, before the population is built or data decoded
         from hf_graft.population.fused import check_fusable

@@ -55,6 +55,7 @@ def trainer_population(model, args) -> StudentPopulation:
     if len(args.lr_multipliers) != model.num_members:
         raise ValueError("GraftingConfig.lr_spread must give one multiplier per member")
     model.ce_weight, model.kd_weight, model.kd_temperature = args.ce_weight, args.kd_weight, args.kd_temperature
+    model.label_smoothing = args.label_smoothing_factor  # every member's CE
     channels_last = args.device.type == "cuda" if args.channels_last is None else bool(args.channels_last)
     model.set_execution(channels_last=channels_last, fused=args.member_execution == "fused",
                         model_name=model.spec.student_model if model.spec else args.student_model)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -28,28 +27,26 @@ from hf_graft.data.on_device import DeviceImageDataset, collate_examples
 from hf_graft.data.sampling import EpochShuffleSampler, MemberOrderDataset
 from hf_graft.data.transfer import SideStreamCopy, on_host
 from hf_graft.data.transforms import DeviceNormalizer, students_data_config
-from hf_graft.export.hub import check_upload_options, push_student
-from hf_graft.export.writer import write_student
 from hf_graft.graft.filters import population_filter_metrics
 from hf_graft.graft.grafting import GraftReport
 from hf_graft.graft.step import graft_population
 from hf_graft.metrics import PopulationMetrics
 from hf_graft.population.fused import separate_storage
 from hf_graft.population.students import PopulationSpec, StudentPopulation
+from hf_graft.run.checkpoints import one_line_when_disk_full
 from hf_graft.run.output_dir import OutputDirClaim, checkpoint_bytes, run_identity, save_run_identity
-from hf_graft.run.records import trainer_records
 from hf_graft.run.preflight import check_run_settings, cudnn_benchmark, cudnn_benchmark_setting
-from hf_graft.run.results import ensemble_metrics, logged_evaluation, member_metrics, run_results, summary_lines
+from hf_graft.run.results import logged_evaluation, run_results, summary_lines
 from hf_graft.training.callbacks import (
     BatchNormRecalibrationCallback, DivergenceMonitor, GraftingCallback, SamplerEpochCallback, dispatch_graft_event,
 )
 from hf_graft.training.divergence import measured_results
 from hf_graft.training.member_logs import MemberLogs
+from hf_graft.training.student import StudentExport
 from hf_graft.training.setup import run_args, teacher_dtype, teacher_ensemble, trainer_population
 from hf_graft.training.optimization import (
     MemberGradients, is_sharded, member_param_groups, step_decay_scheduler,
 )
-from hf_graft.utils.files import STUDENT_DIR
 from hf_graft.utils.distributed import broadcast_buffers
 from hf_graft.utils.rng import preserved_rng
 
@@ -58,7 +55,7 @@ __all__ = ["GraftingCallback", "GraftingTrainer"]
 logger = logging.getLogger(__name__)
 
 
-class GraftingTrainer(Trainer):
+class GraftingTrainer(StudentExport, Trainer):
     """Trains K students with the Trainer, grafting them in a ring at epoch boundaries. `model`: a
     `StudentPopulation`, or a `PopulationSpec` built with `args.seed` (member k seeded `seed + 1000 k`);
     `teachers` (grafting+) default to `args.teacher_models`; `selection_dataset` chooses the student."""
@@ -285,7 +282,7 @@ class GraftingTrainer(Trainer):
         logits = prediction.predictions
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
-        metrics = self.eval_metrics(logits, prediction.label_ids)
+        metrics = self.eval_metrics(logits, prediction.label_ids, leave_out=self.diverged_members)
         metrics.update(self.filter_metrics())
         return metrics
 
@@ -313,6 +310,10 @@ class GraftingTrainer(Trainer):
         if self.args.should_save and self.run_identity is not None:
             save_run_identity(output_dir, self.run_identity)
 
+    def _save_checkpoint(self, model, trial) -> None:
+        with one_line_when_disk_full(self.args.output_dir, self.state.global_step, world_size=self.args.world_size):
+            super()._save_checkpoint(model, trial)
+
     def sync_buffers(self) -> None:
         """Every process gets process 0's buffers (BatchNorm statistics): before a graft and an evaluation."""
         broadcast_buffers(self.population, self.args.world_size)
@@ -335,6 +336,8 @@ class GraftingTrainer(Trainer):
             claim = OutputDirClaim(self.args, resume_from_checkpoint,
                                    check_fresh=not getattr(self, "_claimed_output_dir", False))
         self._claimed_output_dir = True
+        clear_previous_run = claim.at_train_begin()  # replace_output_dir: once everything is built
+        self.add_callback(clear_previous_run)
         try:
             self.run_identity = run_identity(self)
             claim.confirm(identity=self.run_identity, needed_bytes=checkpoint_bytes(self.population, self.args))
@@ -350,6 +353,7 @@ class GraftingTrainer(Trainer):
                 self._finish_run(output.metrics, started)
             return output
         finally:
+            self.remove_callback(clear_previous_run)
             if output_dir_claim is None:
                 claim.release()
             _compat.close_progress_bars(self.callback_handler.callbacks)  # an error then starts on its own line
@@ -376,18 +380,20 @@ class GraftingTrainer(Trainer):
 
     def _finish_run(self, train_metrics: dict, started: float) -> None:
         self.results = self.run_results(train_metrics)
-        if self.args.export_student:
-            if self.results["selected_member"] is None:
-                logger.warning("no student written: %s", self.results["selection_reason"])
-            else:
-                self.save_student()
-        self.results["wall_time_s"] = round(time.perf_counter() - started, 2)
-        if self.is_world_process_zero():
-            self.save_metrics("all", self.results, combined=False)
-            self.save_state()
-            for line in summary_lines(self.results, self.args.num_students):
-                logger.info(line)
-        self.accelerator.wait_for_everyone()
+        try:
+            if self.args.export_student:
+                if self.results["selected_member"] is None:
+                    logger.warning("no student written: %s", self.results["selection_reason"])
+                else:
+                    self.save_student()
+        finally:  # the results are written even when the export fails
+            self.results["wall_time_s"] = round(time.perf_counter() - started, 2)
+            if self.is_world_process_zero():
+                self.save_metrics("all", self.results, combined=False)
+                self.save_state()
+                for line in summary_lines(self.results, self.args.num_students):
+                    logger.info(line)
+            self.accelerator.wait_for_everyone()
 
     def run_results(self, train_metrics: dict | None = None) -> dict:
         """The metrics of the weights the run ends with (the evaluation already logged for them when there
@@ -404,45 +410,3 @@ class GraftingTrainer(Trainer):
                            has_eval=self.eval_dataset is not None, diverged=self.diverged_members,
                            selection_metrics=selection, eval_split=getattr(self.eval_dataset, "split_name", None),
                            selection_split=getattr(self.selection_dataset, "split_name", None))
-
-    def save_student(self, output_dir: str | os.PathLike | None = None) -> Path:
-        """Write the selected member (default: `output_dir/student`) as a folder that timm and transformers
-        both load, with its model card (export/writer.py), from `self.results` (computed if `train()` has not run)."""
-        results = self.results if self.results is not None else self.run_results()
-        k = results["selected_member"]
-        if k is None:
-            raise ValueError(f"GraftingTrainer.save_student: {results['selection_reason']}")
-        folder = Path(output_dir) if output_dir is not None else Path(self.args.output_dir) / STUDENT_DIR
-        if self.is_world_process_zero():
-            args = self.args
-            write_student(self.population.members[k], folder, spec=self.population.spec,
-                          architecture=args.student_model, model_kwargs=args.student_model_kwargs,
-                          member_metrics=member_metrics(results, args.num_students),
-                          ensemble_metrics=ensemble_metrics(results), selected_member=k,
-                          selection_reason=results["selection_reason"], records=trainer_records(self),
-                          license=args.license, repo_id=args.hub_model_id if args.push_to_hub else None)
-        results["student_dir"] = str(folder)
-        self.student_dir = folder
-        return folder
-
-    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        """No repo at the start of training: `push_to_hub` creates it when it uploads the student."""
-        self.hub_model_id = self.args.hub_model_id
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Checkpoints (the whole population) stay local: only the student is ever pushed."""
-
-    def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
-                    revision: str | None = None, private: bool | None = None, **kwargs):
-        """Upload only the student folder (written if need be) to `hub_model_id`, branch `revision` or `hub_revision`
-        (made if missing). Returns the repo URL, or with blocking=False the upload's Future, as the Trainer does."""
-        check_upload_options(kwargs, "GraftingTrainer.push_to_hub")  # before the student is written
-        if not self.args.hub_model_id:
-            raise ValueError("GraftingConfig.hub_model_id: required to push the student to the Hub")
-        folder = self.student_dir if self.student_dir is not None else self.save_student()
-        if not self.is_world_process_zero():
-            return None
-        return push_student(folder, self.args.hub_model_id, token=token or self.args.hub_token,
-                            private=self.args.hub_private_repo if private is None else private,
-                            commit_message=commit_message, revision=revision or self.args.hub_revision,
-                            blocking=blocking, **kwargs)

@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 
 __all__ = [
-    "ALL_RESULTS_FILE", "CHECKPOINT_RE", "CONFIG_FILE", "EXPORT_FILES", "LOCK_FILE", "MODEL_CARD_FILE",
+    "ALL_RESULTS_FILE", "CHECKPOINT_RE", "CONFIG_FILE", "EXPORT_BACKUP_TAG", "EXPORT_FILES", "EXPORT_STAGING_TAG",
+    "LOCK_FILE", "MODEL_CARD_FILE",
     "POPULATION_FILE", "REPLACED_SUFFIX", "RESULT_FILES", "RUN_IDENTITY_FILE", "STAGING_PREFIX", "STUDENT_DIR",
     "TRAINER_STATE_FILE", "WEIGHTS_FILE", "is_unfinished_checkpoint",
 ]
@@ -34,6 +35,11 @@ EXPORT_FILES = (CONFIG_FILE, WEIGHTS_FILE, MODEL_CARD_FILE)
 # what an interrupted checkpoint save of hf_graft 0.1 (which staged its checkpoints) can have left
 STAGING_PREFIX = "tmp-"  # `tmp-checkpoint-N`, being written
 REPLACED_SUFFIX = "-replaced"  # the older copy a publish was replacing
+
+# an interrupted export into FOLDER: `.FOLDER.tmp-XXXX` (the new files) and `.FOLDER.old-XXXX` (the folder
+# being replaced, until the rename is done), beside FOLDER
+EXPORT_STAGING_TAG = ".tmp-"
+EXPORT_BACKUP_TAG = ".old-"
 
 
 def is_unfinished_checkpoint(path: str | os.PathLike) -> bool:

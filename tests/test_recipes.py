@@ -128,17 +128,31 @@ _BUILD_FIELDS = ("student_model", "student_model_kwargs", "num_students", "seed"
                  "student_pretrained", "data_order", "member_execution", "teacher_models", "extra_metrics")
 
 
-_BUILDS: dict[str, object] = {}
+def _build(path: Path, workdir: Path):
+    data_args, config = _parsed(path, workdir)
+    with _inside(workdir):
+        return build_run(config, data_args)
 
 
-def _built(path: Path, workdir: Path):
-    """build_run's parts for a recipe; recipes that agree on what build_run reads share one build."""
+_BUILT: dict[str, dict] = {}
+
+
+def _built(path: Path, workdir: Path) -> dict:
+    """What a recipe builds, in numbers; recipes that agree on what build_run reads share one build (only
+    the numbers are kept: the populations would hold gigabytes)."""
     data_args, config = _parsed(path, workdir)
     key = json.dumps([dataclasses.asdict(data_args), [getattr(config, f) for f in _BUILD_FIELDS]], default=str)
-    if key not in _BUILDS:
-        with _inside(workdir):
-            _BUILDS[key] = build_run(config, data_args)
-    return _BUILDS[key]
+    if key not in _BUILT:
+        parts = _build(path, workdir)
+        _BUILT[key] = {
+            "members": parts.population.num_members,
+            "classes": [m.num_classes for m in parts.population.members],
+            "input_size": tuple(parts.population.spec.data_config["input_size"]),
+            "train": len(parts.train_dataset), "eval": len(parts.eval_dataset),
+            "train_item": tuple(parts.train_dataset[0]["pixel_values"].shape),
+            "eval_item": tuple(parts.eval_dataset[0]["pixel_values"].shape),
+        }
+    return _BUILT[key]
 
 
 def _recipe_ids(paths):
@@ -247,24 +261,19 @@ def test_every_recipe_parses_names_its_row_and_builds_offline(recipe, workdir):
         assert data_args.label_column == "fine_label"
 
     # the population and its datasets, built offline on the stand-in without training
-    parts = _built(recipe, workdir)
-    size = data_args.input_size
+    built = _built(recipe, workdir)
+    size, k = data_args.input_size, config.num_students
     classes = STAND_INS[content["dataset_name"]][2] if content["dataset_name"] in STAND_INS else 10
-    population = parts.population
-    assert population.num_members == config.num_students
-    assert [m.num_classes for m in population.members] == [classes] * config.num_students
-    assert tuple(population.spec.data_config["input_size"]) == (3, size, size)
-    assert len(parts.train_dataset) == TRAIN_IMAGES and len(parts.eval_dataset) == EVAL_IMAGES
-    item = parts.train_dataset[0]
-    per_member = config.num_students > 1 and config.data_order == "independent"
-    expected = (config.num_students, 3, size, size) if per_member else (3, size, size)
-    assert tuple(item["pixel_values"].shape) == expected
-    assert tuple(parts.eval_dataset[0]["pixel_values"].shape) == (3, size, size)
+    per_member = k > 1 and config.data_order == "independent"  # one image per member in every item
+    assert built == {
+        "members": k, "classes": [classes] * k, "input_size": (3, size, size),
+        "train": TRAIN_IMAGES, "eval": EVAL_IMAGES,
+        "train_item": (k, 3, size, size) if per_member else (3, size, size), "eval_item": (3, size, size),
+    }
 
 
 def _pairs():
-    recipes = HAND_WRITTEN
-    controls, _ = make_controls.plan(recipes)
+    controls, _ = make_controls.plan(HAND_WRITTEN)
     out = []
     for entry in controls:
         for kind, name in entry.names.items():
@@ -302,7 +311,7 @@ def test_a_control_differs_from_its_recipe_by_the_graft_alone(source, kind, cont
 def test_member_zero_is_one_network_in_a_recipe_and_its_controls(name, workdir):
     """The grafting run's member 0, its `_independent` control's member 0 and its `_single` control's one
     network start from the same weights and read the same augmented images in the same order."""
-    runs = {kind: _built(ROOT / "recipes" / path, workdir) for kind, path in
+    runs = {kind: _build(ROOT / "recipes" / path, workdir) for kind, path in
             [("grafting", f"{name}.yaml"), ("independent", f"controls/{name}_independent.yaml"),
              ("single", f"controls/{name}_single.yaml")]}
     grafting, independent, single = runs["grafting"], runs["independent"], runs["single"]

@@ -42,10 +42,11 @@ class GraftingCallback(TrainerCallback, ExportableState):
     """Decides when to graft (docs/method.md §6). Its counter is saved in checkpoints, so a resumed run
     grafts exactly where an uninterrupted one would, and never twice at one boundary.
 
-    A graft that falls due is left in `pending` (its 0-based index); the trainer runs it before the next
-    training step's forward, which is the same point of the run as the epoch's beginning: after the
-    previous epoch's evaluation and checkpoint (the authors evaluate, save, then graft), and never after
-    the last epoch.
+    The trainer asks `take_due` before it fetches each optimizer step's batches (before that step's
+    `on_step_begin`) and runs the graft it returns: at the beginning of an epoch (decided in
+    `on_epoch_begin`), that is after the previous epoch's evaluation and checkpoint (the authors
+    evaluate, save, then graft) and never after the last epoch; with `graft_every_steps`, every that
+    many steps.
     """
 
     def __init__(self, grafts_done: int = 0):
@@ -86,12 +87,10 @@ class GraftingCallback(TrainerCallback, ExportableState):
         if not args.graft_every_steps:
             self._decide(args, state)
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def take_due(self, args, state) -> int | None:
+        """The 0-based index of the graft due before the step that starts now, or None; handed over once."""
         if args.graft_every_steps:
             self._decide(args, state)
-
-    def take_pending(self) -> int | None:
-        """The index of the graft due now (None when none is), cleared as it is handed over."""
         pending, self.pending = self.pending, None
         return pending
 

@@ -208,10 +208,13 @@ class GraftingTrainer(StudentExport, Trainer):
             inputs = {**inputs, "pixel_values": self._normalizer(pixels)}
         return inputs
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        due = self.graft_callback.take_pending()
-        if due is not None:  # decided at this epoch's (or step's) beginning, before its first forward
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        due = self.graft_callback.take_due(self.args, self.state)
+        if due is not None:  # before the step's batches and its on_step_begin (GraftingCallback says when)
             self.graft(step=due)
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self._nan_inf_filter_on_device:
             # what the Trainer's filter does: a non-finite step loss counts as the mean of the steps

@@ -40,12 +40,12 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def make_members(name: str, K: int, seed0: int = 0) -> list[nn.Module]:
+def make_members(name: str, K: int, seed0: int = 0, **kwargs) -> list[nn.Module]:
     """K differently initialised members whose BatchNorm parameters and buffers differ too."""
     members = []
     for k in range(K):
         torch.manual_seed(seed0 + k)
-        m = timm.create_model(name, pretrained=False)
+        m = timm.create_model(name, pretrained=False, **kwargs)
         for mod in m.modules():
             if isinstance(mod, nn.BatchNorm2d):
                 mod.running_mean.normal_(0, 0.1)
@@ -172,7 +172,8 @@ def test_authors_rule_on_keys_without_conv():
 
 
 def test_authors_anchor_on_cifar_resnet_shortcut_and_classifier():
-    state = timm.create_model("cifar_resnet20").state_dict()
+    # option B: a shortcut conv whose key has no "conv" (option A, the default, has no shortcut tensor)
+    state = timm.create_model("cifar_resnet20", shortcut="B").state_dict()
     authors, nearest = dict(anchor_plan(state, "authors")), dict(anchor_plan(state, "nearest"))
     assert authors["layer2.0.shortcut.0.weight"] == "layer2.0.conv2.weight"  # a shortcut conv
     assert nearest["layer2.0.shortcut.0.weight"] == "layer2.0.shortcut.0.weight"
@@ -274,7 +275,7 @@ def test_bn_scale_hand_values():
 
 
 def test_bn_scale_on_cifar_resnet20_matches_the_written_out_rule():
-    members = make_members("cifar_resnet20", 3, seed0=21)
+    members = make_members("cifar_resnet20", 3, seed0=21, shortcut="B")  # shortcut convs with their BatchNorm
     pre = [snapshot(m) for m in members]
     # the BatchNorm after each conv, from the module order
     modules = list(members[0].named_modules())

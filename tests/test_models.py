@@ -465,6 +465,6 @@ def test_bad_depth_rejected():
 
 def test_every_registered_architecture_is_known_to_the_registry_check():
     """hf_graft's list of its own architectures (config.json notes, error messages) is complete."""
-    from hf_graft.registry import HF_GRAFT_ARCHITECTURES
+    from hf_graft.models.registry import HF_GRAFT_ARCHITECTURES
 
     assert set(timm.list_models('cifar_*')) == set(HF_GRAFT_ARCHITECTURES) == set(ALL_MODELS)

@@ -88,7 +88,8 @@ def test_readme_python_example_trains_and_saves(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- cifar_* without import hf_graft
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from hf_graft.cli.export import build_model_card, save_student
+    from hf_graft.export.model_card import build_model_card
+    from hf_graft.export.student_folder import save_student
 
     folder = tmp_path_factory.mktemp("export") / "student"
     model = timm.create_model("cifar_resnet20", num_classes=3).eval()
@@ -110,7 +111,7 @@ def test_export_says_import_hf_graft_first(exported, tmp_path):
     body = card.split("\n---\n", 1)[1].strip().splitlines()  # after the YAML front matter
     assert body[0].startswith("# ") and "import hf_graft" in body[2]
     # timm's own architectures get no such note
-    from hf_graft.cli.export import build_student_config
+    from hf_graft.export.student_folder import build_student_config
 
     plain = build_student_config(timm.create_model("resnet10t", num_classes=3), architecture="resnet10t",
                                  data_config={"input_size": [3, 32, 32]})

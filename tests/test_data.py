@@ -42,8 +42,31 @@ def _one_line(err: pytest.ExceptionInfo, field: str) -> None:
 
 
 # ----------------------------------------------------------------------------- builtin:digits
+def test_shipped_digits_file_is_the_uci_test_set():
+    """The file hf_graft ships (no scikit-learn needed): 1,797 8x8 images of counts 0..16, the known class sizes."""
+    from hf_graft.data.loading import BUILTIN_DIGITS_FILE
+
+    assert BUILTIN_DIGITS_FILE.stat().st_size < 100_000
+    assert BUILTIN_DIGITS_FILE.with_suffix(".LICENSE").read_text().count("CC BY 4.0") == 1
+    with np.load(BUILTIN_DIGITS_FILE) as digits:
+        images, labels = digits["images"], digits["labels"]
+    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8 and 0 == images.min() < images.max() == 16
+    assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+
+
+def test_shipped_digits_equal_scikit_learns():
+    datasets = pytest.importorskip("sklearn.datasets")  # a test extra; hf_graft itself does not need it
+
+    from hf_graft.data.loading import BUILTIN_DIGITS_FILE
+
+    reference = datasets.load_digits()
+    with np.load(BUILTIN_DIGITS_FILE) as digits:
+        assert np.array_equal(digits["images"], reference.images)  # counts 0..16, as floats there
+        assert np.array_equal(digits["labels"], reference.target)
+
+
 def test_builtin_digits_is_the_sklearn_set_with_a_fixed_split():
-    from sklearn.datasets import load_digits
+    load_digits = pytest.importorskip("sklearn.datasets").load_digits
 
     first, second = load_builtin_digits(), load_builtin_digits()
     assert isinstance(first, DatasetDict) and set(first) == {"train", "test"}

@@ -14,7 +14,7 @@ from conftest import TINY_SIZE
 from hf_graft.cli.main import main as cli_main
 from hf_graft.data.loading import load_builtin_digits
 from hf_graft.cli.evaluate import main as evaluate_main
-from hf_graft.cli.export import save_student
+from hf_graft.export.student_folder import save_student
 from hf_graft.population.students import load_checkpoint_members
 
 EVAL_IMAGES = 64  # conftest's digits_small evaluates on the first 64 test images

@@ -569,3 +569,63 @@ def test_cli_push_to_unreachable_hub_fails_cleanly(checkpoint, tmp_path):
     timm.create_model(f"local-dir:{out}", pretrained=True)
     for path in [*out.iterdir(), *folder.iterdir()]:
         assert FAKE_TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_cli_hub_flags_in_both_spellings_and_the_old_ones_with_a_note(checkpoint, tmp_path, capsys, monkeypatch):
+    """`--push_to_hub` / `--hub_token` / `--hub_private_repo` as in `train` (and `--push-to-hub`, ...); the earlier
+    `--token` and `--private` still reach the push, each with one note naming the new spelling."""
+    folder, population = checkpoint
+    pushes = []
+
+    def fake_push(exported, repo_id, *, token=None, private=None):
+        pushes.append({"folder": Path(exported), "repo_id": repo_id, "token": token, "private": private})
+        return f"https://huggingface.co/{repo_id}"
+
+    monkeypatch.setattr(export, "push_student", fake_push)
+    spellings = {
+        "new": ["--push_to_hub", "someone/m", "--hub_token", FAKE_TOKEN, "--hub_private_repo"],
+        "dashes": ["--push-to-hub", "someone/m", "--hub-token", FAKE_TOKEN, "--hub-private-repo", "true"],
+        "old": ["--push-to-hub", "someone/m", "--token", FAKE_TOKEN, "--private"],
+        "old=": ["--push-to-hub=someone/m", f"--token={FAKE_TOKEN}", "--private"],
+    }
+    for name, flags in spellings.items():
+        out = tmp_path / name
+        assert export.main([str(folder), "--member", "1", "--out", str(out), *flags]) == 0, capsys.readouterr().err
+        notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+        assert pushes[-1] == {"folder": out, "repo_id": "someone/m", "token": FAKE_TOKEN, "private": True}, name
+        if name.startswith("old"):
+            assert notes == [
+                "hf-graft export: note: --token is now --hub_token; the old spelling works in this release only",
+                "hf-graft export: note: --private is now --hub_private_repo; the old spelling works in this release "
+                "only",
+            ]
+        else:
+            assert notes == []
+        reloaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(x), population.members[1](x), rtol=1e-6, atol=1e-6)
+    # unset: the Hub's default visibility (None), as before
+    assert export.main([str(folder), "--member", "0", "--out", str(tmp_path / "default"), "--push_to_hub",
+                        "someone/m"]) == 0
+    assert pushes[-1]["private"] is None and pushes[-1]["token"] is None
+
+
+def test_cli_argument_errors_are_one_line_and_hide_tokens(checkpoint, tmp_path, capsys):
+    folder, _ = checkpoint
+    cases = [
+        ([str(folder), "--member", "zero", "--out", "o"], "argument --member: invalid int value: 'zero'"),
+        ([str(folder), "--out", "o"], "the following arguments are required: --member"),
+        (["--member", "0", "--out", "o"], "the following arguments are required: CHECKPOINT_DIR"),
+        ([str(folder), "--checkpoint_dir", str(folder), "--member", "0", "--out", "o"], "CHECKPOINT_DIR is given twice"),
+        ([str(folder), "--member", "0", "--out", "o", "--bogus", FAKE_TOKEN], "unrecognized arguments: --bogus"),
+    ]
+    for argv, expected in cases:
+        assert export.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("hf-graft export: error: ") and expected in err, err
+        assert FAKE_TOKEN not in err
+    # the checkpoint may come after the flags, and as --checkpoint-dir
+    assert export.main(["--member", "0", "--out", str(tmp_path / "a"), str(folder)]) == 0
+    assert export.main(["--checkpoint-dir", str(folder), "--member", "0", "--out", str(tmp_path / "b")]) == 0
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(EXPORT_FILES)

@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from collections import namedtuple
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 from hf_graft.cli import export
 from hf_graft.utils.files import EXPORT_FILES
 from hf_graft.cli.analyze import main as analyze_main
-from hf_graft.run.output_dir import LOCK_FILE, RUN_IDENTITY_FILE, OutputDirError
+from hf_graft.run.output_dir import LOCK_FILE, RUN_IDENTITY_FILE, OutputDirError, lock_output_dir
 
 from _cli_run import cli, copy_run, error_lines, start_lock_holder
 
@@ -192,6 +194,79 @@ def test_a_lock_file_of_a_dead_process_is_taken_over(make_trainer, tmp_path):
     trainer = make_trainer(num_train_epochs=1)
     trainer.train()
     assert not (out / LOCK_FILE).exists()
+
+
+def test_the_lock_is_reentrant_names_its_holder_and_goes_with_its_last_release(tmp_path):
+    import socket
+    import threading
+    import time
+
+    out = tmp_path / "run"  # made by the lock: removed again when the run wrote nothing
+    first = lock_output_dir(out)
+    record = json.loads((out / LOCK_FILE).read_text())
+    assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
+    assert abs(record["started"] - time.time()) < 600
+    # the command line locks, then the trainer it builds locks again, possibly from another thread
+    from_thread = []
+    thread = threading.Thread(target=lambda: from_thread.append(lock_output_dir(out)))
+    thread.start()
+    thread.join()
+    assert from_thread == [first] and lock_output_dir(str(out) + "/") is first
+    for _ in range(2):
+        first.release()
+        assert (out / LOCK_FILE).is_file()
+    first.release()
+    assert not out.exists()
+    kept = tmp_path / "kept"  # a folder that was there before keeps what it holds
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    lock_output_dir(kept).release()
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+
+
+def test_the_lock_is_released_when_its_process_exits(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code = "import sys\nfrom hf_graft.run.output_dir import lock_output_dir\nlock_output_dir(sys.argv[1])\n"
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, timeout=120, env=_env())
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    lock_output_dir(out).release()
+
+
+def test_the_soft_lock_of_a_file_system_without_flock_names_and_outlives_its_holder(tmp_path, monkeypatch):
+    """Where flock is missing, filelock locks by a marker naming its process: refused while that process
+    runs, taken over once it has ended."""
+    import socket
+
+    import filelock
+
+    import hf_graft.run.output_dir as run_dir
+
+    out = tmp_path / "run"
+    code = ("import sys, time, filelock\nimport hf_graft.run.output_dir as run_dir\n"
+            "run_dir.FileLock = filelock.SoftFileLock\nrun_dir.lock_output_dir(sys.argv[1])\n"
+            "print('locked', flush=True)\ntime.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True, env=_env())
+    monkeypatch.setattr(run_dir, "FileLock", filelock.SoftFileLock)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputDirError) as refused:
+            lock_output_dir(out)
+        assert f"in use by another run (process {holder.pid} on {socket.gethostname()})" in str(refused.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / LOCK_FILE).is_file()  # the marker of a process that has ended: stale
+    lock = lock_output_dir(out)
+    assert lock.soft and filelock.SoftFileLock(str(out / LOCK_FILE)).pid == os.getpid()
+    lock.release()
+    assert not (out / LOCK_FILE).exists()
+
+
+def _env() -> dict[str, str]:
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
 
 
 # ----------------------------------------------------------------------------- writable, room

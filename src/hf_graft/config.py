@@ -62,7 +62,8 @@ class DataArguments:
         default="builtin:digits",
         metadata={
             "help": "A Hub id (uoft-cs/cifar10), a local folder of parquet/arrow files or a save_to_disk folder, "
-            "'imagefolder' (with data_dir), or 'builtin:digits' (scikit-learn's 8x8 digits, offline)."
+            "'imagefolder' (with data_dir), or 'builtin:digits' (UCI's 8x8 handwritten digits, shipped with "
+            "hf_graft)."
         },
     )
     dataset_config_name: Optional[str] = field(default=None, metadata={"help": "The dataset's configuration name."})

@@ -16,10 +16,11 @@ single model: a checkpoint without `#memberK` means member 0), as in the paper's
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -28,11 +29,13 @@ import numpy as np
 from hf_graft.graft.filters import DEFAULT_THRESHOLDS, FilterReport, filter_report, plot_reports, threshold_key
 from hf_graft.population.sources import ACCEPTED, ModelSource, ModelSourceError, resolve_model_source
 from hf_graft.models.registry import check_folder_architecture
+from hf_graft.cli.arguments import ArgumentsError, CommandLineParser, command_parser, parse_arguments
 from hf_graft.errors import HfGraftError, one_line
 
-__all__ = ["build_parser", "load_models", "main"]
+__all__ = ["AnalyzeArguments", "build_parser", "load_models", "main"]
 
 PROG = "hf-graft analyze"
+PLOT_EXTRA = 'pip install "hf_graft[plot]" (in a source checkout: pip install -e ".[plot]")'
 
 
 def load_models(source: ModelSource, *, pretrained: bool = False) -> list[tuple[str, object]]:
@@ -119,39 +122,63 @@ def format_nonfinite(named_reports: Sequence[tuple[str, FilterReport]]) -> str:
 
 
 # ----------------------------------------------------------------------------- entry point
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
+@dataclass
+class AnalyzeArguments:
+    """The arguments of `hf-graft analyze`."""
+
+    paths: list[str] = field(default_factory=list, metadata={"help": f"models to analyse: {ACCEPTED}",
+                                                             "metavar": "PATH"})
+    reference: str | None = field(default=None, metadata={
+        "help": "model whose filter norms fix the valid/invalid split", "metavar": "PATH"})
+    thresholds: list[float] = field(default_factory=lambda: list(DEFAULT_THRESHOLDS), metadata={
+        "help": "l1 thresholds", "metavar": "T"})
+    bins: int = field(default=10, metadata={"help": "histogram bins of the layer entropy"})
+    json: str | None = field(default=None, metadata={"help": "write the reports as a JSON list", "metavar": "FILE"})
+    plot: str | None = field(default=None, metadata={
+        "help": f"write the figures as a PNG (needs matplotlib: {PLOT_EXTRA})", "metavar": "FILE"})
+    pretrained: bool = field(default=False, metadata={"help": "load pretrained weights for bare timm model names"})
+
+    def __post_init__(self):
+        if self.bins < 1:
+            raise ValueError(f"--bins must be >= 1, got {self.bins}")
+        if any(not (t > 0 and math.isfinite(t)) for t in self.thresholds):
+            raise ValueError(f"--thresholds must be positive numbers, got {self.thresholds}")
+
+
+def build_parser() -> CommandLineParser:
+    return command_parser(
+        AnalyzeArguments, prog=PROG, positional="paths",
         description="Invalid filters (l1 < threshold) and layer entropy of timm models (paper Section 4.2-4.3).",
     )
-    parser.add_argument("paths", nargs="+", metavar="PATH", help=f"model to analyse: {ACCEPTED}")
-    parser.add_argument("--reference", metavar="PATH", help="model whose filter norms fix the valid/invalid split")
-    parser.add_argument(
-        "--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS), metavar="T",
-        help="l1 thresholds (default: 0.001 0.01 0.1 1)",
-    )
-    parser.add_argument("--bins", type=int, default=10, help="histogram bins of the layer entropy (default: 10)")
-    parser.add_argument("--json", metavar="FILE", help="write the reports as a JSON list")
-    parser.add_argument("--plot", metavar="FILE", help="write the figures as a PNG")
-    parser.add_argument("--pretrained", action="store_true", help="load pretrained weights for bare timm model names")
-    return parser
 
 
 def _one_line_with_type(error: BaseException) -> str:
     return one_line(error, with_type=True)
 
 
-def _error(message: str) -> None:
+def _error(message: str, error: BaseException | None = None, debug: bool = False) -> None:
+    if debug and error is not None:
+        traceback.print_exception(error, file=sys.stderr)
     print(f"{PROG}: error: {message}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.bins < 1:
-        _error(f"--bins must be >= 1, got {args.bins}")
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args, debug = parse_arguments(build_parser(), AnalyzeArguments, argv, positional="paths")
+    except ArgumentsError as error:
+        _error(str(error))
         return 2
-    if any(not (t > 0 and math.isfinite(t)) for t in args.thresholds):
-        _error(f"--thresholds must be positive numbers, got {args.thresholds}")
+    if args.plot and not _has_matplotlib():
+        _error(f"--plot needs matplotlib, which is not installed: {PLOT_EXTRA}")
         return 2
     thresholds = sorted(set(args.thresholds))
 
@@ -160,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         sources = [resolve_model_source(spec) for spec in args.paths]
         reference_source = resolve_model_source(args.reference) if args.reference else None
     except ModelSourceError as exc:
-        _error(f"{exc}; expected {ACCEPTED}")
+        _error(f"{exc}; expected {ACCEPTED}", exc, debug)
         return 2
 
     import torch
@@ -172,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             ((reference_name, reference_model),) = load_models(reference_source, pretrained=args.pretrained)
         except (HfGraftError, ValueError, OSError) as exc:
-            _error(f"cannot load reference {reference_source.spec!r}: {_one_line_with_type(exc)}")
+            _error(f"cannot load reference {reference_source.spec!r}: {_one_line_with_type(exc)}", exc, debug)
             return 1
 
     named_reports: list[tuple[str, FilterReport]] = []
@@ -181,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 models = load_models(source, pretrained=args.pretrained)
             except (HfGraftError, ValueError, OSError) as exc:
-                _error(f"cannot load {source.spec!r}: {_one_line_with_type(exc)}")
+                _error(f"cannot load {source.spec!r}: {_one_line_with_type(exc)}", exc, debug)
                 return 1
             for name, model in models:
                 try:
@@ -189,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                         model, thresholds, reference=reference_model, bins=args.bins, reference_name=reference_name
                     )
                 except ValueError as exc:
-                    _error(f"{name}: {exc}")
+                    _error(f"{name}: {exc}", exc, debug)
                     return 1
                 named_reports.append((name, report))
                 del model

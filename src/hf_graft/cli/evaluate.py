@@ -13,17 +13,19 @@ transformers image processor of the folder.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
-from hf_graft.utils.files import CONFIG_FILE
-from hf_graft.errors import HfGraftError, OneLineErrorParser, debug_enabled, one_line
 
-__all__ = ["EvaluationError", "LoadedModel", "build_parser", "evaluate_model", "load_model", "main"]
+from hf_graft.cli.arguments import ArgumentsError, CommandLineParser, command_parser, parse_arguments
+from hf_graft.errors import HfGraftError, one_line
+from hf_graft.utils.files import CONFIG_FILE
+
+__all__ = ["EvaluateArguments", "EvaluationError", "LoadedModel", "build_parser", "evaluate_model", "load_model",
+           "main"]
 
 PROG = "hf-graft evaluate"
 
@@ -223,39 +225,57 @@ def _format(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", metavar="MODEL",
-                        help="exported student folder, CHECKPOINT#K, timm name, hf-hub:/local-dir: id, "
-                        "or a transformers image-classification folder")
-    parser.add_argument("--dataset_name", required=True,
-                        help="Hub id, local folder of parquet/arrow files or save_to_disk folder, 'imagefolder' "
-                        "(with --data_dir) or builtin:digits")
-    parser.add_argument("--dataset_config_name", default=None, help="the dataset's configuration name")
-    parser.add_argument("--data_dir", default=None, help="folder of images for --dataset_name imagefolder")
-    parser.add_argument("--split", default=None,
-                        help="split to evaluate (default: as in training, 'validation' or 'test' if present, "
-                        "else the held-out part of train)")
-    parser.add_argument("--image_column", default=None, help="image column (detected when unambiguous)")
-    parser.add_argument("--label_column", default=None, help="label column (detected when unambiguous)")
-    parser.add_argument("--extra_metrics", nargs="+", default=None, metavar="METRIC",
-                        help="evaluate metrics by name (Hub or evaluate's cache) or local folder, e.g. f1 ./my_metric")
-    parser.add_argument("--extra_metric_kwargs", default=None, metavar="JSON",
-                        help='compute() arguments per metric, e.g. \'{"f1": {"average": "macro"}}\'')
-    parser.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
-    parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N images")
-    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader workers decoding images (default 2)")
-    parser.add_argument("--seed", type=int, default=42,
-                        help="seed of the held-out part when the dataset has no eval split (the run's data_seed/seed)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    return parser
+@dataclass
+class EvaluateArguments:
+    """The arguments of `hf-graft evaluate` (the data flags are named as in `train`)."""
+
+    dataset_name: str = field(metadata={
+        "help": "Hub id, local folder of parquet/arrow files or save_to_disk folder, 'imagefolder' (with "
+        "--data_dir) or builtin:digits"})
+    model: str | None = field(default=None, metadata={
+        "help": "exported student folder, CHECKPOINT#K, timm name, hf-hub:/local-dir: id, or a transformers "
+        "image-classification folder", "metavar": "MODEL"})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "the dataset's configuration name"})
+    data_dir: str | None = field(default=None, metadata={"help": "folder of images for --dataset_name imagefolder"})
+    split: str | None = field(default=None, metadata={
+        "help": "split to evaluate (default: as in training, 'validation' or 'test' if present, else the held-out "
+        "part of train)"})
+    image_column: str | None = field(default=None, metadata={"help": "image column (detected when unambiguous)"})
+    label_column: str | None = field(default=None, metadata={"help": "label column (detected when unambiguous)"})
+    extra_metrics: list[str] | None = field(default=None, metadata={
+        "help": "evaluate metrics by name (Hub or evaluate's cache) or local folder, e.g. f1 ./my_metric",
+        "metavar": "METRIC"})
+    extra_metric_kwargs: str | None = field(default=None, metadata={
+        "help": 'compute() arguments per metric, e.g. \'{"f1": {"average": "macro"}}\'', "metavar": "JSON"})
+    json: str | None = field(default=None, metadata={"help": "also write the results to this JSON file",
+                                                      "metavar": "FILE"})
+    batch_size: int = field(default=64, metadata={"help": "images per forward pass"})
+    max_samples: int | None = field(default=None, metadata={"help": "evaluate only the first N images"})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader workers decoding images"})
+    seed: int = field(default=42, metadata={
+        "help": "seed of the held-out part when the dataset has no eval split (the run's data_seed/seed)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar (--no_progress: none)"})
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name}: got {value}; allowed: a positive integer")
+        if self.num_workers < 0:
+            raise ValueError(f"--num_workers: got {self.num_workers}; allowed: an integer >= 0")
+
+
+def build_parser() -> CommandLineParser:
+    return command_parser(EvaluateArguments, prog=PROG, description=__doc__.split("\n\n")[0], positional="model")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = debug_enabled(argv)  # HF_GRAFT_DEBUG=1 or --debug: a refusal's traceback too
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    try:
+        args, debug = parse_arguments(build_parser(), EvaluateArguments, argv, positional="model")
+    except ArgumentsError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
 
     def fail(code: int, message: str, error: BaseException | None = None) -> int:
         if debug and error is not None:
@@ -263,12 +283,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return code
 
-    for name in ("batch_size", "max_samples"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            return fail(2, f"--{name}: got {value}; allowed: a positive integer")
-    if args.num_workers < 0:
-        return fail(2, f"--num_workers: got {args.num_workers}; allowed: an integer >= 0")
     try:
         from hf_graft.config import DataArguments, as_mapping
         from hf_graft.metrics import check_extra_metrics
@@ -286,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = evaluate_model(
             model, data_args, extra_metrics=args.extra_metrics, extra_metric_kwargs=kwargs,
-            batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed, progress=not args.no_progress,
+            batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed, progress=args.progress,
         )
     except (HfGraftError, ValueError, OSError) as error:
         return fail(1, one_line(error), error)

@@ -6,20 +6,23 @@ training), the upload by `hf_graft.export.hub.push_student`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from hf_graft.cli.arguments import ArgumentsError, CommandLineParser, command_parser, parse_arguments
 from hf_graft.export.hub import PushToHubError, scrub_secrets, push_student
-from hf_graft.errors import HfGraftError, OneLineErrorParser, debug_enabled
+from hf_graft.errors import HfGraftError
 from hf_graft.export.writer import write_student
 from hf_graft.utils.files import WEIGHTS_FILE
 
-__all__ = ["build_parser", "export_from_checkpoint", "main"]
+__all__ = ["ExportArguments", "build_parser", "export_from_checkpoint", "main"]
+
+PROG = "hf-graft export"
 
 
 def _load_member_metrics(path: str | os.PathLike) -> dict[int, dict[str, float]]:
@@ -122,47 +125,59 @@ def export_from_checkpoint(
     return folder
 
 
-def build_parser(prog: str = "hf-graft export") -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(
-        prog=prog,
+@dataclass
+class ExportArguments:
+    """The arguments of `hf-graft export` (the Hub flags are named as in `train`)."""
+
+    member: int = field(metadata={"help": "index of the member to export"})
+    out: str = field(metadata={"help": "folder to write (replaced if it holds an export of the same checkpoint)"})
+    checkpoint_dir: str | None = field(default=None, metadata={
+        "help": "training checkpoint folder (model.safetensors + graft_population.json)",
+        "metavar": "CHECKPOINT_DIR"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace --out when it holds an earlier export of another checkpoint (never a folder holding "
+        "anything else)"})
+    push_to_hub: str | None = field(default=None, metadata={
+        "help": "Hub model repo id to upload the folder to", "metavar": "REPO"})
+    hub_token: str | None = field(default=None, metadata={
+        "help": "Hub token (default: $HF_TOKEN or the cached `hf auth login`; prefer those, a command-line token is "
+        "visible to other processes)"})
+    hub_private_repo: bool | None = field(default=None, metadata={
+        "help": "create the Hub repo as private (unset: the account's default)"})
+    revision: str | None = field(default=None, metadata={
+        "help": "branch of the Hub repo to push to (created from the default branch if missing)", "metavar": "BRANCH"})
+    license: str | None = field(default=None, metadata={
+        "help": "the model's license, a Hub license id such as apache-2.0 or mit (the card's metadata)"})
+    member_metrics: str | None = field(default=None, metadata={
+        "help": "optional JSON file {member: {metric: value}} shown in the model card", "metavar": "JSON"})
+
+
+# the flags of an earlier release, kept for one release
+RENAMED_FLAGS = {"--token": "--hub_token", "--private": "--hub_private_repo"}
+
+
+def build_parser(prog: str = PROG) -> CommandLineParser:
+    return command_parser(
+        ExportArguments, prog=prog, positional="checkpoint_dir",
         description="Export one member of a hf_graft training checkpoint as a timm + transformers model folder, "
         "optionally pushing it to the Hugging Face Hub.",
     )
-    parser.add_argument("checkpoint_dir", help="training checkpoint folder (model.safetensors + graft_population.json)")
-    parser.add_argument("--member", type=int, required=True, help="index of the member to export")
-    parser.add_argument("--out", required=True,
-                        help="folder to write (replaced if it holds an export of the same checkpoint)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace --out when it holds an earlier export of another checkpoint (never a folder "
-                        "holding anything else)")
-    parser.add_argument("--push-to-hub", metavar="REPO", default=None, help="Hub model repo id to upload the folder to")
-    parser.add_argument("--private", action="store_true", default=None, help="create the Hub repo as private")
-    parser.add_argument("--revision", default=None, metavar="BRANCH",
-                        help="branch of the Hub repo to push to (created from the default branch if missing)")
-    parser.add_argument("--license", default=None,
-                        help="the model's license, a Hub license id such as apache-2.0 or mit (the card's metadata)")
-    parser.add_argument(
-        "--token", default=None,
-        help="Hub token (default: $HF_TOKEN or the cached `hf auth login`; prefer those, a command-line token is "
-        "visible to other processes)",
-    )
-    parser.add_argument("--member-metrics", default=None, metavar="JSON",
-                        help="optional JSON file {member: {metric: value}} shown in the model card")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = debug_enabled(argv)  # HF_GRAFT_DEBUG=1 or --debug: a refusal's traceback too
-    parser = build_parser()
-    args = parser.parse_args([a for a in argv if a != "--debug"])
-    prog = parser.prog
-    token = args.token
+    try:
+        args, debug = parse_arguments(build_parser(), ExportArguments, argv, positional="checkpoint_dir",
+                                      renamed=RENAMED_FLAGS)
+    except ArgumentsError as error:
+        print(f"{PROG}: error: {scrub_secrets(str(error), [])}", file=sys.stderr)
+        return 2
+    token = args.hub_token
 
     def fail(code: int, message: str, error: BaseException | None = None) -> int:
         if debug and error is not None:
             traceback.print_exception(error, file=sys.stderr)
-        print(f"{prog}: error: {scrub_secrets(' '.join(str(message).split()), [token])}", file=sys.stderr)
+        print(f"{PROG}: error: {scrub_secrets(' '.join(str(message).split()), [token])}", file=sys.stderr)
         return code
 
     # bad input is reported before any model is loaded
@@ -177,11 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 validate_repo_id(args.push_to_hub)
             except HFValidationError as e:
-                raise ValueError(f"--push-to-hub {args.push_to_hub!r}: not a valid repo id ({e})") from None
+                raise ValueError(f"--push_to_hub {args.push_to_hub!r}: not a valid repo id ({e})") from None
         if args.license is not None and not args.license.strip():
             raise ValueError("--license: empty; give a Hub license id such as apache-2.0 or mit, or leave it out")
         if args.revision is not None and not args.push_to_hub:
-            raise ValueError("--revision: only with --push-to-hub")
+            raise ValueError("--revision: only with --push_to_hub")
         metrics = _load_member_metrics(args.member_metrics) if args.member_metrics else None
     except (HfGraftError, OSError, ValueError) as e:
         return fail(2, str(e), e)
@@ -196,9 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {folder}")
     if args.push_to_hub:
         try:
-            url = push_student(folder, args.push_to_hub, token=token, private=args.private, revision=args.revision)
+            url = push_student(folder, args.push_to_hub, token=token, private=args.hub_private_repo,
+                               revision=args.revision)
         except KeyboardInterrupt:
-            return fail(130, f"interrupted while uploading; {folder} is complete: push it again with --push-to-hub")
+            return fail(130, f"interrupted while uploading; {folder} is complete: push it again with --push_to_hub")
         except PushToHubError as e:
             return fail(1, f"{e}; the exported folder is kept", e)
         print(f"pushed to {url}")

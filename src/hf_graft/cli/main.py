@@ -1,4 +1,4 @@
-"""`hf-graft` console script: train | export | analyze | evaluate."""
+"""`hf-graft` console script: train | export | analyze | evaluate | env."""
 
 from __future__ import annotations
 
@@ -8,13 +8,18 @@ from typing import Sequence
 USAGE = """usage: hf-graft <command> [args]
 
 commands:
-  train RECIPE.yaml [--field value ...]   train a grafted population (same as python -m hf_graft.train)
-  export CHECKPOINT_DIR --member K --out FOLDER [--overwrite] [--push-to-hub REPO]
+  train RECIPE.yaml [--field value ...]   train a grafted population (same as python -m hf_graft.train;
+                                          TRL's spelling works too: train --config RECIPE.yaml)
+  export CHECKPOINT_DIR --member K --out FOLDER [--overwrite] [--push_to_hub REPO]
                                           write one member of a training checkpoint as a timm/transformers model
   analyze PATH [PATH ...] [--reference PATH] [--json F] [--plot F]
                                           filter statistics (invalid filters, entropy) of models or checkpoints
   evaluate MODEL --dataset_name NAME [--split S] [--extra_metrics M ...] [--json F]
                                           top-1/top-5 (and evaluate metrics) of a model or checkpoint member
+  env                                     the versions a bug report needs
+
+Every flag is --field_name (or --field-name); `hf-graft <command> --help` lists them. --debug (or
+HF_GRAFT_DEBUG=1) prints the traceback of a refusal too.
 """
 
 
@@ -32,8 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from hf_graft.cli.analyze import main as run
     elif command == "evaluate":
         from hf_graft.cli.evaluate import main as run
+    elif command == "env":
+        from hf_graft.cli.env import main as run
     else:
-        print(f"hf-graft: unknown command {command!r}; allowed: train, export, analyze, evaluate", file=sys.stderr)
+        print(f"hf-graft: unknown command {command!r}; allowed: train, export, analyze, evaluate, env", file=sys.stderr)
         return 2
     return run(rest)
 

@@ -33,7 +33,7 @@ from hf_graft.config import DataArguments, GraftingConfig
 from hf_graft.training.builder import check_run_inputs
 from hf_graft.errors import HfGraftError
 
-__all__ = ["RecipeError", "parse_recipe"]
+__all__ = ["RecipeError", "parse_recipe", "recipe_argument"]
 
 # TrainingArguments silently replaces a missing output_dir by "trainer_output": in a recipe, a blank
 # output_dir is a mistake, not a request for that default
@@ -233,6 +233,32 @@ def parse_recipe(
     except ValueError as err:
         raise RecipeError(f"{_source(err, recipe, defaults, overrides)}: {err}") from None
     return data_args, config
+
+
+def recipe_argument(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """The recipe a command line names, leading (`train RECIPE.yaml ...`) or as `--config RECIPE.yaml` (TRL's
+    spelling), and the other arguments; a recipe given twice is refused."""
+    rest, named = [], []
+    tokens = list(argv)
+    if tokens and not tokens[0].startswith("-"):
+        named.append(tokens.pop(0))
+    i = 0
+    while i < len(tokens):
+        flag, equals, value = tokens[i].partition("=")
+        if flag != "--config":
+            rest.append(tokens[i])
+            i += 1
+            continue
+        if not equals:
+            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                raise RecipeError("command line: --config: expected a recipe file (--config RECIPE.yaml)")
+            value, i = tokens[i + 1], i + 1
+        named.append(value)
+        i += 1
+    if len(named) > 1:
+        raise RecipeError(f"command line: the recipe is given twice ({' and '.join(named)}); give one, either "
+                          "first or as --config")
+    return (named[0] if named else None), rest
 
 
 def _option_name(token: str) -> str | None:

@@ -2,6 +2,7 @@
 
     accelerate launch -m hf_graft.train recipes/imagenet_r50.yaml
     python -m hf_graft.train recipes/quickstart.yaml --num_students 3 --output_dir out/q3
+    hf-graft train --config recipes/quickstart.yaml     # TRL's spelling of the recipe
 
 The script in TRL's style: parse, build, train (which evaluates, selects and writes the student),
 push. Everything a run does lives in `GraftingTrainer`; a Python user gets the same run with
@@ -16,7 +17,7 @@ import traceback
 from typing import Any, Sequence
 
 from hf_graft.config import DataArguments, GraftingConfig
-from hf_graft.cli.recipe import RecipeError, parse_recipe
+from hf_graft.cli.recipe import RecipeError, parse_recipe, recipe_argument
 from hf_graft.errors import HfGraftError, debug_enabled, one_line
 
 __all__ = ["RecipeError", "SetupError", "build_trainer", "main", "parse_recipe", "run_training"]
@@ -88,13 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers import HfArgumentParser
 
         HfArgumentParser((DataArguments, GraftingConfig), prog="hf-graft train",
-                         usage="hf-graft train RECIPE.yaml [--field value ...]").print_help()
+                         usage="hf-graft train RECIPE.yaml | --config RECIPE.yaml [--field value ...]").print_help()
         return 0
-    recipe = None
-    if argv and not argv[0].startswith("-"):
-        recipe, argv = argv[0], argv[1:]
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
+        recipe, argv = recipe_argument(argv)
         data_args, config = parse_recipe(recipe, argv)
     except (RecipeError, ValueError) as err:
         return _refused(err, 2, debug)

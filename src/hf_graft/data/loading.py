@@ -13,10 +13,12 @@ from hf_graft.config import DataArguments
 from hf_graft.data.checks import prepare_labels
 from hf_graft.errors import one_line
 
-__all__ = ["BUILTIN_PREFIX", "ImageData", "load_builtin_digits", "load_image_data"]
+__all__ = ["BUILTIN_DIGITS_FILE", "BUILTIN_PREFIX", "ImageData", "load_builtin_digits", "load_image_data"]
 
 
 BUILTIN_PREFIX = "builtin:"
+# written by scripts/make_builtin_digits.py from scikit-learn's copy
+BUILTIN_DIGITS_FILE = Path(__file__).with_name("builtin_digits.npz")
 _IMAGE_COLUMN_GUESSES = ("image", "img", "pixel_values", "picture")
 _LABEL_COLUMN_GUESSES = ("label", "labels", "fine_label", "class", "target")
 
@@ -38,20 +40,21 @@ class ImageData:
 
 
 def load_builtin_digits(seed: int = 0, test_fraction: float = 0.2):
-    """scikit-learn's 1,797 8x8 handwritten digits as a `datasets.DatasetDict` (train/test).
+    """The 1,797 8x8 handwritten digits of UCI's optical digits test set (scikit-learn's `load_digits`,
+    shipped with hf_graft: `builtin_digits.npz`, CC BY 4.0) as a `datasets.DatasetDict` (train/test).
 
-    Pixel intensities 0..16 are scaled to 8-bit grayscale images; the split is stratified and
-    fixed by `seed`, so every run sees the same held-out images.
+    Pixel counts 0..16 are scaled to 8-bit grayscale images; the split is stratified and fixed by
+    `seed`, so every run sees the same held-out images.
     """
     from datasets import ClassLabel, Dataset, Features, Image
     from PIL import Image as PILImage
-    from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    pixels = np.clip(digits.images * (255.0 / 16.0), 0, 255).round().astype("uint8")
+    with np.load(BUILTIN_DIGITS_FILE) as digits:
+        counts, labels = digits["images"], digits["labels"]
+    pixels = np.clip(counts * (255.0 / 16.0), 0, 255).round().astype("uint8")
     images = [PILImage.fromarray(p, mode="L") for p in pixels]
     features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
-    ds = Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+    ds = Dataset.from_dict({"image": images, "label": labels.tolist()}, features=features)
     return ds.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column="label")
 
 

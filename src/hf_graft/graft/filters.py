@@ -402,7 +402,10 @@ def plot_reports(
     Returns the path written.
     """
     # a bare Figure renders with Agg and leaves pyplot's global state (and backend) alone
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as err:  # an optional dependency: the `plot` extra
+        raise ImportError('plot_reports needs matplotlib: pip install "hf_graft[plot]"') from err
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 

@@ -1,10 +1,10 @@
 """One run per output folder: the folder lock, the run's identity, and the checks of a fresh run or a resume.
 
-* **Lock.** A run holds `output_dir/.hf_graft.lock` (an exclusive `flock` on it, and the holder's process id
-  and host written in it) from its start to its end; a second run into the same folder fails at once,
-  naming the holder. The kernel drops the lock when its process dies, so the file a killed run leaves
-  behind is stale and the next run takes it over (where `flock` is not available, a lock whose process
-  no longer exists on this host is taken over).
+* **Lock.** A run holds `output_dir/.hf_graft.lock` (a `filelock.FileLock`: an exclusive `flock`, with the
+  holder's process id and host written in the file) from its start to its end; a second run into the same
+  folder fails at once, naming the holder. The kernel drops the lock when its process dies, so the file a
+  killed run leaves behind is stale and the next run takes it over (on a file system without `flock`,
+  filelock's soft lock: a marker naming its process, taken over once that process has ended on this host).
 * **Fresh run.** A run that does not resume refuses a folder holding another run's checkpoints or
   results, unless `replace_output_dir` is set, which deletes them first (only what a run writes there:
   checkpoints, unfinished checkpoints, results, the exported student).
@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from filelock import BaseFileLock, FileLock, Timeout
 
 from hf_graft.utils.files import (
     CHECKPOINT_RE, EXPORT_BACKUP_TAG, EXPORT_FILES, EXPORT_STAGING_TAG, LOCK_FILE, POPULATION_FILE, RESULT_FILES,
@@ -76,22 +77,27 @@ _held: dict[str, "OutputDirLock"] = {}
 class OutputDirLock:
     """An exclusive lock on an output folder, re-entrant within one process (see `lock_output_dir`)."""
 
-    def __init__(self, folder: str, fd: int | None, path: str, created: bool = False):
-        self.folder, self.fd, self.path, self.count = folder, fd, path, 1
+    def __init__(self, folder: str, file_lock: BaseFileLock, created: bool = False):
+        self.folder, self.file_lock, self.count = folder, file_lock, 1
+        self.soft = _soft(file_lock)
         self.created = created  # the folder was made for this run: removed again if the run wrote nothing
+        self.pid = os.getpid()  # a forked child (a DataLoader worker) must not release its parent's lock
+
+    @property
+    def path(self) -> str:
+        return self.file_lock.lock_file
 
     def release(self) -> None:
         self.count -= 1
-        if self.count > 0:
+        if self.count > 0 or self.pid != os.getpid():
             return
         _held.pop(self.folder, None)
-        try:
-            os.unlink(self.path)  # before closing: a waiter then finds the file gone and makes a new one
-        except OSError:
-            pass
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        if not self.soft:  # a soft lock removes its marker itself
+            try:
+                os.unlink(self.path)  # while still locked: a waiter then finds the file gone and locks a new one
+            except OSError:
+                pass
+        self.file_lock.release(force=True)
         if self.created:
             try:
                 os.rmdir(self.folder)  # only if empty: a run refused before writing leaves nothing behind
@@ -99,39 +105,30 @@ class OutputDirLock:
                 pass
 
 
-def _flock(fd: int) -> bool | None:
-    """True: locked; False: another process holds it; None: this platform / file system has no flock."""
+def _soft(file_lock: BaseFileLock) -> bool:
+    """Whether filelock fell back to a soft lock (a marker file naming its process: a file system without
+    flock), where the lock reports its holder's pid; a flock reports none."""
     try:
-        import fcntl
-    except ImportError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
+        return file_lock.pid is not None
+    except AttributeError:
         return False
-    except OSError:
-        return None
 
 
-def _holder(fd: int) -> dict[str, Any]:
+def _holder(file_lock: BaseFileLock) -> dict[str, Any]:
+    """What the lock file says of its holder: this package's record, or a soft lock's marker."""
     try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        return json.loads(os.read(fd, 4096).decode() or "{}")
+        text = Path(file_lock.lock_file).read_text(encoding="utf-8")
     except (OSError, ValueError):
         return {}
-
-
-def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
+        record = json.loads(text or "{}")
+        return record if isinstance(record, dict) else {}
+    except ValueError:
+        pass
+    if not _soft(file_lock):
+        return {}
+    lines = text.splitlines()  # filelock's marker: the pid, then the host
+    return {"pid": file_lock.pid, "host": lines[1] if len(lines) > 1 else "?"}
 
 
 def _describe(holder: dict[str, Any]) -> str:
@@ -158,38 +155,56 @@ def lock_output_dir(output_dir: str | os.PathLike) -> OutputDirLock:
     except OSError as err:
         raise OutputDirError(f"output_dir: cannot create {str(output_dir)!r} ({err.strerror or err})") from None
     path = os.path.join(folder, LOCK_FILE)
-    for _attempt in range(10):
+    # one attempt, shared by the threads of this process; the kernel drops a flock when its process dies
+    file_lock = FileLock(path, thread_local=False, blocking=False)
+    try:
+        file_lock.acquire()
+    except Timeout:
+        raise OutputDirError(
+            f"output_dir: {output_dir} is in use by another run ({_describe(_holder(file_lock))}); wait for it to end "
+            f"or choose another output_dir (if no such run exists, delete {path})"
+        ) from None
+    except OSError as err:
+        raise OutputDirError(
+            f"output_dir: {str(output_dir)!r} is not writable ({err.strerror or err}); choose a folder this user "
+            "can write to"
+        ) from None
+    lock = _held[folder] = OutputDirLock(folder, file_lock, created)
+    if not lock.soft:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            _record_holder(output_dir, path)
         except OSError as err:
-            raise OutputDirError(
-                f"output_dir: {str(output_dir)!r} is not writable ({err.strerror or err}); choose a folder this user "
-                "can write to"
-            ) from None
-        locked = _flock(fd)
-        holder = _holder(fd)
-        if locked is False or (locked is None and _held_elsewhere(holder)):
-            os.close(fd)
-            raise OutputDirError(
-                f"output_dir: {output_dir} is in use by another run ({_describe(holder)}); wait for it to end "
-                f"or choose another output_dir (if no such run exists, delete {path})"
-            )
-        try:  # the file locked must still be the one at `path` (a releasing holder unlinks it)
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if not same:
-            os.close(fd)
-            continue
-        if holder.get("pid"):
+            lock.release()
+            raise OutputDirError(f"output_dir: cannot write {path} ({err.strerror or err})") from None
+    return lock
+
+
+def _record_holder(output_dir: str | os.PathLike, path: str) -> None:
+    """Write this process into the (flocked) lock file, for a second run's refusal to name it."""
+    with open(path, "r+", encoding="utf-8", errors="replace") as file:
+        previous = file.read()
+        try:
+            holder = json.loads(previous) if previous else {}
+        except ValueError:
+            holder = {}
+        if isinstance(holder, dict) and holder.get("pid"):
             logger.info("output_dir %s: taking over the lock left by %s, %s", output_dir, _describe(holder),
                         _why_stale(holder))
-        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record.encode(), 0)
-        lock = _held[folder] = OutputDirLock(folder, fd, path, created)
-        return lock
-    raise OutputDirError(f"output_dir: could not lock {output_dir} (its lock file keeps changing); try again")
+        file.seek(0)
+        file.truncate()
+        file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def _why_stale(holder: dict[str, Any]) -> str:
@@ -201,16 +216,6 @@ def _why_stale(holder: dict[str, Any]) -> str:
     if _alive(int(holder["pid"])):
         return "which no process holds any more (that process id now belongs to another process)"
     return "which has ended"
-
-
-def _held_elsewhere(holder: dict[str, Any]) -> bool:
-    """Without flock: is the recorded holder still running (or on another host, where we cannot tell)?"""
-    pid = holder.get("pid")
-    if not pid:
-        return False
-    if holder.get("host") != socket.gethostname():
-        return True
-    return pid != os.getpid() and _alive(int(pid))
 
 
 @atexit.register

@@ -8,12 +8,9 @@ one line; `HF_GRAFT_DEBUG=1` (or `--debug`) prints its traceback too.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-import traceback
 
-__all__ = ["HfGraftError", "OneLineErrorParser", "debug_enabled", "one_line", "report_refusal"]
+__all__ = ["HfGraftError", "debug_enabled", "one_line"]
 
 
 class HfGraftError(Exception):
@@ -33,18 +30,3 @@ def debug_enabled(argv: list[str] | None = None) -> bool:
     if argv is not None and "--debug" in argv:
         return True
     return os.environ.get("HF_GRAFT_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def report_refusal(prog: str, error: BaseException, *, debug: bool = False, file=None) -> None:
-    """`prog: error: <one line>` on stderr, after the traceback when debugging."""
-    file = file if file is not None else sys.stderr
-    if debug:
-        traceback.print_exception(error, file=file)
-    print(f"{prog}: error: {one_line(error)}", file=file)
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse that ends with one line (`prog: error: ...`, exit status 2) instead of usage + error."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -1,6 +1,7 @@
 """Write the reference pages of docs/reference/ from the code: every field of `GraftingConfig` (its own,
-beyond `TrainingArguments`) and `DataArguments` with its default and help, and every `TrainingArguments`
-field with what hf_graft does with it (`hf_graft.trainer_fields`).
+beyond `TrainingArguments`) and `DataArguments` with its default and help, every `TrainingArguments`
+field with what hf_graft does with it (`hf_graft.trainer_fields`), and the `hf-graft` subcommands with
+their parsers' `--help`.
 
     python scripts/make_reference.py           # writes the pages
     python scripts/make_reference.py --check   # exit status 1 when a page is stale (tests/test_trainer_fields.py)
@@ -8,7 +9,11 @@ field with what hf_graft does with it (`hf_graft.trainer_fields`).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
+import importlib
+import pkgutil
 import sys
 from pathlib import Path
 
@@ -16,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = {
     "config.md": "render_config",
     "training_arguments.md": "render_training_arguments",
+    "cli.md": "render_cli",
 }
+HELP_WIDTH = 100  # the terminal's width would change the page from one machine to the next
 
 
 def _default(field: dataclasses.Field) -> str:
@@ -98,6 +105,50 @@ def render_training_arguments() -> str:
         status, note = FIELD_NOTES.get(name, ("not listed", ""))
         lines.append(f"| `{name}` | {status} | {_cell(note)} |")
     lines.append("")
+    return "\n".join(lines)
+
+
+def _help_text(parser: argparse.ArgumentParser) -> str:
+    parser.formatter_class = functools.partial(parser.formatter_class, width=HELP_WIDTH)
+    if hasattr(parser, "color"):  # Python >= 3.14 colours help on a terminal
+        parser.color = False
+    return parser.format_help().rstrip()
+
+
+def render_cli() -> str:
+    import hf_graft.cli
+    from hf_graft.cli.main import USAGE
+
+    lines = [
+        "# Command-line reference",
+        "",
+        "Generated from the parsers by `scripts/make_reference.py` (a test fails when this page is stale).",
+        "A refused command prints one line and exits with status 2 (bad input, found before any work) or 1",
+        "(a failure during the work); `HF_GRAFT_DEBUG=1` prints the traceback as well.",
+        "",
+        "## `hf-graft`",
+        "",
+        "```text",
+        USAGE.strip(),
+        "```",
+        "",
+        "## `hf-graft train`",
+        "",
+        "`hf-graft train RECIPE.yaml [--field value ...]`, the same as `python -m hf_graft.train` (and",
+        "`accelerate launch -m hf_graft.train` on several processes). Every field of `DataArguments` and",
+        "`GraftingConfig` is a flag, listed with its default in [config.md](config.md) (and the inherited",
+        "`TrainingArguments` fields in [training_arguments.md](training_arguments.md)); the recipe's values",
+        "are the defaults and the command line is parsed on top of them. `--field null` sets a field that may",
+        "be null to null, and a bare true/false flag means true. `hf-graft train --help` prints every field",
+        "with its help.",
+        "",
+    ]
+    for module_info in sorted(pkgutil.iter_modules(hf_graft.cli.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"hf_graft.cli.{module_info.name}")
+        build_parser = getattr(module, "build_parser", None)
+        if build_parser is None:
+            continue
+        lines += [f"## `hf-graft {module_info.name}`", "", "```text", _help_text(build_parser()), "```", ""]
     return "\n".join(lines)
 
 

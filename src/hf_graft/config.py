@@ -295,7 +295,7 @@ class GraftingConfig(TrainingArguments):
     member_execution: str = field(
         default="loop",
         metadata={"help": "loop: the members one after another; fused: the K members as one wide network "
-                  "(grouped convolutions, one kernel per layer for all members; see README for the "
+                  "(grouped convolutions, one kernel per layer for all members; docs/how_to/gpu_speed.md lists the "
                   "architectures that fuse)."},
     )
     torch_compile_dynamic: Optional[bool] = field(

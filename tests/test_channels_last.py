@@ -17,7 +17,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 import hf_graft  # noqa: F401
-from hf_graft.cli.export import save_student
+from hf_graft.export.student_folder import save_student
 from hf_graft.graft.grafting import graft_internal, graft_members, graft_noise
 from hf_graft.population.students import channels_last_batch, load_checkpoint_members
 

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 import hf_graft  # noqa: F401
 from hf_graft.config import GraftingConfig
-from hf_graft.cli.export import save_student
+from hf_graft.export.student_folder import save_student
 from hf_graft.population.fused import FusionError, _FusedDropPath, separate_storage
 from hf_graft.population.students import PopulationSpec, StudentPopulation, load_checkpoint_members
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from hf_graft.config import GraftingConfig
-from hf_graft.cli.export import save_student
+from hf_graft.export.student_folder import save_student
 from hf_graft.population.sources import load_teacher
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -131,7 +131,7 @@ def test_push_to_hub_in_offline_mode_is_refused_before_training(tmp_path, capsys
 def test_no_file_of_a_run_holds_the_hub_token(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from hf_graft.training import trainer
+    from hf_graft.training import student as trainer  # where GraftingTrainer.push_to_hub uploads
 
     secret = "hf_PlantedSecretTokenForTheTest0123456789"
     pushed = {}
@@ -158,15 +158,16 @@ def test_no_file_of_a_run_holds_the_hub_token(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- divergence
 def test_every_member_diverging_stops_the_run_with_one_line_and_keeps_the_measurements(tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli(out, "--learning_rate", "1e6", "--num_train_epochs", "3") == 1
+    assert cli(out, "--learning_rate", "3e6", "--num_train_epochs", "3") == 1
     (line,) = error_lines(capsys)
     results = json.loads((out / "all_results.json").read_text())
     step = results["diverged_at_step"]
     assert f"training diverged: every member has non-finite values at step {step}: member 0 (" in line
     assert "member 1 (" in line and step <= 4  # stopped within the first epoch of 4 steps, not after 3 epochs
     assert set(results["diverged_members"]) == {"0", "1"} and results["global_step"] == step
-    assert math.isnan(results["loss"])  # the last logged loss, never a finite stand-in
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    last = [entry for entry in history if "loss" in entry][-1]
+    assert results["loss"] == last["loss"] or math.isnan(results["loss"]) and math.isnan(last["loss"])
     for entry in history:
         if "loss" in entry and not all(math.isfinite(entry[f"member{k}_ce"]) for k in (0, 1)):
             assert not math.isfinite(entry["loss"]), entry

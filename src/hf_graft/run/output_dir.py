@@ -315,13 +315,10 @@ def _json_problem(file: Path) -> str | None:
 
 def unfinished_save(folder: Path, *, world_size: int = 1) -> str | None:
     """Why `folder` is a checkpoint whose save did not finish (one line), or None. The Trainer writes
-    `trainer_state.json` last, after every process's RNG state, so a killed save leaves it missing or
-    truncated, or another process's RNG state missing."""
-    state_file = folder / TRAINER_STATE_FILE
-    if not state_file.is_file():
+    `trainer_state.json` last, after every process's RNG state, so a killed save leaves it missing, or
+    another process's RNG state missing. (A truncated one is a damaged checkpoint: `checkpoint_problem`.)"""
+    if not (folder / TRAINER_STATE_FILE).is_file():
         return f"has no {TRAINER_STATE_FILE}: its save did not finish"
-    if _json_problem(state_file):
-        return f"has a truncated {TRAINER_STATE_FILE}: its save did not finish"
     if world_size > 1 and (folder / "optimizer.pt").is_file():
         missing = [f"rng_state_{i}.pth" for i in range(world_size) if not (folder / f"rng_state_{i}.pth").is_file()]
         if missing:
@@ -337,7 +334,7 @@ def checkpoint_problem(folder: Path, *, what: str = "resume_from_checkpoint", wo
         return "is what an interrupted checkpoint save left behind, not a checkpoint; use a checkpoint-N folder"
     if not (folder / POPULATION_FILE).is_file():
         return f"has no {POPULATION_FILE}; is it a hf_graft training checkpoint?"
-    for name in (RUN_IDENTITY_FILE, POPULATION_FILE):  # written before the save finished: truncated or damaged
+    for name in (TRAINER_STATE_FILE, RUN_IDENTITY_FILE, POPULATION_FILE):  # truncated or damaged
         problem = _json_problem(folder / name)
         if problem:
             return f"{name} cannot be read ({problem}); it is damaged (truncated?)"
@@ -368,8 +365,8 @@ def check_checkpoint_folder(path: str | os.PathLike, *, what: str = "resume_from
         raise OutputDirError(f"{what}: {path} is a file, not a checkpoint-N folder")
     problem = checkpoint_problem(folder, what=what, world_size=world_size)
     if problem:
-        where = folder / WEIGHTS_FILE if problem.startswith(WEIGHTS_FILE) else folder
-        problem = problem[len(WEIGHTS_FILE) + 1:] if problem.startswith(WEIGHTS_FILE) else problem
+        name = problem.split(" ", 1)[0]  # a problem of one file names it: say where that file is
+        where, problem = (folder / name, problem.split(" ", 1)[1]) if (folder / name).is_file() else (folder, problem)
         raise OutputDirError(f"{what}: {where} {problem}; use another checkpoint")
     return folder
 

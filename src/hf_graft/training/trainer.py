@@ -89,6 +89,7 @@ class GraftingTrainer(StudentExport, Trainer):
         if population.fused is not None and is_sharded(self.accelerator):
             raise ValueError("GraftingConfig.member_execution: 'fused' runs with one process or DDP, not with "
                              f"{self.accelerator.distributed_type.value}; use member_execution: loop")
+        self.label_smoother = None  # the population smooths every member's CE itself (population/students.py)
         self.teachers.place(args.device, half=teacher_dtype(args), channels_last=self.channels_last)
         self.add_callback(SamplerEpochCallback(self._samplers))
         self.add_callback(self.divergence_monitor)

@@ -12,8 +12,7 @@ import torch.nn as nn
 
 from hf_graft.config import GraftingConfig
 from hf_graft.data.on_device import DeviceImageDataset, main_process_loading
-from hf_graft.metrics import PopulationMetrics
-from hf_graft.metrics.reid import ReidMetrics
+from hf_graft.metrics import PopulationMetrics, ReidMetrics
 from hf_graft.population.sources import load_teacher
 from hf_graft.population.students import PopulationSpec, StudentPopulation
 from hf_graft.population.teachers import TeacherEnsemble
@@ -73,7 +72,7 @@ def evaluation_metrics(args: GraftingConfig, population: StudentPopulation):
         if args.extra_metrics:
             raise ValueError(f"GraftingConfig.extra_metrics: got {args.extra_metrics} with a re-identification "
                              "population (its evaluation ranks features, it predicts no classes); allowed: null")
-        return ReidMetrics(args.select_student)
+        return ReidMetrics(args.select_student, device=args.device)
     return PopulationMetrics(args.select_student, args.extra_metrics, args.extra_metric_kwargs,
                              owner=f"{type(args).__name__}.extra_metrics")
 

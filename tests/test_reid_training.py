@@ -389,3 +389,48 @@ def test_table7_recipes_build_their_population_and_datasets_offline(recipe, mark
     assert len(parts.train_dataset) == 48 and len(parts.eval_dataset) == 28
     example = parts.eval_dataset[len(parts.eval_dataset) - 1]
     assert example["pixel_values"].shape == (3, 256, 128) and example["labels"].tolist()[2] == 0
+
+
+def test_a_checkpoint_member_exports_with_its_logged_reid_numbers(reid_run, tmp_path):
+    """`hf-graft export` of a re-identification checkpoint: the card of member 1 carries member 1's mAP and
+    rank-1 as logged at that checkpoint's step."""
+    from huggingface_hub import ModelCard
+
+    from hf_graft.cli.export import main
+
+    trainer, _ = reid_run
+    checkpoint = Path(trainer.args.output_dir) / "checkpoint-6"
+    assert main([str(checkpoint), "--member", "1", "--out", str(tmp_path / "m1")]) == 0
+    logged = next(e for e in trainer.state.log_history if e.get("step") == 6 and "eval_mAP" in e)
+    card = ModelCard.load(tmp_path / "m1" / "README.md")
+    shown = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert shown == {"mAP": pytest.approx(logged["eval_member1_mAP"]), "rank-1": pytest.approx(logged["eval_member1_rank1"])}
+    assert "re-identification embedding model" in card.text
+
+
+def test_a_resumed_reid_run_ends_with_the_same_numbers(reid_run, tmp_path):
+    """Resuming from the first epoch's checkpoint (its own folder, a copy) trains the second epoch as the
+    uninterrupted run did: the same final evaluation."""
+    import shutil
+
+    from hf_graft.training.builder import build_run
+    from hf_graft.training.trainer import GraftingTrainer
+
+    trainer, data_args = reid_run
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(Path(trainer.args.output_dir) / "checkpoint-3", out / "checkpoint-3")
+    config = GraftingConfig(**{**{f: getattr(trainer.args, f) for f in ("student_model", "num_students",
+                                  "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+                                  "learning_rate", "lr_spread", "dataloader_num_workers", "logging_steps", "seed")},
+                               "output_dir": str(out), "use_cpu": True, "save_strategy": "no", "report_to": "none",
+                               "resume_from_checkpoint": str(out / "checkpoint-3"), "export_student": False})
+    resumed = GraftingTrainer(args=config, **build_run(config, data_args).trainer_kwargs())
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        resumed.train(resume_from_checkpoint=str(out / "checkpoint-3"))
+    finally:
+        torch.set_num_threads(previous)
+    for name in ("eval_member0_mAP", "eval_member1_mAP", "eval_ensemble_mAP", "eval_rank1"):
+        assert resumed.results[name] == pytest.approx(trainer.results[name], abs=1e-4)

@@ -434,3 +434,14 @@ def test_a_resumed_reid_run_ends_with_the_same_numbers(reid_run, tmp_path):
         torch.set_num_threads(previous)
     for name in ("eval_member0_mAP", "eval_member1_mAP", "eval_ensemble_mAP", "eval_rank1"):
         assert resumed.results[name] == pytest.approx(trainer.results[name], abs=1e-4)
+
+
+def test_extra_metrics_are_refused_for_a_reid_population(tmp_path):
+    """Extra `evaluate` metrics take class predictions, which a features evaluation has none of."""
+    from hf_graft.population.students import PopulationSpec
+    from hf_graft.training.trainer import GraftingTrainer
+
+    spec = PopulationSpec(student_model="cifar_resnet20", num_students=2, num_classes=4, task="reid")
+    config = GraftingConfig(output_dir=str(tmp_path / "o"), use_cpu=True, extra_metrics=["f1"])
+    with pytest.raises(ValueError, match=r"^GraftingConfig.extra_metrics: got \['f1'\] with a re-identification"):
+        GraftingTrainer(model=spec, args=config)

@@ -15,13 +15,14 @@ from hf_graft.graft.schedule import cosine_lr_multipliers
 from hf_graft.trainer_fields import refused_field
 
 __all__ = ["ConfigError", "DataArguments", "GraftingConfig", "as_mapping", "grafting_settings_of", "kd_settings_of",
-           "lr_multipliers_of", "GRAFT_SOURCES", "DATA_ORDERS", "MEMBER_EXECUTIONS", "TRAIN_AUGMENTATIONS"]
+           "lr_multipliers_of", "GRAFT_SOURCES", "DATA_ORDERS", "MEMBER_EXECUTIONS", "TASKS", "TRAIN_AUGMENTATIONS"]
 
 GRAFT_SOURCES = ("external", "noise", "internal", "none")
 DATA_ORDERS = ("independent", "shared")
 MEMBER_EXECUTIONS = ("loop", "fused")
 WEIGHT_DECAY_SCOPES = ("transformers", "all")
 TRAIN_AUGMENTATIONS = ("auto", "rrc", "pad_crop", "none")
+TASKS = ("classification", "reid")
 
 
 class ConfigError(HfGraftError, ValueError):
@@ -58,6 +59,12 @@ def as_mapping(owner: str, name: str, value: Any) -> dict:
 class DataArguments:
     """Which images to train and evaluate on, and how they are transformed."""
 
+    task: str = field(
+        default="classification",
+        metadata={"help": "classification (train and evaluate on labelled images), or reid (person "
+                  "re-identification: train on the identities of the train split, evaluate the members' features "
+                  "by mAP and CMC rank-k, ranking the gallery split for every image of the query split)."},
+    )
     dataset_name: str = field(
         default="builtin:digits",
         metadata={
@@ -84,11 +91,25 @@ class DataArguments:
     )
     image_column: Optional[str] = field(default=None, metadata={"help": "Image column; detected when unambiguous."})
     label_column: Optional[str] = field(default=None, metadata={"help": "Label column; detected when unambiguous."})
+    identity_column: Optional[str] = field(
+        default=None, metadata={"help": "task reid: the identity column; detected when unambiguous."}
+    )
+    camera_column: Optional[str] = field(
+        default=None, metadata={"help": "task reid: the camera column; detected when unambiguous."}
+    )
+    query_split: str = field(default="query", metadata={"help": "task reid: the split of query images."})
+    gallery_split: str = field(default="gallery", metadata={"help": "task reid: the split of gallery images."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only this many training images."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use only this many eval images."})
     input_size: Optional[int] = field(
         default=None, metadata={"help": "Square input side in pixels; overrides the student's pretrained_cfg."}
     )
+    input_height: Optional[int] = field(
+        default=None,
+        metadata={"help": "Input height in pixels, with input_width, for a non-square input (re-identification: "
+                  "256 x 128); overrides the student's pretrained_cfg. Not with input_size."},
+    )
+    input_width: Optional[int] = field(default=None, metadata={"help": "Input width in pixels, with input_height."})
     train_augmentation: str = field(
         default="auto",
         metadata={
@@ -100,6 +121,11 @@ class DataArguments:
     hflip: float = field(default=0.5, metadata={"help": "Horizontal flip probability at train time."})
     color_jitter: Optional[float] = field(default=None, metadata={"help": "timm color jitter for 'rrc' (None: off)."})
     auto_augment: Optional[str] = field(default=None, metadata={"help": "timm auto-augment policy for 'rrc'."})
+    random_erasing: float = field(
+        default=0.0,
+        metadata={"help": "Probability of timm's RandomErasing (a random rectangle of the normalised training "
+                  "image set to 0, the mean colour) at train time; 0: off. A usual option of re-identification."},
+    )
     data_on_device: bool = field(
         default=False,
         metadata={"help": "Decode every split once into a uint8 tensor on the training device and augment "
@@ -114,6 +140,8 @@ class DataArguments:
 
     def __post_init__(self):
         owner = "DataArguments"
+        if self.task not in TASKS:
+            _fail(owner, "task", self.task, ", ".join(TASKS))
         if self.dataset_name == "imagefolder" and not self.data_dir:
             raise ConfigError(f"{owner}.data_dir: required when dataset_name is 'imagefolder'")
         if self.selection_split_percentage is not None and not 0 < self.selection_split_percentage < 100:
@@ -122,7 +150,7 @@ class DataArguments:
             _fail(owner, "train_augmentation", self.train_augmentation, ", ".join(TRAIN_AUGMENTATIONS))
         if not 0 < self.validation_split_percentage < 100:
             _fail(owner, "validation_split_percentage", self.validation_split_percentage, "an integer in 1..99")
-        for name in ("max_train_samples", "max_eval_samples", "input_size"):
+        for name in ("max_train_samples", "max_eval_samples", "input_size", "input_height", "input_width"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 _fail(owner, name, value, "a positive integer, or null")
@@ -130,12 +158,59 @@ class DataArguments:
             _fail(owner, "crop_padding", self.crop_padding, "an integer >= 0")
         if not 0.0 <= self.hflip <= 1.0:
             _fail(owner, "hflip", self.hflip, "a probability in [0, 1]")
+        self._check_input_shape(owner)
+        self._check_task(owner)
+        if not 0.0 <= self.random_erasing <= 1.0:
+            _fail(owner, "random_erasing", self.random_erasing, "a probability in [0, 1] (0: off)")
+        if self.random_erasing and (self.normalize_on_device or self.data_on_device):
+            which = "normalize_on_device" if self.normalize_on_device else "data_on_device"
+            raise ConfigError(f"{owner}.random_erasing: got {self.random_erasing} with {which} true; random erasing "
+                              "acts on the normalised image, which only the per-example transforms make (allowed with "
+                              f"{which}: 0)")
         if self.data_on_device:  # batches are augmented on the device: pad-crop and flip only
             if self.train_augmentation == "rrc":
                 _fail(owner, "train_augmentation", self.train_augmentation, "pad_crop, none or auto with data_on_device")
             for name in ("color_jitter", "auto_augment"):
                 if getattr(self, name) is not None:
                     _fail(owner, name, getattr(self, name), "null with data_on_device (pad_crop / none only)")
+
+    def _check_input_shape(self, owner: str) -> None:
+        if (self.input_height is None) != (self.input_width is None):
+            given, missing = ("input_height", "input_width") if self.input_width is None else ("input_width", "input_height")
+            raise ConfigError(f"{owner}.{missing}: required with {given} (a non-square input takes both)")
+        if self.input_height is not None and self.input_size is not None:
+            raise ConfigError(f"{owner}.input_size: got {self.input_size} with input_height {self.input_height} and "
+                              f"input_width {self.input_width}; set input_size (square) or both of those, not all three")
+        if self.data_on_device and self.input_height is not None and self.input_height != self.input_width:
+            raise ConfigError(f"{owner}.data_on_device: square inputs only (input_size), got input_height "
+                              f"{self.input_height} and input_width {self.input_width}")
+
+    def _check_task(self, owner: str) -> None:
+        """Fields that belong to one task only: a value set for the other is refused, never ignored."""
+        if self.task == "reid":
+            # evaluation is the query split against the gallery split, each whole (the protocol)
+            for name, why in (("eval_split", "evaluation ranks the gallery_split for every image of the "
+                               "query_split"), ("label_column", "the labels are the identity_column"),
+                              ("selection_split_percentage", "a held-out part of train has no query and gallery"),
+                              ("max_eval_samples", "the query and gallery splits are evaluated whole")):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{owner}.{name}: got {getattr(self, name)!r} with task reid ({why}); "
+                                      "allowed: null")
+            if self.data_on_device:
+                raise ConfigError(f"{owner}.data_on_device: got true with task reid; allowed: false (the query and "
+                                  "gallery are evaluated through the per-example transforms)")
+        else:
+            for name in ("identity_column", "camera_column"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{owner}.{name}: got {getattr(self, name)!r} with task {self.task}; used "
+                                      "with task reid only (allowed here: null)")
+
+    @property
+    def input_shape(self) -> int | tuple[int, int] | None:
+        """The input override: `input_size` (a square side), (input_height, input_width), or None."""
+        if self.input_height is not None:
+            return (self.input_height, self.input_width)
+        return self.input_size
 
 
 # batch sizes, counts and intervals a run needs: (field, smallest allowed, whether null is allowed)

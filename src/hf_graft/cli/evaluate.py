@@ -1,14 +1,17 @@
-"""`hf-graft evaluate`: top-1/top-5 (and any `evaluate` metric) of one image classifier on an image dataset.
+"""`hf-graft evaluate`: top-1/top-5 (and any `evaluate` metric) of one image classifier on an image dataset,
+or mAP and CMC rank-k of a re-identification model's features (`--task reid`).
 
     hf-graft evaluate MODEL --dataset_name NAME [--split S] [--extra_metrics M ...] [--json F]
                       [--batch_size N] [--max_samples N]
+    hf-graft evaluate MODEL --task reid --dataset_name market1501 --data_dir DIR [--json F]
 
 MODEL is an exported student folder, one member of a training checkpoint (`checkpoint-N#K` or
 `checkpoint-N#memberK`), a timm model name (with its pretrained weights), an `hf-hub:` / `local-dir:` id,
 or a transformers image-classification folder. The dataset is read as the trainer reads it (the same
 column detection, and by default the same evaluation split), and images get the model's own evaluation
 transform: timm's, from the model's data config (a checkpoint's: the one it was trained with), or the
-transformers image processor of the folder.
+transformers image processor of the folder. With `--task reid` the query split ranks the gallery split
+by the model's pre-logits features (`data.reid` reads the dataset as training does; `metrics.reid_metrics`).
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from hf_graft.cli.arguments import ArgumentsError, CommandLineParser, command_pa
 from hf_graft.errors import HfGraftError, one_line
 from hf_graft.utils.files import CONFIG_FILE
 
-__all__ = ["EvaluateArguments", "EvaluationError", "LoadedModel", "build_parser", "evaluate_model", "load_model",
-           "main"]
+__all__ = ["EvaluateArguments", "EvaluationError", "LoadedModel", "build_parser", "evaluate_model",
+           "evaluate_reid_model", "load_model", "main"]
 
 PROG = "hf-graft evaluate"
 
@@ -48,6 +51,15 @@ class LoadedModel:
     def logits(self, pixel_values):
         out = self.module(pixel_values)
         return out.logits if hasattr(out, "logits") else out
+
+    def features(self, pixel_values):
+        """The pre-logits features timm's `forward_head(..., pre_logits=True)` gives (what re-identification
+        ranks by); a transformers folder must wrap a timm model (`TimmWrapper...`)."""
+        model = self.module if self.library == "timm" else getattr(self.module, "timm_model", None)
+        if model is None:
+            raise EvaluationError(f"{self.name}: --task reid takes the features of a timm model; this transformers "
+                                  f"model ({type(self.module).__name__}) has none")
+        return model.forward_head(model.forward_features(pixel_values), pre_logits=True)
 
 
 def _timm_transform(data_config: dict[str, Any]) -> Callable:
@@ -219,6 +231,38 @@ def evaluate_model(
     return results
 
 
+def evaluate_reid_model(model: str | LoadedModel, data_args, *, batch_size: int = 64, num_workers: int = 0,
+                        progress: bool = True) -> dict[str, Any]:
+    """mAP and CMC rank-1/5/10 of `model`'s features: every image of `data_args.query_split` ranks the
+    `gallery_split` (the Market-1501 protocol, `metrics.reid.reid_metrics`), each image with the model's
+    evaluation transform. Returns {"model", "dataset", "split", "num_query", "num_gallery", "mAP", "rank1",
+    "rank5", "rank10", "valid_queries", "skipped_queries"}."""
+    import torch
+    from torch.utils.data import DataLoader, default_collate
+    from tqdm.auto import tqdm
+
+    from hf_graft.data.reid import ReidEvalDataset, load_reid_run_data
+    from hf_graft.metrics.reid import reid_metrics
+
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    data = load_reid_run_data(data_args)
+    dataset = ReidEvalDataset(data.query, data.gallery, loaded.transform)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=default_collate)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loaded.module.to(device).eval()
+    features = []
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=f"evaluating {loaded.name}", unit="batch", disable=not progress,
+                          file=sys.stderr):
+            features.append(loaded.features(batch["pixel_values"].to(device)).float().cpu())
+    features, (identities, cameras, is_query) = torch.cat(features), dataset.reid_labels.unbind(1)
+    query = is_query.bool()
+    scores = reid_metrics(features[query], features[~query], identities[query], identities[~query],
+                          cameras[query], cameras[~query], ranks=(1, 5, 10))
+    return {"model": loaded.name, "dataset": data_args.dataset_name, "split": dataset.split_name,
+            "num_query": dataset.num_query, "num_gallery": dataset.num_gallery, **scores}
+
+
 def _format(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}".rstrip("0").rstrip(".")
@@ -232,6 +276,10 @@ class EvaluateArguments:
     dataset_name: str = field(metadata={
         "help": "Hub id, local folder of parquet/arrow files or save_to_disk folder, 'imagefolder' (with "
         "--data_dir) or builtin:digits"})
+    task: str = field(default="classification", metadata={
+        "help": "classification (top-1/top-5), or reid: mAP and CMC rank-k of the features, the query split ranking "
+        "the gallery split (--dataset_name market1501 / dukemtmc_reid with --data_dir, or any dataset with those "
+        "splits)"})
     model: str | None = field(default=None, metadata={
         "help": "exported student folder, CHECKPOINT#K, timm name, hf-hub:/local-dir: id, or a transformers "
         "image-classification folder", "metavar": "MODEL"})
@@ -242,6 +290,12 @@ class EvaluateArguments:
         "part of train)"})
     image_column: str | None = field(default=None, metadata={"help": "image column (detected when unambiguous)"})
     label_column: str | None = field(default=None, metadata={"help": "label column (detected when unambiguous)"})
+    identity_column: str | None = field(default=None, metadata={
+        "help": "--task reid: identity column (detected when unambiguous)"})
+    camera_column: str | None = field(default=None, metadata={
+        "help": "--task reid: camera column (detected when unambiguous)"})
+    query_split: str = field(default="query", metadata={"help": "--task reid: the query split"})
+    gallery_split: str = field(default="gallery", metadata={"help": "--task reid: the gallery split"})
     extra_metrics: list[str] | None = field(default=None, metadata={
         "help": "evaluate metrics by name (Hub or evaluate's cache) or local folder, e.g. f1 ./my_metric",
         "metavar": "METRIC"})
@@ -263,6 +317,16 @@ class EvaluateArguments:
                 raise ValueError(f"--{name}: got {value}; allowed: a positive integer")
         if self.num_workers < 0:
             raise ValueError(f"--num_workers: got {self.num_workers}; allowed: an integer >= 0")
+        if self.task not in ("classification", "reid"):
+            raise ValueError(f"--task: got {self.task!r}; allowed: classification, reid")
+        reid = self.task == "reid"
+        for name in ("split", "label_column", "max_samples", "extra_metrics", "extra_metric_kwargs") if reid else ():
+            if getattr(self, name) is not None:  # the protocol evaluates the whole query and gallery splits
+                raise ValueError(f"--{name}: not with --task reid (use --query_split, --gallery_split, "
+                                 "--identity_column)")
+        for name in ("identity_column", "camera_column") if not reid else ():
+            if getattr(self, name) is not None:
+                raise ValueError(f"--{name}: with --task reid only")
 
 
 def build_parser() -> CommandLineParser:
@@ -292,24 +356,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_args = DataArguments(
             dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, data_dir=args.data_dir,
             train_split=args.split or "train", eval_split=args.split, image_column=args.image_column,
-            label_column=args.label_column, max_eval_samples=args.max_samples,
+            label_column=args.label_column, max_eval_samples=args.max_samples, task=args.task,
+            identity_column=args.identity_column, camera_column=args.camera_column, query_split=args.query_split,
+            gallery_split=args.gallery_split,
         )
         model = load_model(args.model)
     except (HfGraftError, ValueError, OSError) as error:
         return fail(2, one_line(error), error)
     try:
-        results = evaluate_model(
-            model, data_args, extra_metrics=args.extra_metrics, extra_metric_kwargs=kwargs,
-            batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed, progress=args.progress,
-        )
+        if args.task == "reid":
+            results = evaluate_reid_model(model, data_args, batch_size=args.batch_size, num_workers=args.num_workers,
+                                          progress=args.progress)
+        else:
+            results = evaluate_model(
+                model, data_args, extra_metrics=args.extra_metrics, extra_metric_kwargs=kwargs,
+                batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed, progress=args.progress,
+            )
     except (HfGraftError, ValueError, OSError) as error:
         return fail(1, one_line(error), error)
 
     if "warning" in results:
         print(f"{PROG}: warning: {results['warning']}", file=sys.stderr)
-    print(f"{results['model']} on {results['dataset']} ({results['split']}, {results['num_examples']} images)")
+    size = (f"{results['num_query']} queries, {results['num_gallery']} gallery images" if args.task == "reid"
+            else f"{results['num_examples']} images")
+    print(f"{results['model']} on {results['dataset']} ({results['split']}, {size})")
     for key, value in results.items():
-        if key not in ("model", "dataset", "split", "num_examples"):
+        if key not in ("model", "dataset", "split", "num_examples", "num_query", "num_gallery"):
             print(f"  {key}: {_format(value)}")
     if args.json:
         out = Path(args.json)

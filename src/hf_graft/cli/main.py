@@ -16,6 +16,8 @@ commands:
                                           filter statistics (invalid filters, entropy) of models or checkpoints
   evaluate MODEL --dataset_name NAME [--split S] [--extra_metrics M ...] [--json F]
                                           top-1/top-5 (and evaluate metrics) of a model or checkpoint member
+  evaluate MODEL --task reid --dataset_name market1501 --data_dir DIR [--json F]
+                                          mAP and CMC rank-k of a re-identification model's features
   env                                     the versions a bug report needs
 
 Every flag is --field_name (or --field-name); `hf-graft <command> --help` lists them. --debug (or

@@ -12,7 +12,7 @@ from hf_graft.data.loading import ImageData
 from hf_graft.data.sampling import MemberOrderDataset
 from hf_graft.data.transforms import build_transform
 
-__all__ = ["population_datasets", "selection_dataset"]
+__all__ = ["population_datasets", "reid_population_datasets", "selection_dataset"]
 
 
 def population_datasets(
@@ -48,6 +48,30 @@ def population_datasets(
         )
         evaluation.split_name = data.eval_split  # what the run's numbers are measured on, for its results
     train.data_identity = data_identity(data, data_args, data_config)
+    return train, evaluation
+
+
+def reid_population_datasets(
+    data,
+    data_args: DataArguments,
+    data_config: dict[str, Any],
+    *,
+    num_members: int,
+    order: str,
+    seed: int,
+    train_cls: type = MemberOrderDataset,
+):
+    """(train, eval) datasets of a re-identification population (`data`: a `data.reid.ReidData`): the
+    training split exactly as a classification one (identities as labels, each member its order and
+    augmentation), and the query then the gallery split as one `ReidEvalDataset` with the evaluation
+    transform."""
+    from hf_graft.data.reid import ReidEvalDataset
+
+    train = train_cls(
+        data.train, build_transform(data_config, data_args, is_training=True), data.image_column, data.label_column,
+        num_members=num_members, order=order if num_members > 1 else "shared", seed=seed,
+    )
+    evaluation = ReidEvalDataset(data.query, data.gallery, build_transform(data_config, data_args, is_training=False))
     return train, evaluation
 
 

@@ -31,16 +31,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from hf_graft.data.sampling import MemberOrderDataset
+
 __all__ = [
+    "EVAL_SPLIT_NAME",
     "JUNK_IDENTITY",
     "REID_LAYOUTS",
     "ReidData",
+    "ReidEvalDataset",
     "identities_and_cameras",
     "load_reid_data",
     "load_reid_dataset",
     "load_reid_folder",
+    "load_reid_run_data",
 ]
 
+EVAL_SPLIT_NAME = "query and gallery"  # what a re-identification run is evaluated on (results, model card)
 JUNK_IDENTITY = -1  # Market's mark for a detection too poor to be anyone: dropped from every split
 SPLITS = ("train", "query", "gallery")
 # the layouts' sub-folders, by split
@@ -85,6 +91,11 @@ class ReidData:
     def num_identities(self) -> int:
         """Training identities: the classes of a classifier trained on `train`."""
         return len(self.identity_map)
+
+    @property
+    def label_names(self) -> list[str]:
+        """The training identities as strings, in label order (the classifier head's class names)."""
+        return list(self.train.features[self.label_column].names)
 
 
 def identities_and_cameras(dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,3 +358,52 @@ def _as_images(splits: dict, source_column: str) -> dict:
                              "image file paths")
         result[role] = dataset
     return result
+
+
+# ----------------------------------------------------------------------------- a run's data
+# the loaders' messages start with the argument they are about; a run names the DataArguments field
+_ARGUMENT_FIELDS = ("dataset_name", "data_dir", "train_split", "query_split", "gallery_split", "image_column",
+                    "identity_column", "camera_column")
+
+
+def load_reid_run_data(args, seed: int = 42) -> ReidData:
+    """The data of a re-identification run from its `DataArguments` (task reid): `load_reid_data`, its
+    one-line errors naming the `DataArguments.<field>`, and `max_train_samples` drawn from the training
+    split with `seed` (the labels stay those of the whole split, so the classifier keeps every identity)."""
+    try:
+        data = load_reid_data(args.dataset_name, args.data_dir, dataset_config_name=args.dataset_config_name,
+                              image_column=args.image_column, identity_column=args.identity_column,
+                              camera_column=args.camera_column, train_split=args.train_split,
+                              query_split=args.query_split, gallery_split=args.gallery_split)
+    except (ValueError, OSError, RuntimeError) as error:
+        message = str(error)
+        if message.split(":", 1)[0] in _ARGUMENT_FIELDS:
+            raise type(error)(f"DataArguments.{message}") from error
+        raise
+    if args.max_train_samples is not None and args.max_train_samples < len(data.train):
+        data.train = data.train.shuffle(seed=seed).select(range(args.max_train_samples))
+    return data
+
+
+class ReidEvalDataset(MemberOrderDataset):
+    """The query split then the gallery split, as one evaluation set for the Trainer's own loop (its
+    batching, gathering across processes and logging): item i is `pixel_values` and `labels` =
+    [identity, camera, is_query] (int64), from which `metrics.ReidMetrics` splits query and gallery again."""
+
+    def __init__(self, query, gallery, transform):
+        from datasets import concatenate_datasets
+
+        columns = ["image", "identity", "camera"]
+        both = concatenate_datasets([query.select_columns(columns), gallery.select_columns(columns)])
+        super().__init__(both, transform, "image", "identity")
+        identities, cameras = identities_and_cameras(both)
+        is_query = torch.zeros(len(both), dtype=torch.int64)
+        is_query[: len(query)] = 1
+        self.reid_labels = torch.stack([identities, cameras, is_query], dim=1)
+        self.num_query, self.num_gallery = len(query), len(gallery)
+        self.split_name = EVAL_SPLIT_NAME
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        i = int(index) % len(self.dataset)
+        pixels, _ = self._example(i)
+        return {"pixel_values": pixels, "labels": self.reid_labels[i]}

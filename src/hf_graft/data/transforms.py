@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -14,50 +14,75 @@ DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "c
 __all__ = ["DATA_CONFIG_KEYS", "DeviceNormalizer", "build_transform", "normalize_pixels", "pixel_statistics", "resolve_student_data_config", "students_data_config"]
 
 
-def resolve_student_data_config(model, input_size: int | None = None) -> dict[str, Any]:
-    """timm's data config for the student, with an optional square input-size override."""
+def resolve_student_data_config(model, input_size: int | Sequence[int] | None = None, *,
+                                whole_image: bool = False) -> dict[str, Any]:
+    """timm's data config for the student, with an optional input-size override: a square side, or
+    (height, width). `whole_image`: the evaluation transform resizes the whole image to the input size
+    (crop_pct 1, crop_mode squash), as re-identification takes a person's box, instead of the model's
+    resize-and-centre-crop."""
     from timm.data import resolve_data_config
 
-    overrides = {"input_size": (3, input_size, input_size)} if input_size else {}
+    overrides: dict[str, Any] = {}
+    if isinstance(input_size, int):
+        overrides["input_size"] = (3, input_size, input_size)
+    elif input_size:
+        height, width = input_size
+        overrides["input_size"] = (3, int(height), int(width))
+    if whole_image:
+        overrides.update(crop_pct=1.0, crop_mode="squash")
     config = resolve_data_config(overrides, model=model)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
 
 
 def build_transform(data_config: dict[str, Any], args: DataArguments, is_training: bool) -> Callable:
-    """timm transforms for the student's input size and normalisation; with `args.normalize_on_device`
-    they end at uint8 [C, H, W] pixels, which `normalize_pixels` turns into the same normalised input."""
+    """timm transforms for the student's input size (square or not) and normalisation; with
+    `args.normalize_on_device` they end at uint8 [C, H, W] pixels, which `normalize_pixels` turns into the
+    same normalised input. Training transforms end with timm's `RandomErasing` when `args.random_erasing`."""
     from timm.data import create_transform
     from torchvision import transforms as T
 
     uint8 = args.normalize_on_device
     input_size = tuple(data_config["input_size"])
-    side = input_size[-1]
+    height, width = input_size[-2:]
     interpolation = data_config.get("interpolation", "bilinear")
     mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
     mode = args.train_augmentation
     if mode == "auto":
-        mode = "pad_crop" if side <= 64 else "rrc"
+        mode = "pad_crop" if max(height, width) <= 64 else "rrc"
     if not is_training or mode == "none":
-        return create_transform(
+        transform = create_transform(
             input_size, is_training=False, interpolation=interpolation, mean=mean, std=std,
             crop_pct=data_config.get("crop_pct", 1.0), crop_mode=data_config.get("crop_mode", "center"),
             use_prefetcher=uint8,
         )
+        return _with_random_erasing(transform, args.random_erasing) if is_training else transform
     if mode == "rrc":
         return create_transform(
             input_size, is_training=True, interpolation=interpolation, mean=mean, std=std,
             hflip=args.hflip, color_jitter=args.color_jitter, auto_augment=args.auto_augment,
-            use_prefetcher=uint8,
+            re_prob=args.random_erasing, re_mode="const", use_prefetcher=uint8,
         )
-    # pad_crop: the CIFAR recipe (resize to the input side, random crop with padding, flip)
+    # pad_crop: the CIFAR and re-identification recipe (resize to the input size, random crop with
+    # padding, flip)
     from timm.data.transforms import str_to_interp_mode
 
-    return T.Compose([
-        T.Resize((side, side), interpolation=str_to_interp_mode(interpolation)),
-        T.RandomCrop(side, padding=args.crop_padding),
+    return _with_random_erasing(T.Compose([
+        T.Resize((height, width), interpolation=str_to_interp_mode(interpolation)),
+        T.RandomCrop((height, width), padding=args.crop_padding),
         T.RandomHorizontalFlip(args.hflip),
         *([T.PILToTensor()] if uint8 else [T.ToTensor(), T.Normalize(mean, std)]),
-    ])
+    ]), args.random_erasing)
+
+
+def _with_random_erasing(transform: Callable, probability: float) -> Callable:
+    """`transform`, then timm's `RandomErasing` (const mode: the rectangle set to 0 in the normalised image,
+    the mean colour) with `probability`; `transform` itself when it is 0."""
+    if not probability:
+        return transform
+    from timm.data.random_erasing import RandomErasing
+    from torchvision import transforms as T
+
+    return T.Compose([transform, RandomErasing(probability, mode="const", device="cpu")])
 
 
 def students_data_config(population) -> dict[str, Any]:

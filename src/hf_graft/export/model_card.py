@@ -13,15 +13,20 @@ from typing import Any, Mapping, Sequence
 
 from hf_graft.models.registry import architecture_note
 from hf_graft.run.results import ensemble_label, format_number as _format_number
+from hf_graft.data.reid import REID_LAYOUTS
 from hf_graft.data.transforms import DATA_CONFIG_KEYS
 from hf_graft.utils.serialization import to_json_value
 
 __all__ = [
     "PAPER_BIBTEX", "TEMPLATE_PATH", "accuracy_results", "base_model_id", "build_model_card", "framework_versions",
+    "reid_results",
 ]
 
 CARD_TAGS = ["image-classification", "timm", "filter-grafting"]
 KD_CARD_TAGS = ["grafting-plus", "knowledge-distillation"]
+REID_CARD_TAGS = ["image-feature-extraction", "timm", "filter-grafting", "person-reid"]
+# the Hub's task of a student, by DataArguments.task: a re-identification student is used for its features
+TASK_TYPES = {"classification": "image-classification", "reid": "image-feature-extraction"}
 ACCURACY_METRIC = "accuracy"  # the `evaluate` metric id the Hub lists
 TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
 
@@ -88,8 +93,9 @@ def _settings_table(settings: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _evaluations_table(evaluations: Sequence[Mapping[str, Any]], selected_member: int | None) -> str:
-    """One row per logged evaluation: its epoch and step, each member's top-1 and the ensemble's."""
+def _evaluations_table(evaluations: Sequence[Mapping[str, Any]], selected_member: int | None,
+                       metric: str = "top1") -> str:
+    """One row per logged evaluation: its epoch and step, each member's `metric` and the ensemble's."""
     columns: list[str] = []
     for row in evaluations:
         columns += [c for c in row if c not in ("epoch", "step") and c not in columns]
@@ -97,7 +103,7 @@ def _evaluations_table(evaluations: Sequence[Mapping[str, Any]], selected_member
         return ""
 
     def label(column: str) -> str:
-        name = column.removesuffix("_top1")
+        name = column.removesuffix(f"_{metric}")
         if name.startswith("member") and name[6:].isdigit():
             k = int(name[6:])
             return f"member {k} (exported)" if k == selected_member else f"member {k}"
@@ -145,6 +151,15 @@ def accuracy_results(metrics: Mapping[str, float] | None) -> list[tuple[str, str
     return results
 
 
+def reid_results(metrics: Mapping[str, float] | None) -> list[tuple[str, str, float]]:
+    """(metric_type, metric_name, value) of a re-identification model's mAP and CMC rank-1, as the evaluation
+    logged them (%)."""
+    metrics = metrics or {}
+    names = (("mAP", "mAP", "mAP (%)"), ("rank1", "rank-1", "rank-1 (%)"))
+    return [(metric_type, label, float(metrics[key])) for key, metric_type, label in names
+            if metrics.get(key) is not None]
+
+
 def framework_versions() -> list[tuple[str, str]]:
     """The installed versions of hf_graft and the libraries it trains and exports with."""
     from importlib.metadata import PackageNotFoundError, version
@@ -178,7 +193,8 @@ def build_model_card(
     base_model: str | None = None,
     eval_split: str | None = None,
     eval_results: Sequence[tuple[str, str, float]] | None = None,
-    task_type: str = "image-classification",
+    task_type: str | None = None,
+    task: str = "classification",
     hyperparameters: Mapping[str, Any] | None = None,
     evaluations: Sequence[Mapping[str, Any]] | None = None,
     versions: Sequence[tuple[str, str]] | None = None,
@@ -186,13 +202,18 @@ def build_model_card(
     """The README.md of an exported student, as a `huggingface_hub.ModelCard` (from `model_card_template.md`).
 
     `eval_results` are (metric_type, metric_name, value) of the exported member on the evaluation split, the
-    results the Hub reads (default: its top-1 and top-5 from `member_metrics`); `evaluations` are the rows of
-    `RunRecords.evaluations`; `versions` are (library, version) pairs (see `framework_versions`).
+    results the Hub reads (default: its top-1 and top-5 from `member_metrics`, or its mAP and rank-1), under
+    `task_type` (default: the Hub task of `task`); `evaluations` are the rows of `RunRecords.evaluations`;
+    `versions` are (library, version) pairs (see `framework_versions`). `task` "reid": the card of a
+    re-identification embedding model (its features, not its classes, are what it is for).
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+    reid = task == "reid"
+    task_type = task_type or TASK_TYPES[task]
     if eval_results is None:
-        eval_results = accuracy_results(member_metrics.get(selected_member) if selected_member is not None else None)
+        selected = member_metrics.get(selected_member) if selected_member is not None else None
+        eval_results = reid_results(selected) if reid else accuracy_results(selected)
     title = repo_id.split("/")[-1] if repo_id else f"{architecture} (filter grafting)"
     dataset_label = _dataset_label(dataset_name) if dataset_name else None
     results = [
@@ -203,11 +224,12 @@ def build_model_card(
     ]
     card_data = ModelCardData(
         library_name="timm",
-        pipeline_tag="image-classification",
-        tags=list(CARD_TAGS) + (list(KD_CARD_TAGS) if kd_settings else []),
+        pipeline_tag=TASK_TYPES[task],
+        tags=list(REID_CARD_TAGS if reid else CARD_TAGS) + (list(KD_CARD_TAGS) if kd_settings else []),
         license=license,
         base_model=base_model,
-        datasets=[dataset_name] if _is_hub_repo_id(dataset_name) else None,
+        # a re-identification folder layout's name (market1501) is not a Hub dataset
+        datasets=[dataset_name] if _is_hub_repo_id(dataset_name) and dataset_name not in REID_LAYOUTS else None,
         metrics=list(dict.fromkeys(r.metric_type for r in results)) or None,
         eval_results=results or None,
         model_name=title if results else None,
@@ -239,7 +261,8 @@ def build_model_card(
         preprocessing=", ".join(f"{k}={json.dumps(to_json_value(v, k))}" for k, v in pre.items()),
         evaluated_on=evaluated_on,
         metrics_table=_metrics_table(member_metrics, ensemble_metrics, selected_member).rstrip(),
-        evaluations_table=_evaluations_table(evaluations or [], selected_member).rstrip(),
+        evaluations_table=_evaluations_table(evaluations or [], selected_member, "mAP" if reid else "top1").rstrip(),
+        reid=reid,
         selection=selection,
         hyperparameters=[(name, _format_number(value)) for name, value in (hyperparameters or {}).items()],
         grafting_table=_settings_table(grafting_settings).rstrip() if grafting_settings else "_Not recorded._",

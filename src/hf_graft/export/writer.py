@@ -12,6 +12,7 @@ from hf_graft.data.transforms import resolve_student_data_config
 from hf_graft.export.model_card import base_model_id, build_model_card, framework_versions
 from hf_graft.export.student_folder import save_student
 from hf_graft.run.records import RunRecords
+from hf_graft.run.results import SELECTION_METRIC
 
 __all__ = ["write_student"]
 
@@ -40,7 +41,8 @@ def write_student(
     `local-dir:` id or a folder is replaced by the registry name behind it). `records` (the run's settings and
     logged evaluations, `RunRecords`) give the card its hyperparameters, grafting and distillation settings,
     every evaluation and the base model of a pretrained student; `member_metrics` its results table, and the
-    selected member's top-1 / top-5 its evaluation results; `license` its license line."""
+    selected member's top-1 / top-5 (mAP / rank-1 for a re-identification population, `spec.task`) its
+    evaluation results; `license` its license line."""
     if spec is None:
         from hf_graft.population.students import PopulationSpec
 
@@ -52,6 +54,7 @@ def write_student(
         architecture = member.pretrained_cfg.get("architecture", architecture)
     data_config = spec.data_config or resolve_student_data_config(member)
     pretrained = records.identity.get("student_pretrained")
+    task = getattr(spec, "task", "classification")
     card = build_model_card(
         architecture=architecture, label_names=spec.label_names, dataset_name=spec.dataset_name,
         member_metrics={int(k): dict(v) for k, v in (member_metrics or {}).items()},
@@ -60,7 +63,8 @@ def write_student(
         grafting_settings=records.grafting_settings(), kd_settings=records.kd_settings(), repo_id=repo_id,
         license=license, data_config=data_config, eval_split=spec.eval_split,
         base_model=base_model_id(spec.student_model, getattr(member, "pretrained_cfg", None)) if pretrained else None,
-        hyperparameters=records.hyperparameters(), evaluations=records.evaluations(), versions=framework_versions(),
+        hyperparameters=records.hyperparameters(), evaluations=records.evaluations(SELECTION_METRIC[task]),
+        versions=framework_versions(), task=task,
     )
     return save_student(member, folder, architecture=architecture, model_kwargs=spec.student_model_kwargs,
                         label_names=spec.label_names, data_config=data_config, card=card, replace=replace,

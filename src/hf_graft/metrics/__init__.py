@@ -1,7 +1,7 @@
 """Evaluation metrics through `evaluate`.
 
 `accuracy.population_accuracy` computes top-1/top-5 of every member, of the ensemble and of the selected
-member from [N, K, C] logits; `population_accuracy/` wraps that one function as an `evaluate` metric
+member from [N, K, C] logits (`reid.ReidMetrics`: mAP and CMC of a re-identification population's features); `population_accuracy/` wraps that one function as an `evaluate` metric
 shipped inside the package (it loads offline). Extra metrics
 (`GraftingConfig.extra_metrics`, `hf-graft evaluate --extra_metrics`) are any `evaluate` metric: a name
 (loaded from the Hub, or from evaluate's cache when offline) or a local folder / script.
@@ -18,10 +18,12 @@ import torch
 
 from hf_graft.errors import one_line
 from hf_graft.metrics.accuracy import best_member, population_accuracy
+from hf_graft.metrics.reid import ReidMetrics
 
 __all__ = [
     "POPULATION_ACCURACY_PATH",
     "PopulationMetrics",
+    "ReidMetrics",
     "check_extra_metrics",
     "load_metric",
     "load_population_accuracy",

@@ -340,7 +340,7 @@ class FusedMembers:
 
     Not an `nn.Module` on purpose: it holds no tensors of its own that a state dict, an optimizer
     or `.to()` should see. `__call__(pixel_values)` takes [B, K, C, H, W] (one batch per member)
-    or [B, C, H, W] (shared) and returns logits [B, K, classes].
+    or [B, C, H, W] (shared) and returns logits [B, K, classes], or features [B, K, D].
     """
 
     def __init__(self, members: Sequence[nn.Module], model_name: str = ""):
@@ -396,9 +396,11 @@ class FusedMembers:
         nhwc = pixel_values.permute(0, 2, 3, 1).unsqueeze(3).expand(B, H, W, K, C)
         return nhwc.reshape(B, H, W, K * C).permute(0, 3, 1, 2)
 
-    def __call__(self, pixel_values: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    def __call__(self, pixel_values: torch.Tensor, channels_last: bool = False, features: bool = False) -> torch.Tensor:
+        """[B, K, classes] logits; with `features`, the members' pre-logits features [B, K, D] (timm's
+        `forward_head(..., pre_logits=True)` of the wide network: member k's features are channel block k)."""
         x = self.wide_input(pixel_values, channels_last)
-        z = self.wide(x)
+        z = self.wide.forward_head(self.wide.forward_features(x), pre_logits=True) if features else self.wide(x)
         return z.unflatten(1, (self.num_members, -1))
 
 

@@ -23,6 +23,7 @@ from hf_graft.utils.files import POPULATION_FILE, WEIGHTS_FILE
 from hf_graft import _compat
 
 __all__ = [
+    "OUTPUTS",
     "POPULATION_FILE",
     "PopulationSpec",
     "StudentPopulation",
@@ -31,6 +32,8 @@ __all__ = [
     "load_checkpoint_members",
 ]
 
+
+OUTPUTS = ("logits", "features")  # what the population returns as `logits` in eval mode (`set_output`)
 
 
 @dataclass
@@ -46,6 +49,7 @@ class PopulationSpec:
     data_config: dict[str, Any] = field(default_factory=dict)
     dataset_name: str | None = None  # what the population was trained on (for the model card)
     eval_split: str | None = None  # what it was evaluated on: a split, or the held-out part (model card)
+    task: str = "classification"  # or "reid": evaluated on the members' features (DataArguments.task)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,10 +128,24 @@ class StudentPopulation(nn.Module):
         # execution (set by the trainer): batches in channels_last, members fused into one network
         self.channels_last = False
         self.fused = None  # a FusedMembers (not a submodule: it holds no state of its own)
+        self.output = "logits"  # in eval mode: "logits", or "features" (re-identification; `set_output`)
 
     @property
     def num_members(self) -> int:
         return len(self.members)
+
+    @property
+    def task(self) -> str:
+        """What the population is trained for: its spec's task ("classification" without a spec)."""
+        return getattr(self.spec, "task", "classification") if self.spec is not None else "classification"
+
+    def set_output(self, output: str) -> None:
+        """What evaluation (eval mode) returns as `logits`: "logits" ([B, K, classes]), or "features": every
+        member's pre-logits features, timm's `forward_head(forward_features(x), pre_logits=True)`, [B, K, D]
+        (re-identification ranks by them). Training always returns logits and losses."""
+        if output not in OUTPUTS:
+            raise ValueError(f"StudentPopulation.set_output: got {output!r}; allowed: {', '.join(OUTPUTS)}")
+        self.output = output
 
     def set_execution(self, *, channels_last: bool = False, fused: bool = False, model_name: str = "") -> None:
         """channels_last: members (and batches, in `forward`) in channels_last memory format.
@@ -206,8 +224,11 @@ class StudentPopulation(nn.Module):
             raise ValueError(
                 f"pixel_values has {pixel_values.shape[1]} member views, the population has {self.num_members}"
             )
+        features = self.output == "features" and not self.training  # labels are not used then
         if self.fused is not None:
-            stacked = self.fused(pixel_values, channels_last=self.channels_last)
+            stacked = self.fused(pixel_values, channels_last=self.channels_last, features=features)
+            if features:
+                return {"logits": stacked}
             if labels is None:
                 return {"logits": stacked}
             from hf_graft.population.fused import fused_member_losses
@@ -227,6 +248,9 @@ class StudentPopulation(nn.Module):
                 # a member's view of [B, K, C, H, W] is strided; convolutions on it are ~8% slower
                 # forward and backward on CPU than on a contiguous copy (benchmarks/throughput.py)
                 x = pixel_values[:, k].contiguous()
+            if features:
+                logits.append(member.forward_head(member.forward_features(x), pre_logits=True))
+                continue
             z = member(x)
             logits.append(z)
             if labels is not None:
@@ -237,7 +261,7 @@ class StudentPopulation(nn.Module):
                     t = teacher_logits[:, :, k] if teacher_logits.ndim == 4 else teacher_logits
                     kd_terms.append(kd_loss(z, t, self.kd_temperature))
         stacked = torch.stack(logits, dim=1)
-        if labels is None:
+        if labels is None or features:
             return {"logits": stacked}
         return self._outputs(stacked, torch.stack(ce_terms), torch.stack(kd_terms) if kd_terms else None)
 

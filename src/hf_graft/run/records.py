@@ -23,7 +23,6 @@ from hf_graft.utils.files import RUN_IDENTITY_FILE, TRAINER_STATE_FILE
 
 __all__ = ["RunRecords", "RunRecordsError", "read_run_records", "trainer_records"]
 
-_MEMBER_TOP1 = re.compile(r"^eval_member(\d+)_top1$")
 
 
 class RunRecordsError(HfGraftError, ValueError):
@@ -78,18 +77,20 @@ class RunRecords:
         """The evaluation logged at the recorded step (of the weights saved with it), or None."""
         return None if self.global_step is None else logged_evaluation(self.log_history, self.global_step)
 
-    def evaluations(self) -> list[dict[str, Any]]:
+    def evaluations(self, metric: str = "top1") -> list[dict[str, Any]]:
         """Every logged evaluation of the members or the ensemble, in order: `epoch`, `step`, then
-        `member{k}_top1` for each member and `ensemble_top1`, as logged."""
+        `member{k}_{metric}` for each member and `ensemble_{metric}`, as logged (`metric`: top1, or mAP
+        for a re-identification run)."""
+        member_key = re.compile(rf"^eval_member(\d+)_{re.escape(metric)}$")
         rows = []
         for entry in self.log_history:
-            members = sorted(int(m.group(1)) for m in map(_MEMBER_TOP1.match, entry) if m)
-            if not members and "eval_ensemble_top1" not in entry:
+            members = sorted(int(m.group(1)) for m in map(member_key.match, entry) if m)
+            if not members and f"eval_ensemble_{metric}" not in entry:
                 continue
             row = {"epoch": entry.get("epoch"), "step": entry.get("step")}
-            row.update({f"member{k}_top1": entry[f"eval_member{k}_top1"] for k in members})
-            if "eval_ensemble_top1" in entry:
-                row["ensemble_top1"] = entry["eval_ensemble_top1"]
+            row.update({f"member{k}_{metric}": entry[f"eval_member{k}_{metric}"] for k in members})
+            if f"eval_ensemble_{metric}" in entry:
+                row[f"ensemble_{metric}"] = entry[f"eval_ensemble_{metric}"]
             rows.append(row)
         return rows
 

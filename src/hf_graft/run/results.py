@@ -16,12 +16,18 @@ __all__ = [
     "format_number",
     "logged_evaluation",
     "member_metrics",
+    "METRIC_NAMES",
+    "SELECTION_METRIC",
     "select_member",
     "run_results",
     "summary_lines",
 ]
 
 TOPK = ("top1", "top5")
+# every per-member number a population's evaluation reports: classification's, then re-identification's
+METRIC_NAMES = (*TOPK, "mAP", "rank1", "rank5", "rank10")
+# the number that chooses the best member, by task (DataArguments.task)
+SELECTION_METRIC = {"classification": "top1", "reid": "mAP"}
 
 logger = logging.getLogger(__name__)
 
@@ -109,16 +115,19 @@ def format_number(value: Any) -> str:
 
 
 def member_metrics(metrics: Mapping[str, Any], num_members: int, prefix: str = "eval") -> dict[int, dict[str, float]]:
-    """{k: {"top1": ..., "top5": ...}} from flat `{prefix}_member{k}_top1` metrics (those present)."""
+    """{k: {"top1": ..., "top5": ...}} from flat `{prefix}_member{k}_top1` metrics (those of `METRIC_NAMES`
+    present: `mAP`, `rank1`, ... for a re-identification run)."""
     return {
-        k: {name: metrics[f"{prefix}_member{k}_{name}"] for name in TOPK if f"{prefix}_member{k}_{name}" in metrics}
+        k: {name: metrics[f"{prefix}_member{k}_{name}"] for name in METRIC_NAMES
+            if f"{prefix}_member{k}_{name}" in metrics}
         for k in range(num_members)
     }
 
 
 def ensemble_metrics(metrics: Mapping[str, Any], prefix: str = "eval") -> dict[str, Any]:
-    """{"top1": ..., "top5": ...} of the ensemble, and "members" (the members in it) when some were left out."""
-    found = {name: metrics[f"{prefix}_ensemble_{name}"] for name in TOPK if f"{prefix}_ensemble_{name}" in metrics}
+    """The ensemble's metrics, and "members" (the members in it) when some were left out."""
+    found = {name: metrics[f"{prefix}_ensemble_{name}"] for name in METRIC_NAMES
+             if f"{prefix}_ensemble_{name}" in metrics}
     if f"{prefix}_ensemble_members" in metrics:
         found["members"] = [int(k) for k in metrics[f"{prefix}_ensemble_members"]]
     return found
@@ -155,7 +164,7 @@ def _duration(seconds: float) -> str:
 
 def summary_lines(results: Mapping[str, Any], num_members: int) -> list[str]:
     """The closing lines of a run: where the student is, which member and why, each member's and the
-    ensemble's top-1, and the wall time."""
+    ensemble's top-1 (mAP and rank-1 for a re-identification run), and the wall time."""
     selected = results.get("selected_member")
     folder = results.get("student_dir")
     if selected is None:
@@ -166,14 +175,21 @@ def summary_lines(results: Mapping[str, Any], num_members: int) -> list[str]:
         lines = [f"student: member {selected} (not written: export_student is false)"]
     if selected is not None:
         lines.append(f"selected because {results.get('selection_reason')}")
-    members = member_metrics(results, num_members)
-    scores = [f"member {k} {format_number(v['top1'])}" for k, v in members.items() if "top1" in v]
-    ensemble = ensemble_metrics(results)
-    if ensemble.get("top1") is not None and num_members > 1:
-        kept = f" ({_members(ensemble['members'])}, diverged left out)" if "members" in ensemble else ""
-        scores.append(f"ensemble {format_number(ensemble['top1'])}{kept}")
+    reid = results.get("task") == "reid"
+    names, title = (("mAP", "rank1"), "eval mAP / rank-1 (%)") if reid else (("top1",), "eval top-1 (%)")
+
+    def shown(values: Mapping[str, Any]) -> str | None:
+        return " / ".join(format_number(values[n]) for n in names) if all(n in values for n in names) else None
+
+    members = {k: shown(v) for k, v in member_metrics(results, num_members).items()}
+    scores = [f"member {k} {v}" for k, v in members.items() if v is not None]
+    ensemble_values = ensemble_metrics(results)
+    ensemble = shown(ensemble_values)
+    if ensemble is not None and num_members > 1:
+        kept = f" ({_members(ensemble_values['members'])}, diverged left out)" if "members" in ensemble_values else ""
+        scores.append(f"ensemble {ensemble}{kept}")
     if scores:
-        lines.append("eval top-1 (%): " + ", ".join(scores))
+        lines.append(f"{title}: " + ", ".join(scores))
     if "wall_time_s" in results:
         lines.append(f"wall time: {_duration(results['wall_time_s'])}")
     return lines
@@ -189,18 +205,23 @@ def logged_evaluation(log_history: Sequence[Mapping[str, Any]], step: int) -> di
 
 def run_results(metrics: Mapping[str, Any], *, args, members: Sequence, has_eval: bool,
                 diverged: Mapping[int, int] | None = None, selection_metrics: Mapping[str, Any] | None = None,
-                eval_split: str | None = None, selection_split: str | None = None) -> dict[str, Any]:
+                eval_split: str | None = None, selection_split: str | None = None,
+                task: str = "classification") -> dict[str, Any]:
     """What a finished run reports, from its final metrics (training and evaluation, flat): the selected
     member and why, on which split it was chosen, the grafting and distillation settings, every member's
     filter health, the members' mean, and the members that diverged (they went on alone, never as scions).
 
     With `selection_metrics` (`selection_member{k}_top1`, ... of a split held out of train), `best` chooses
     on them alone; otherwise on the evaluation split, and a split named `test` is said once in the log.
-    `args` is the run's `GraftingConfig`."""
+    `args` is the run's `GraftingConfig`; `task` ("classification" or "reid") the number that chooses the
+    best member (`SELECTION_METRIC`: top-1, or mAP), and a re-identification run's results say `task`."""
     results = dict(metrics)
+    metric = SELECTION_METRIC[task]
+    if task != "classification":
+        results["task"] = task
     per_member = member_metrics(results, args.num_students)
-    if per_member and all("top1" in m for m in per_member.values()):
-        results["eval_members_mean_top1"] = sum(m["top1"] for m in per_member.values()) / len(per_member)
+    if per_member and all(metric in m for m in per_member.values()):
+        results[f"eval_members_mean_{metric}"] = sum(m[metric] for m in per_member.values()) / len(per_member)
     chooser, chooser_split = per_member, eval_split
     if selection_metrics is not None:
         results.update(selection_metrics)
@@ -208,14 +229,14 @@ def run_results(metrics: Mapping[str, Any], *, args, members: Sequence, has_eval
     if args.select_student == "best" and not has_eval and selection_metrics is None:
         selected, reason = None, "no eval_dataset to choose the best member by (select_student: best)"
     else:
-        selected, reason = select_member(chooser, args.select_student, num_members=args.num_students,
+        selected, reason = select_member(chooser, args.select_student, metric, num_members=args.num_students,
                                          diverged=diverged)
         if args.select_student == "best":
             results["selection_split"] = chooser_split or "the evaluation split"
             reason += f" on {results['selection_split']}"
             if selection_metrics is None and chooser_split and "test" in chooser_split.lower():
                 logger.warning("select_student: best chose member %d on the split %r, the one the results report: "
-                               "its top-1 there is optimistic; set selection_split_percentage to choose on a part "
+                               f"its {'top-1' if metric == 'top1' else metric} there is optimistic; set selection_split_percentage to choose on a part "
                                "of the training split instead", selected, chooser_split)
     results.update(selected_member=selected, selection_reason=reason, grafting=args.grafting_settings())
     if args.kd_settings():

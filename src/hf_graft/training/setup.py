@@ -1,5 +1,5 @@
 """What a `GraftingTrainer` is built from: its population checked against the config, the config the
-Trainer runs with, and the frozen teachers."""
+Trainer runs with, the frozen teachers and the evaluation's metrics."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import torch.nn as nn
 
 from hf_graft.config import GraftingConfig
 from hf_graft.data.on_device import DeviceImageDataset, main_process_loading
+from hf_graft.metrics import PopulationMetrics, ReidMetrics
 from hf_graft.population.sources import load_teacher
 from hf_graft.population.students import PopulationSpec, StudentPopulation
 from hf_graft.population.teachers import TeacherEnsemble
 
-__all__ = ["run_args", "teacher_dtype", "teacher_ensemble", "trainer_population"]
+__all__ = ["evaluation_metrics", "run_args", "teacher_dtype", "teacher_ensemble", "trainer_population"]
 
 
 def run_args(args: GraftingConfig, train_dataset, eval_dataset) -> GraftingConfig:
@@ -59,7 +60,22 @@ def trainer_population(model, args) -> StudentPopulation:
     channels_last = args.device.type == "cuda" if args.channels_last is None else bool(args.channels_last)
     model.set_execution(channels_last=channels_last, fused=args.member_execution == "fused",
                         model_name=model.spec.student_model if model.spec else args.student_model)
+    if model.task == "reid":  # evaluated on the members' features, not their logits
+        model.set_output("features")
     return model
+
+
+def evaluation_metrics(args: GraftingConfig, population: StudentPopulation):
+    """The trainer's `compute_metrics` for the population's task: top-1/top-5 (and the extra metrics) of the
+    members' logits, or mAP / CMC of their features (task reid; the extra metrics take class predictions,
+    which re-identification has none of)."""
+    if population.task == "reid":
+        if args.extra_metrics:
+            raise ValueError(f"GraftingConfig.extra_metrics: got {args.extra_metrics} with a re-identification "
+                             "population (its evaluation ranks features, it predicts no classes); allowed: null")
+        return ReidMetrics(args.select_student, device=args.device)
+    return PopulationMetrics(args.select_student, args.extra_metrics, args.extra_metric_kwargs,
+                             owner=f"{type(args).__name__}.extra_metrics")
 
 
 def teacher_ensemble(teachers: Sequence[nn.Module] | None, args: GraftingConfig, population: StudentPopulation,

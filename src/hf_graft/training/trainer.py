@@ -30,7 +30,6 @@ from hf_graft.data.transforms import DeviceNormalizer, students_data_config
 from hf_graft.graft.filters import population_filter_metrics
 from hf_graft.graft.grafting import GraftReport
 from hf_graft.graft.step import graft_population
-from hf_graft.metrics import PopulationMetrics
 from hf_graft.population.fused import separate_storage
 from hf_graft.population.students import PopulationSpec, StudentPopulation
 from hf_graft.run.checkpoints import one_line_when_disk_full
@@ -43,7 +42,7 @@ from hf_graft.training.callbacks import (
 from hf_graft.training.divergence import measured_results
 from hf_graft.training.member_logs import MemberLogs
 from hf_graft.training.student import StudentExport
-from hf_graft.training.setup import run_args, teacher_dtype, teacher_ensemble, trainer_population
+from hf_graft.training.setup import evaluation_metrics, run_args, teacher_dtype, teacher_ensemble, trainer_population
 from hf_graft.training.optimization import (
     MemberGradients, is_sharded, member_param_groups, step_decay_scheduler,
 )
@@ -75,8 +74,7 @@ class GraftingTrainer(StudentExport, Trainer):
         self._nan_inf_filter_on_device, self._normalizer = False, None  # normalizer: normalize_on_device
         # pinned training batches go to the GPU on a stream of their own (data/transfer.py)
         self._batch_copy = SideStreamCopy(args.device) if on_cuda and args.dataloader_pin_memory else None
-        self.eval_metrics = PopulationMetrics(args.select_student, args.extra_metrics, args.extra_metric_kwargs,
-                                              owner=f"{type(args).__name__}.extra_metrics")
+        self.eval_metrics = evaluation_metrics(args, population)  # top-1/top-5, or mAP / CMC for task reid
         self._samplers: list[EpochShuffleSampler] = []
         self.divergence_monitor = DivergenceMonitor(population.members)
         own = [GraftingCallback()]
@@ -229,11 +227,13 @@ class GraftingTrainer(StudentExport, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pixel_values = inputs["pixel_values"]
         teacher_logits = self.teachers.logits(pixel_values) if model.training else None
-        outputs = model(pixel_values=pixel_values, labels=inputs.get("labels"), teacher_logits=teacher_logits)
+        # a features evaluation (task reid) has labels [identity, camera, is_query]: no loss on them
+        labels = inputs.get("labels") if model.training or self.population.output == "logits" else None
+        outputs = model(pixel_values=pixel_values, labels=labels, teacher_logits=teacher_logits)
         if model.training and "member_ce" in outputs:
             self.member_logs.record_losses(outputs, self.optimizer)
             self.divergence_monitor.observe(outputs["member_ce"], outputs.get("member_kd"))
-        loss = outputs["loss"]
+        loss = outputs["loss"] if "loss" in outputs else outputs["logits"].new_zeros(())
         # evaluation keeps every batch's logits: copies (under torch.compile's CUDA graphs, mode
         # "reduce-overhead", the next step's replay overwrites the outputs in place)
         return (loss, {"loss": loss, "logits": outputs["logits"].clone()}) if return_outputs else loss
@@ -410,7 +410,7 @@ class GraftingTrainer(StudentExport, Trainer):
             metrics.update(logged_evaluation(self.state.log_history, step) or self.evaluate())
         selection = (None if self.selection_dataset is None
                      else self.evaluate(self.selection_dataset, metric_key_prefix="selection"))
-        return run_results(metrics, args=self.args, members=self.population.members,
+        return run_results(metrics, args=self.args, members=self.population.members, task=self.population.task,
                            has_eval=self.eval_dataset is not None, diverged=self.diverged_members,
                            selection_metrics=selection, eval_split=getattr(self.eval_dataset, "split_name", None),
                            selection_split=getattr(self.selection_dataset, "split_name", None))

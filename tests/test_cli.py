@@ -182,7 +182,7 @@ def test_analyze_plot_without_matplotlib_names_the_extra(tmp_path, capsys, monke
     # without --plot, analyze needs no matplotlib
     assert analyze.main(["resnet10t", "--thresholds", "0.1", "--json", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())[0]["name"] == "resnet10t"
-    from hf_graft.graft.filters import plot_reports
+    from hf_graft.cli.plots import plot_reports
 
     with pytest.raises(ImportError, match=r"hf_graft\[plot\]"):
         plot_reports([], png)

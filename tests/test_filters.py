@@ -14,7 +14,8 @@ import torch.nn as nn
 
 import hf_graft  # noqa: F401  (registers the cifar_* architectures)
 from hf_graft.cli.analyze import main as analyze_main
-from hf_graft.graft.filters import filter_report, plot_reports
+from hf_graft.cli.plots import plot_reports
+from hf_graft.graft.filters import filter_report
 
 THRESHOLDS = (1e-3, 1e-2, 0.1, 1.0)
 KEYS = ("0.001", "0.01", "0.1", "1.0")

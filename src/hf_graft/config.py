@@ -459,40 +459,7 @@ class GraftingConfig(TrainingArguments):
                 f"{owner}.num_students: got {self.num_students}; graft_source 'external' needs >= 2 "
                 "(use graft_source: none for a single baseline network)"
             )
-        if self.graft_level not in LEVELS:
-            _fail(owner, "graft_level", self.graft_level, ", ".join(LEVELS))
-        if self.graft_anchor not in ANCHOR_RULES:
-            _fail(owner, "graft_anchor", self.graft_anchor, ", ".join(ANCHOR_RULES))
-        if self.graft_anchor == "authors" and self.graft_level != "layer":
-            raise ValueError(f"{owner}.graft_anchor: got 'authors' with graft_level {self.graft_level!r}; the authors' "
-                             "rule is layer-level (allowed with graft_level layer only)")
-        if self.graft_alpha_decimals is not None and (isinstance(self.graft_alpha_decimals, bool) or not isinstance(
-                self.graft_alpha_decimals, int) or self.graft_alpha_decimals < 0):
-            _fail(owner, "graft_alpha_decimals", self.graft_alpha_decimals,
-                  "null, or an integer >= 0 (the authors': 2)")
-        if not isinstance(self.graft_histogram_include_max, bool):
-            _fail(owner, "graft_histogram_include_max", self.graft_histogram_include_max, "true or false")
-        if self.graft_criterion not in CRITERIA:
-            _fail(owner, "graft_criterion", self.graft_criterion, ", ".join(CRITERIA))
-        if self.graft_bins < 1:
-            _fail(owner, "graft_bins", self.graft_bins, "an integer >= 1")
-        if not 0.0 <= self.graft_A <= 1.0:
-            _fail(owner, "graft_A", self.graft_A, "a number in [0, 1]")
-        if self.graft_c < 0:
-            _fail(owner, "graft_c", self.graft_c, "a number >= 0")
-        if self.graft_every_epochs < 1:
-            _fail(owner, "graft_every_epochs", self.graft_every_epochs, "an integer >= 1")
-        if self.graft_every_steps is not None and self.graft_every_steps < 1:
-            _fail(owner, "graft_every_steps", self.graft_every_steps, "an integer >= 1, or null for epoch-based")
-        if self.graft_start_epoch < 1:
-            _fail(owner, "graft_start_epoch", self.graft_start_epoch, "an integer >= 1")
-        if not 0.0 < self.graft_noise_a < 1.0:
-            _fail(owner, "graft_noise_a", self.graft_noise_a, "a number in (0, 1)")
-        if isinstance(self.graft_noise_first_t, bool) or not isinstance(self.graft_noise_first_t, int) or \
-                self.graft_noise_first_t < 0:
-            _fail(owner, "graft_noise_first_t", self.graft_noise_first_t, "an integer >= 0 (0: the authors')")
-        if self.graft_internal_order not in INTERNAL_ORDERS:
-            _fail(owner, "graft_internal_order", self.graft_internal_order, ", ".join(INTERNAL_ORDERS))
+        self._check_graft_settings(owner)
         if self.bn_recalibration_batches < 0:
             _fail(owner, "bn_recalibration_batches", self.bn_recalibration_batches, "an integer >= 0")
         if self.data_order not in DATA_ORDERS:
@@ -544,6 +511,43 @@ class GraftingConfig(TrainingArguments):
         super().__post_init__()
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError(f"{owner}.hub_model_id: required when push_to_hub is true")
+
+    def _check_graft_settings(self, owner: str) -> None:
+        """The graft's own settings: level, anchor rule, coefficient, histogram, timing and scions."""
+        if self.graft_level not in LEVELS:
+            _fail(owner, "graft_level", self.graft_level, ", ".join(LEVELS))
+        if self.graft_anchor not in ANCHOR_RULES:
+            _fail(owner, "graft_anchor", self.graft_anchor, ", ".join(ANCHOR_RULES))
+        if self.graft_anchor == "authors" and self.graft_level != "layer":
+            raise ValueError(f"{owner}.graft_anchor: got 'authors' with graft_level {self.graft_level!r}; the authors' "
+                             "rule is layer-level (allowed with graft_level layer only)")
+        if self.graft_alpha_decimals is not None and (isinstance(self.graft_alpha_decimals, bool) or not isinstance(
+                self.graft_alpha_decimals, int) or self.graft_alpha_decimals < 0):
+            _fail(owner, "graft_alpha_decimals", self.graft_alpha_decimals,
+                  "null, or an integer >= 0 (the authors': 2)")
+        if not isinstance(self.graft_histogram_include_max, bool):
+            _fail(owner, "graft_histogram_include_max", self.graft_histogram_include_max, "true or false")
+        if self.graft_criterion not in CRITERIA:
+            _fail(owner, "graft_criterion", self.graft_criterion, ", ".join(CRITERIA))
+        if self.graft_bins < 1:
+            _fail(owner, "graft_bins", self.graft_bins, "an integer >= 1")
+        if not 0.0 <= self.graft_A <= 1.0:
+            _fail(owner, "graft_A", self.graft_A, "a number in [0, 1]")
+        if self.graft_c < 0:
+            _fail(owner, "graft_c", self.graft_c, "a number >= 0")
+        if self.graft_every_epochs < 1:
+            _fail(owner, "graft_every_epochs", self.graft_every_epochs, "an integer >= 1")
+        if self.graft_every_steps is not None and self.graft_every_steps < 1:
+            _fail(owner, "graft_every_steps", self.graft_every_steps, "an integer >= 1, or null for epoch-based")
+        if self.graft_start_epoch < 1:
+            _fail(owner, "graft_start_epoch", self.graft_start_epoch, "an integer >= 1")
+        if not 0.0 < self.graft_noise_a < 1.0:
+            _fail(owner, "graft_noise_a", self.graft_noise_a, "a number in (0, 1)")
+        if isinstance(self.graft_noise_first_t, bool) or not isinstance(self.graft_noise_first_t, int) or \
+                self.graft_noise_first_t < 0:
+            _fail(owner, "graft_noise_first_t", self.graft_noise_first_t, "an integer >= 0 (0: the authors')")
+        if self.graft_internal_order not in INTERNAL_ORDERS:
+            _fail(owner, "graft_internal_order", self.graft_internal_order, ", ".join(INTERNAL_ORDERS))
 
     def _check_compile_settings(self, owner: str) -> None:
         """torch.compile's backend and mode, here rather than when the Trainer builds its Accelerator (the

@@ -26,7 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
-from hf_graft.graft.filters import DEFAULT_THRESHOLDS, FilterReport, filter_report, plot_reports, threshold_key
+from hf_graft.cli.plots import plot_reports
+from hf_graft.graft.filters import DEFAULT_THRESHOLDS, FilterReport, filter_report, threshold_key
 from hf_graft.population.sources import ACCEPTED, ModelSource, ModelSourceError, resolve_model_source
 from hf_graft.models.registry import check_folder_architecture
 from hf_graft.cli.arguments import ArgumentsError, CommandLineParser, command_parser, parse_arguments

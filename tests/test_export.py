@@ -225,7 +225,7 @@ def test_export_saved_before_shortcuts_were_recorded_loads_as_option_b(tmp_path)
         torch.testing.assert_close(via_transformers.eval()(pixel_values=x).logits, expected, rtol=1e-6, atol=1e-6)
 
     # hf_graft's own loaders take the timm path
-    from hf_graft.evaluation import load_model
+    from hf_graft.cli.evaluate import load_model
 
     loaded = load_model(str(folder))
     with torch.no_grad():
@@ -577,7 +577,7 @@ def test_cli_hub_flags_in_both_spellings_and_the_old_ones_with_a_note(checkpoint
     folder, population = checkpoint
     pushes = []
 
-    def fake_push(exported, repo_id, *, token=None, private=None):
+    def fake_push(exported, repo_id, *, token=None, private=None, **kwargs):
         pushes.append({"folder": Path(exported), "repo_id": repo_id, "token": token, "private": private})
         return f"https://huggingface.co/{repo_id}"
 

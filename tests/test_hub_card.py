@@ -283,7 +283,7 @@ def test_export_cli_pushes_to_a_branch(fake_hub, tmp_path, capsys):
     _spec().save(checkpoint)
     args = [str(checkpoint), "--member", "1", "--out", str(tmp_path / "o")]
     assert export.main([*args, "--revision", "dev"]) == 2
-    assert "--revision: only with --push-to-hub" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert "--revision: only with --push_to_hub" in capsys.readouterr().err and not (tmp_path / "o").exists()
     assert export.main([*args, "--push-to-hub", "someone/grafted", "--revision", "dev"]) == 0
     assert [c[0] for c in fake_hub] == ["create_repo", "create_branch", "upload_folder"]
     assert fake_hub[1][2]["branch"] == "dev" and fake_hub[2][2]["revision"] == "dev"

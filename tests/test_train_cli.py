@@ -259,8 +259,8 @@ def test_quickstart_end_to_end_from_the_console_script(tmp_path):
     assert len(evals) == 6 and all("eval_member0_total_entropy" in e for e in evals)
     assert results["eval_member0_top1"] == evals[-1]["eval_member0_top1"]
     # the run ends with where the student is, which member and why, the top-1s and the wall time
-    closing = [line.split(" hf_graft.trainer: ", 1)[1] for line in proc.stderr.splitlines()
-               if " hf_graft.trainer: " in line]
+    closing = [line.split(" hf_graft.training.trainer: ", 1)[1] for line in proc.stderr.splitlines()
+               if " hf_graft.training.trainer: " in line]
     assert closing[0] == f"student: member {selected}, written to {out / 'student'}"
     assert closing[1].startswith(f"selected because member {selected} has the highest eval top1")
     assert closing[2].startswith("eval top-1 (%): member 0 ") and closing[3].startswith("wall time: ")

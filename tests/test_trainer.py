@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from hf_graft.config import GraftingConfig
 from hf_graft.graft.grafting import adaptive_alpha, anchor_plan, layer_information
 from hf_graft.training.optimization import member_grad_norms
-from test_metrics import population_metrics  # the reference computation
+from hf_graft.metrics.accuracy import population_accuracy as population_metrics  # checked by hand below
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -509,17 +509,18 @@ def test_the_end_of_a_run_evaluates_selects_and_measures_once(make_trainer, tmp_
     """With eval_strategy epoch the last epoch's evaluation is the run's final one (2 evaluations for
     2 epochs); without, the run evaluates once at the end. The member is selected once, and the filter
     statistics of the results are the final evaluation's. The student, all_results.json and the
-    closing summary (the `hf_graft.trainer` logger) come out of `train()` itself."""
+    closing summary (the `hf_graft.training.trainer` logger) come out of `train()` itself."""
     import json
     import logging
 
     import timm
 
     import hf_graft.graft.filters
-    import hf_graft.trainer as trainer_module
+    import hf_graft.run.results as results_module
+
 
     reports, selections = [], []
-    original_report, original_select = hf_graft.graft.filters.filter_report, trainer_module.select_member
+    original_report, original_select = hf_graft.graft.filters.filter_report, results_module.select_member
 
     def counting_report(*args, **kwargs):
         reports.append(1)
@@ -530,8 +531,7 @@ def test_the_end_of_a_run_evaluates_selects_and_measures_once(make_trainer, tmp_
         return original_select(*args, **kwargs)
 
     monkeypatch.setattr(hf_graft.graft.filters, "filter_report", counting_report)
-    monkeypatch.setattr(trainer_module, "filter_report", counting_report)
-    monkeypatch.setattr(trainer_module, "select_member", counting_select)
+    monkeypatch.setattr(results_module, "select_member", counting_select)
     counter = EvaluationCounter(reports)
     out = tmp_path / "run"
     trainer = make_trainer(num_students=2, eval_strategy=eval_strategy, export_student=True, output_dir=str(out),

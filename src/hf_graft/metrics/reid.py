@@ -275,7 +275,7 @@ class ReidMetrics:
         self.distance = distance
         self.device = torch.device(device) if device is not None else torch.device("cpu")
 
-    def __call__(self, features, labels) -> dict[str, float]:
+    def __call__(self, features, labels, leave_out=()) -> dict[str, float]:
         from hf_graft.metrics.accuracy import best_member
 
         features = torch.as_tensor(np.asarray(features)).float().to(self.device)
@@ -287,7 +287,8 @@ class ReidMetrics:
         identities, cameras = labels[:, 0], labels[:, 1]
         ids_and_cameras = (identities[is_query], identities[~is_query], cameras[is_query], cameras[~is_query])
         num_members = features.shape[1]
-        healthy = [k for k in range(num_members) if bool(torch.isfinite(features[:, k]).all())]
+        # a diverged member (`leave_out`, or non-finite features) is out of the ensemble and never the best
+        healthy = [k for k in range(num_members) if k not in set(leave_out) and bool(torch.isfinite(features[:, k]).all())]
         results: dict[str, float] = {}
         counts = None
         for k in range(num_members):
@@ -302,7 +303,7 @@ class ReidMetrics:
         for name in ("valid_queries", "skipped_queries"):
             results[name] = float(counts[name]) if counts else math.nan
         if self.select_student == "best":
-            selected = best_member([results[f"member{k}_mAP"] for k in range(num_members)])
+            selected = best_member({k: results[f"member{k}_mAP"] for k in healthy})
             selected = 0 if selected is None else selected
         else:
             selected = int(self.select_student)

@@ -84,7 +84,6 @@ def render_config() -> str:
 
 
 def render_training_arguments() -> str:
-    import transformers
     from transformers import TrainingArguments
 
     from hf_graft.trainer_fields import FIELD_NOTES
@@ -94,7 +93,7 @@ def render_training_arguments() -> str:
         "# `TrainingArguments` in a `GraftingTrainer`",
         "",
         "Generated from `hf_graft/trainer_fields.py` by `scripts/make_reference.py`. Every field of",
-        f"`transformers.TrainingArguments` ({transformers.__version__}) either works (as described) or is",
+        "`transformers.TrainingArguments` either works (as described) or is",
         "refused in one line when set to a value that cannot work with a population of image classifiers.",
         "A test fails when a transformers release adds a field this table does not list.",
         "",

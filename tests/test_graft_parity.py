@@ -26,6 +26,7 @@ import hf_graft  # noqa: F401  (registers the CIFAR models in timm)
 from hf_graft.config import GraftingConfig
 from hf_graft.graft.grafting import anchor_plan, bn_scale_alpha, graft_internal, graft_members, graft_noise
 from hf_graft.graft.information import batched_entropy, layer_information
+from _members import make_members
 
 
 @pytest.fixture(autouse=True)
@@ -39,22 +40,6 @@ def _one_thread():
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-
-def make_members(name: str, K: int, seed0: int = 0, **kwargs) -> list[nn.Module]:
-    """K differently initialised members whose BatchNorm parameters and buffers differ too."""
-    members = []
-    for k in range(K):
-        torch.manual_seed(seed0 + k)
-        m = timm.create_model(name, pretrained=False, **kwargs)
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.normal_(0, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
-                mod.weight.data.uniform_(0.5, 1.5)
-                mod.bias.data.normal_(0, 0.1)
-                mod.num_batches_tracked.fill_(100 + k)
-        members.append(m)
-    return members
 
 
 # ----------------------------------------------------------------------------- the authors' rule, written out

@@ -29,6 +29,7 @@ from hf_graft.graft.grafting import (
 from hf_graft.graft.information import COUNT_METHODS, _row_bin_counts, _scaled, batched_entropy, layer_information
 from hf_graft.graft.schedule import cosine_lr_multipliers
 from hf_graft.graft.sharded import sharded_information, sharded_layer_information
+from _members import make_members
 
 
 # ----------------------------------------------------------------------------- reference
@@ -74,22 +75,6 @@ def ref_graft(pre: list[dict[str, torch.Tensor]], *, criterion="entropy", bins=1
         out.append((new, alphas))
     return out
 
-
-def make_members(name: str, K: int, seed0: int = 0, **kwargs) -> list[nn.Module]:
-    """K differently initialised members whose BN buffers also differ (so their mixing shows)."""
-    members = []
-    for k in range(K):
-        torch.manual_seed(seed0 + k)
-        m = timm.create_model(name, pretrained=False, **kwargs)
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.normal_(0, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
-                mod.weight.data.uniform_(0.5, 1.5)
-                mod.bias.data.normal_(0, 0.1)
-                mod.num_batches_tracked.fill_(100 + k)
-        members.append(m)
-    return members
 
 
 @pytest.fixture(autouse=True)

@@ -24,6 +24,13 @@ def cli(out, *extra: str) -> int:
     return main([str(QUICKSTART), "--output_dir", str(out), *TINY, *extra])
 
 
+def finished_quickstart_run(out: Path) -> Path:
+    """A finished 2-epoch tiny quickstart run in `out`: checkpoint-4, checkpoint-8, results and student/."""
+    assert cli(out, "--num_train_epochs", "2", "--save_strategy", "epoch", "--save_total_limit", "3") == 0
+    assert {"checkpoint-4", "checkpoint-8", "all_results.json", "student"} <= {p.name for p in out.iterdir()}
+    return out
+
+
 def error_lines(capsys, prefix: str = "hf-graft train:") -> list[str]:
     """The lines of stderr written by the command itself (logging goes there too)."""
     lines = [line.rsplit("\r", 1)[-1] for line in capsys.readouterr().err.splitlines()]  # past progress bars

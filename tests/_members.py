@@ -1,5 +1,5 @@
 """Members for graft tests: K differently initialised timm models whose BatchNorm parameters and buffers
-differ too (so their mixing shows)."""
+differ too (so their mixing shows), and a copy of a model's state."""
 
 from __future__ import annotations
 
@@ -24,3 +24,8 @@ def make_members(name: str, K: int, seed0: int = 0, **kwargs) -> list[nn.Module]
                 mod.num_batches_tracked.fill_(100 + k)
         members.append(m)
     return members
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every entry of `model`'s state dict."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

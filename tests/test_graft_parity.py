@@ -26,19 +26,10 @@ import hf_graft  # noqa: F401  (registers the CIFAR models in timm)
 from hf_graft.config import GraftingConfig
 from hf_graft.graft.grafting import anchor_plan, bn_scale_alpha, graft_internal, graft_members, graft_noise
 from hf_graft.graft.information import batched_entropy, layer_information
-from _members import make_members
+from _members import make_members, snapshot
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 

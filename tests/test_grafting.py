@@ -29,7 +29,7 @@ from hf_graft.graft.grafting import (
 from hf_graft.graft.information import COUNT_METHODS, _row_bin_counts, _scaled, batched_entropy, layer_information
 from hf_graft.graft.schedule import cosine_lr_multipliers
 from hf_graft.graft.sharded import sharded_information, sharded_layer_information
-from _members import make_members
+from _members import make_members, snapshot
 
 
 # ----------------------------------------------------------------------------- reference
@@ -48,10 +48,6 @@ def ref_info(w: torch.Tensor, criterion: str, bins: int = 10) -> float:
 
 def ref_alpha(h_self: float, h_other: float, A: float = 0.4, c: float = 500.0) -> float:
     return A / math.pi * math.atan(c * (h_self - h_other)) + 0.5
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def ref_graft(pre: list[dict[str, torch.Tensor]], *, criterion="entropy", bins=10, A=0.4, c=500.0):
@@ -77,12 +73,7 @@ def ref_graft(pre: list[dict[str, torch.Tensor]], *, criterion="entropy", bins=1
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------- information

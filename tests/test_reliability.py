@@ -11,7 +11,7 @@ import pytest
 
 from hf_graft.cli import export
 
-from _cli_run import cli, copy_run, error_lines
+from _cli_run import finished_quickstart_run, cli, copy_run, error_lines
 
 
 def _files(folder: Path) -> dict[str, tuple[int, int]]:
@@ -23,10 +23,7 @@ def _files(folder: Path) -> dict[str, tuple[int, int]]:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A finished 2-epoch quickstart run: checkpoint-4, checkpoint-8, results and student/."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    assert cli(out, "--num_train_epochs", "2", "--save_strategy", "epoch", "--save_total_limit", "3") == 0
-    assert {"checkpoint-4", "checkpoint-8", "all_results.json", "student"} <= {p.name for p in out.iterdir()}
-    return out
+    return finished_quickstart_run(tmp_path_factory.mktemp("finished") / "run")
 
 
 # ----------------------------------------------------------------------------- deletes a user's data

@@ -20,16 +20,13 @@ from hf_graft.utils.files import EXPORT_FILES
 from hf_graft.cli.analyze import main as analyze_main
 from hf_graft.run.output_dir import LOCK_FILE, RUN_IDENTITY_FILE, OutputDirError, lock_output_dir
 
-from _cli_run import cli, copy_run, error_lines, start_lock_holder
+from _cli_run import finished_quickstart_run, cli, copy_run, error_lines, start_lock_holder
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A finished 2-epoch quickstart run with checkpoint-4 and checkpoint-8, results and student/."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    assert cli(out, "--num_train_epochs", "2", "--save_strategy", "epoch", "--save_total_limit", "3") == 0
-    assert {"checkpoint-4", "checkpoint-8", "all_results.json", "student"} <= {p.name for p in out.iterdir()}
-    return out
+    return finished_quickstart_run(tmp_path_factory.mktemp("finished") / "run")
 
 
 def _listing(folder: Path) -> dict[str, int]:

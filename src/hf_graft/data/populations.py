@@ -38,10 +38,7 @@ def population_datasets(
                                                        order=order, seed=seed, device=device)
         evaluation.split_name = data.eval_split
     else:
-        train = train_cls(
-            data.train, build_transform(data_config, data_args, is_training=True), data.image_column,
-            data.label_column, num_members=num_members, order=order if num_members > 1 else "shared", seed=seed,
-        )
+        train = _training_dataset(data, data_args, data_config, num_members, order, seed, train_cls)
         evaluation = MemberOrderDataset(
             data.eval, build_transform(data_config, data_args, is_training=False), data.image_column,
             data.label_column,
@@ -67,12 +64,18 @@ def reid_population_datasets(
     transform."""
     from hf_graft.data.reid import ReidEvalDataset
 
-    train = train_cls(
+    train = _training_dataset(data, data_args, data_config, num_members, order, seed, train_cls)
+    evaluation = ReidEvalDataset(data.query, data.gallery, build_transform(data_config, data_args, is_training=False))
+    return train, evaluation
+
+
+def _training_dataset(data, data_args: DataArguments, data_config: dict[str, Any], num_members: int, order: str,
+                      seed: int, train_cls: type) -> MemberOrderDataset:
+    """The training split in `order` for each member (one member: shared), with the training transform."""
+    return train_cls(
         data.train, build_transform(data_config, data_args, is_training=True), data.image_column, data.label_column,
         num_members=num_members, order=order if num_members > 1 else "shared", seed=seed,
     )
-    evaluation = ReidEvalDataset(data.query, data.gallery, build_transform(data_config, data_args, is_training=False))
-    return train, evaluation
 
 
 def selection_dataset(data: ImageData, data_args: DataArguments, data_config: dict[str, Any]) -> MemberOrderDataset | None:

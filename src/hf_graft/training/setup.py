@@ -17,7 +17,7 @@ from hf_graft.population.sources import load_teacher
 from hf_graft.population.students import PopulationSpec, StudentPopulation
 from hf_graft.population.teachers import TeacherEnsemble
 
-__all__ = ["evaluation_metrics", "run_args", "teacher_dtype", "teacher_ensemble", "trainer_population"]
+__all__ = ["derived_config", "evaluation_metrics", "run_args", "teacher_dtype", "teacher_ensemble", "trainer_population"]
 
 
 def run_args(args: GraftingConfig, train_dataset, eval_dataset) -> GraftingConfig:
@@ -31,9 +31,13 @@ def run_args(args: GraftingConfig, train_dataset, eval_dataset) -> GraftingConfi
     pinned = changes.get("dataloader_pin_memory", args.dataloader_pin_memory)
     if args.device.type == "cuda" and pinned and not args.accelerator_config.non_blocking:
         changes["accelerator_config"] = dataclasses.replace(args.accelerator_config, non_blocking=True)
-    if not changes:
-        return args
-    derived = copy.copy(args)  # not dataclasses.replace: that would set up the processes again
+    return derived_config(args, **changes) if changes else args
+
+
+def derived_config(args: GraftingConfig, **changes) -> GraftingConfig:
+    """A copy of `args` with `changes` (the user's config is never changed). Not `dataclasses.replace`: that
+    would run `__post_init__` again, which sets up the processes (and Accelerate's state) anew."""
+    derived = copy.copy(args)
     vars(derived).update(changes)
     return derived
 

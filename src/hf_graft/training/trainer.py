@@ -9,7 +9,6 @@ The private Trainer hooks overridden here are listed in `hf_graft/_compat.py`.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from pathlib import Path
@@ -42,7 +41,9 @@ from hf_graft.training.callbacks import (
 from hf_graft.training.divergence import measured_results
 from hf_graft.training.member_logs import MemberLogs
 from hf_graft.training.student import StudentExport
-from hf_graft.training.setup import evaluation_metrics, run_args, teacher_dtype, teacher_ensemble, trainer_population
+from hf_graft.training.setup import (
+    derived_config, evaluation_metrics, run_args, teacher_dtype, teacher_ensemble, trainer_population,
+)
 from hf_graft.training.optimization import (
     MemberGradients, is_sharded, member_param_groups, step_decay_scheduler,
 )
@@ -369,9 +370,8 @@ class GraftingTrainer(StudentExport, Trainer):
         config back when training ends."""
         config = self.args
         self._nan_inf_filter_on_device = bool(config.logging_nan_inf_filter) and self._streams_to_device()
-        if self._nan_inf_filter_on_device:  # a copy: the config is never changed
-            self.args = copy.copy(config)
-            vars(self.args)["logging_nan_inf_filter"] = False
+        if self._nan_inf_filter_on_device:
+            self.args = derived_config(config, logging_nan_inf_filter=False)
         try:
             return super().train(**kwargs)
         finally:
